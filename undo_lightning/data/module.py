@@ -1,0 +1,300 @@
+"""``RetainForgetDataModule``: one data module for every stage (DESIGN §4).
+
+A stage states what it trains on through its ``train_data`` attribute and the data module serves it:
+
+* ``"mixture"`` — retain and forget documents mixed with ``mixture`` probabilities (pretraining, distillation);
+* ``"paired"`` — a dict ``{"forget": batch, "retain": batch}`` each step (unlearning);
+* ``"forget"`` / ``"retain"`` — one split only (relearning attack).
+
+Every training batch carries ``batch["split"]`` naming where it came from, so a stage can verify its data by
+construction. Validation loaders give token CE on held-out retain/forget blocks and, for sources with known answers,
+left-padded evaluation prompts scored by greedy exact match.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from functools import partial
+from typing import Callable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from undo_lightning.data.arithmetic import ArithmeticSource
+from undo_lightning.data.sources import DocumentSource, EvalItem
+from undo_lightning.tokenization import load_tokenizer
+
+SPLITS = ("retain", "forget")
+TRAIN_DATA_KINDS = ("mixture", "paired", "forget", "retain")
+
+
+def pack_documents(docs: list[list[int]], block_size: int, separator_id: int) -> torch.Tensor:
+    """Concatenates documents, each preceded by ``separator_id``, and cuts the stream into full blocks.
+
+    Long documents continue into the next block rather than being truncated away (the reference drops remainders,
+    spec §2.4); the incomplete tail block is dropped.
+
+    Args:
+        docs: token ids per document (without special tokens).
+        block_size: tokens per block ``T``.
+        separator_id: token placed before every document (``<bos>`` by default, as the reference does).
+
+    Returns:
+        ``[num_blocks, block_size]`` int64 tensor.
+    """
+    stream: list[int] = []
+    for doc in docs:
+        stream.append(separator_id)
+        stream.extend(doc)
+    n = len(stream) // block_size
+    return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+class _Blocks(Dataset):
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.blocks[i]
+
+
+def _collate_blocks(rows: list[torch.Tensor], split: str) -> dict:
+    ids = torch.stack(rows)
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids), "split": split,
+            "kind": "lm"}
+
+
+class StepSampler(DistributedSampler):
+    """Seeded sample order addressed by training step, so a resumed run sees exactly the batches it would have seen.
+
+    The ``k``-th batch of rank ``r`` is the same pure function of ``(seed, k, r)`` in every run; an epoch boundary, a
+    restart or a resume only changes where iteration starts (``start_batch()``). Subclassing ``DistributedSampler``
+    tells Lightning the sampler already handles ranks, so it is not wrapped again under DDP.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, batches_per_epoch: int, seed: int,
+                 start_batch: Callable[[], int], rank_world: Callable[[], tuple[int, int]]) -> None:
+        self.n, self.batch_size, self.batches_per_epoch, self.seed = num_samples, batch_size, batches_per_epoch, seed
+        self.start_batch, self.rank_world = start_batch, rank_world
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return self._perms[epoch]
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch * self.batch_size
+
+    def __iter__(self):
+        rank, world = self.rank_world()
+        start = self.start_batch()
+        for k in range(start, start + self.batches_per_epoch):
+            first = (k * world + rank) * self.batch_size
+            for flat in range(first, first + self.batch_size):
+                epoch, pos = divmod(flat, self.n)
+                yield int(self._perm(epoch)[pos])
+
+    def set_epoch(self, epoch: int) -> None:  # the order is addressed by step, not epoch
+        pass
+
+
+class RetainForgetDataModule(L.LightningDataModule):
+    """Retain/forget data for every UNDO stage.
+
+    Args:
+        retain: source of retain documents (default: arithmetic addition/subtraction).
+        forget: source of forget documents (default: arithmetic multiplication/division).
+        tokenizer: ``"arithmetic"`` (offline), a local tokenizer folder or a hub id.
+        block_size: tokens per packed training block.
+        batch_size: blocks per training batch (per device); paired batches hold this many of each split.
+        eval_batch_size: sequences per validation batch.
+        mixture: probabilities of ``retain``/``forget`` documents in the ``"mixture"`` loader; must sum to 1
+            (``{"retain": 1.0}`` trains the oracle).
+        eval_prompts_per_set: evaluation prompts per answer-scored set (e.g. ``mul_word_problem``).
+        seed: seed of document generation, mixing and sample order.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        retain: DocumentSource | None = None,
+        forget: DocumentSource | None = None,
+        tokenizer: str = "arithmetic",
+        block_size: int = 64,
+        batch_size: int = 32,
+        eval_batch_size: int = 512,
+        mixture: dict[str, float] | None = None,
+        eval_prompts_per_set: int = 100,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.retain = retain if retain is not None else ArithmeticSource(operations=("add", "sub"))
+        self.forget = forget if forget is not None else ArithmeticSource(operations=("mul", "div"))
+        self.mixture = dict(mixture) if mixture is not None else {"retain": 0.5, "forget": 0.5}
+        _check_mixture(self.mixture)
+        for name, value in (("block_size", block_size), ("batch_size", batch_size),
+                            ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"{name}={value}: expected a positive integer")
+        if block_size < 2:
+            raise ValueError(f"block_size={block_size}: expected at least 2 tokens (input + next-token target)")
+        if eval_prompts_per_set < 0:
+            raise ValueError(f"eval_prompts_per_set={eval_prompts_per_set}: expected >= 0")
+        self.tokenizer_name = tokenizer
+        self.block_size, self.batch_size, self.eval_batch_size = block_size, batch_size, eval_batch_size
+        self.eval_prompts_per_set, self.seed, self.num_workers = eval_prompts_per_set, seed, num_workers
+        self._tokenizer = None
+        self._docs: dict[tuple[str, str], list[list[int]]] = {}
+        self._blocks: dict[str, torch.Tensor] = {}
+        self.eval_sets: dict[str, list[EvalItem]] = {}
+        self.eval_set_split: dict[str, str] = {}
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    @property
+    def tokenizer(self):
+        """The tokenizer every stage shares (loaded on first use)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    @property
+    def separator_id(self) -> int:
+        tok = self.tokenizer
+        sep = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if sep is None:
+            raise ValueError(f"tokenizer={self.tokenizer_name!r} has neither a bos nor an eos token to separate "
+                             "documents")
+        return sep
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._docs:
+            return
+        tok = self.tokenizer
+        for split, source in (("retain", self.retain), ("forget", self.forget)):
+            for part in ("train", "val"):
+                texts = source.documents(part, self.seed)
+                if not texts:
+                    raise ValueError(f"the {split} source has an empty {part} split ({source!r}); give it documents")
+                self._docs[(split, part)] = tok(texts, add_special_tokens=False)["input_ids"]
+            for name, items in source.eval_sets(self.seed, self.eval_prompts_per_set).items():
+                if items:
+                    self.eval_sets[name], self.eval_set_split[name] = items, split
+        for split in SPLITS:
+            self._blocks[f"{split}/val"] = self._pack(self._docs[(split, "val")], f"{split} val")
+
+    def _pack(self, docs: list[list[int]], what: str) -> torch.Tensor:
+        blocks = pack_documents(docs, self.block_size, self.separator_id)
+        if blocks.shape[0] == 0:
+            n_tokens = sum(len(d) + 1 for d in docs)
+            raise ValueError(f"the {what} split has {n_tokens} tokens, fewer than one block of "
+                             f"block_size={self.block_size}; add documents or lower block_size")
+        return blocks
+
+    def train_blocks(self, kind: str) -> torch.Tensor:
+        """Packed training blocks for ``kind`` in ``("mixture", "retain", "forget")``: ``[N, block_size]``."""
+        if kind not in self._blocks:
+            self.setup()
+            if kind == "mixture":
+                self._blocks[kind] = self._pack(self._mixture_docs(), f"mixture {self.mixture}")
+            else:
+                self._blocks[kind] = self._pack(self._docs[(kind, "train")], f"{kind} train")
+        return self._blocks[kind]
+
+    def _mixture_docs(self) -> list[list[int]]:
+        """Draws documents from the splits with ``mixture`` probabilities, each split's pool shuffled and cycled."""
+        rng = random.Random(self.seed)
+        pools = {s: self._docs[(s, "train")] for s, p in self.mixture.items() if p > 0}
+        orders = {s: rng.sample(range(len(pool)), len(pool)) for s, pool in pools.items()}
+        # As many documents as the pools hold in total, so a pure retain mixture sees every retain document once.
+        total = sum(len(p) for p in pools.values())
+        names, weights = list(pools), [self.mixture[s] for s in pools]
+        cursor = dict.fromkeys(pools, 0)
+        docs = []
+        for split in rng.choices(names, weights=weights, k=total):
+            docs.append(pools[split][orders[split][cursor[split] % len(pools[split])]])
+            cursor[split] += 1
+        return docs
+
+    # ---------------------------------------------------------------------------------------------- loaders
+    def _train_kind(self) -> str:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        kind = getattr(module, "train_data", "mixture")
+        if kind not in TRAIN_DATA_KINDS:
+            raise ValueError(f"{type(module).__name__}.train_data={kind!r}: expected one of {TRAIN_DATA_KINDS}")
+        return kind
+
+    def _rank_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
+    def _start_batch(self) -> int:
+        trainer = self.trainer
+        return trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
+
+    def _train_loader(self, blocks: torch.Tensor, split: str, batches_per_epoch: int) -> DataLoader:
+        sampler = StepSampler(blocks.shape[0], self.batch_size, batches_per_epoch, self.seed + _SPLIT_SEED[split],
+                              self._start_batch, self._rank_world)
+        return DataLoader(_Blocks(blocks), batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=self.num_workers, collate_fn=partial(_collate_blocks, split=split))
+
+    def _epoch_batches(self, *sizes: int) -> int:
+        _, world = self._rank_world()
+        return max(1, max(sizes) // (self.batch_size * world))
+
+    def train_dataloader(self):
+        kind = self._train_kind()
+        if kind == "paired":
+            forget, retain = self.train_blocks("forget"), self.train_blocks("retain")
+            # Both loaders get the same epoch length so neither restarts mid-epoch (keeps resume exact).
+            n = self._epoch_batches(forget.shape[0], retain.shape[0])
+            return {"forget": self._train_loader(forget, "forget", n), "retain": self._train_loader(retain, "retain", n)}
+        blocks = self.train_blocks(kind)
+        return self._train_loader(blocks, kind, self._epoch_batches(blocks.shape[0]))
+
+    def val_dataloader(self) -> list[DataLoader]:
+        self.setup()
+        loaders = [DataLoader(_Blocks(self._blocks[f"{s}/val"]), batch_size=self.eval_batch_size, shuffle=False,
+                              num_workers=self.num_workers, collate_fn=partial(_collate_blocks, split=s))
+                   for s in SPLITS]
+        items = [(name, item) for name, set_items in self.eval_sets.items() for item in set_items]
+        if items:
+            loaders.append(DataLoader(items, batch_size=self.eval_batch_size, shuffle=False,
+                                      num_workers=self.num_workers, collate_fn=self._collate_prompts))
+        return loaders
+
+    def _collate_prompts(self, rows: list[tuple[str, EvalItem]]) -> dict:
+        tok = self.tokenizer
+        side = tok.padding_side
+        tok.padding_side = "left"  # generation continues from the last position of every row
+        try:
+            enc = tok([item.prompt for _, item in rows], padding=True, return_tensors="pt")
+        finally:
+            tok.padding_side = side
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "answers": [item.answer for _, item in rows], "sets": [name for name, _ in rows], "kind": "answer"}
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "mixture": self.mixture, "block_size": self.block_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed or state.get("block_size", self.block_size) != self.block_size:
+            raise ValueError(f"the checkpoint was written with data seed={state.get('seed')}, "
+                             f"block_size={state.get('block_size')}, but this run has seed={self.seed}, "
+                             f"block_size={self.block_size}; resuming would change the data order")
+
+
+_SPLIT_SEED = {"mixture": 0, "retain": 101, "forget": 202}
+
+
+def _check_mixture(mixture: dict[str, float]) -> None:
+    bad = [k for k in mixture if k not in SPLITS]
+    if bad or any(v < 0 for v in mixture.values()):
+        raise ValueError(f"mixture={mixture}: keys must be 'retain'/'forget' and probabilities >= 0")
+    if not math.isclose(sum(mixture.values()), 1.0, abs_tol=1e-6):
+        raise ValueError(f"mixture={mixture}: probabilities sum to {sum(mixture.values()):g}, expected 1")

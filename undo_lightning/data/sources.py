@@ -1,0 +1,29 @@
+"""The interface every retain/forget data source implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """An evaluation prompt with its known answer (scored by exact match of the greedy continuation)."""
+
+    prompt: str
+    answer: str
+
+
+class DocumentSource:
+    """A source of documents for one side (retain or forget) of an experiment.
+
+    Subclasses return plain-text documents per split; ``RetainForgetDataModule`` tokenizes and packs them. Sources
+    that can be scored by exact-match answers (the arithmetic generator) also return evaluation prompt sets.
+    """
+
+    def documents(self, split: str, seed: int) -> list[str]:
+        """Returns the documents of ``split`` (``"train"`` or ``"val"``), deterministically for ``seed``."""
+        raise NotImplementedError
+
+    def eval_sets(self, seed: int, n_per_set: int) -> dict[str, list[EvalItem]]:
+        """Returns named sets of answer-scored prompts (empty for sources without known answers)."""
+        return {}
