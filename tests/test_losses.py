@@ -1,0 +1,318 @@
+"""Loss functions against independent float64 references (naive full softmax, slow Python loops, hand values)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from undo_lightning.losses import (
+    IGNORE_INDEX,
+    forward_kl,
+    graddiff_loss,
+    maxent_loss,
+    mmd_loss,
+    repnoise_loss,
+    rmu_control_vector,
+    rmu_forget_loss,
+    rmu_retain_loss,
+)
+
+B, T, V = 3, 7, 11
+
+
+def _batch(seed=0, dtype=torch.float32):
+    """Random student/teacher logits and labels with ignored positions at the start, middle and end."""
+    g = torch.Generator().manual_seed(seed)
+    student = (3 * torch.randn(B, T, V, generator=g)).to(dtype)
+    teacher = (3 * torch.randn(B, T, V, generator=g)).to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 3] = IGNORE_INDEX
+    labels[1, -2:] = IGNORE_INDEX
+    labels[2, 0] = IGNORE_INDEX  # labels[:, 0] is never a target: must not matter
+    return student, teacher, labels
+
+
+def _scored_mask(labels):
+    """[B, T] float64, 1 where position t predicts labels[:, t + 1] != -100; written without the library helper."""
+    mask = torch.zeros(labels.shape, dtype=torch.float64)
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            mask[b, t] = float(labels[b, t + 1].item() != IGNORE_INDEX)
+    return mask
+
+
+def _naive_kl(student, teacher, labels):
+    """Float64 full-vocabulary forward KL(teacher || student), mean over scored positions."""
+    log_p = torch.log_softmax(student.double(), dim=-1)
+    log_q = torch.log_softmax(teacher.double(), dim=-1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)  # [B, T]
+    mask = _scored_mask(labels)
+    return (kl * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 16, 1024])
+def test_forward_kl_matches_naive_value_and_gradient(chunk_size):
+    student, teacher, labels = _batch()
+    student.requires_grad_(True)
+    loss = forward_kl(student, teacher, labels, chunk_size=chunk_size)
+    loss.backward()
+
+    ref_student = student.detach().double().requires_grad_(True)
+    ref = _naive_kl(ref_student, teacher, labels)
+    ref.backward()
+
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(student.grad.double(), ref_student.grad, rtol=1e-5, atol=1e-7)
+    # Positions that predict an ignored label, and the last position, get exactly zero gradient.
+    assert torch.all(student.grad[:, -1] == 0)
+    assert torch.all(student.grad[0, 2] == 0) and torch.all(student.grad[1, -3:] == 0)
+
+
+def test_forward_kl_is_zero_for_identical_logits_and_positive_otherwise():
+    student, teacher, labels = _batch(seed=1)
+    assert forward_kl(student, student.clone(), labels).item() == pytest.approx(0.0, abs=1e-6)
+    assert forward_kl(student, teacher, labels).item() > 0.1
+
+
+def test_forward_kl_bf16_inputs():
+    student, teacher, labels = _batch(seed=2, dtype=torch.bfloat16)
+    student.requires_grad_(True)
+    loss = forward_kl(student, teacher, labels, chunk_size=4)
+    loss.backward()
+
+    ref_student = student.detach().double().requires_grad_(True)  # the same bf16 values, upcast exactly
+    ref = _naive_kl(ref_student, teacher, labels)
+    ref.backward()
+
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)  # computed in fp32, so no bf16-level error
+    assert student.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(student.grad.double(), ref_student.grad, rtol=1e-2, atol=1e-4)
+
+
+def test_forward_kl_scales_with_upstream_gradient_and_leaves_teacher_alone():
+    student, teacher, labels = _batch(seed=3)
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    (forward_kl(student, teacher, labels) * 2.5).backward()
+    ref_student = student.detach().double().requires_grad_(True)
+    (_naive_kl(ref_student, teacher.detach(), labels) * 2.5).backward()
+    torch.testing.assert_close(student.grad.double(), ref_student.grad, rtol=1e-5, atol=1e-7)
+    assert teacher.grad is None
+
+
+def test_forward_kl_all_masked_is_zero_with_zero_gradient():
+    student, teacher, _ = _batch(seed=4)
+    student.requires_grad_(True)
+    labels = torch.full((B, T), IGNORE_INDEX)
+    labels[:, 0] = 5  # first-position labels are never targets
+    loss = forward_kl(student, teacher, labels, chunk_size=2)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.all(student.grad == 0)
+
+
+def test_forward_kl_rejects_bad_arguments():
+    student, teacher, labels = _batch()
+    with pytest.raises(ValueError, match="chunk_size"):
+        forward_kl(student, teacher, labels, chunk_size=0)
+    with pytest.raises(ValueError, match="shape"):
+        forward_kl(student, teacher[..., :-1], labels)
+
+
+def _slow_maxent(logits, labels):
+    """KL(uniform || softmax) per scored position by explicit loops over positions and vocabulary."""
+    total, count = 0.0, 0
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1] - 1):
+            if labels[b, t + 1] == IGNORE_INDEX:
+                continue
+            row = [float(x) for x in logits[b, t]]
+            log_z = math.log(sum(math.exp(x) for x in row))
+            vocab = len(row)
+            total += sum((1 / vocab) * (math.log(1 / vocab) - (x - log_z)) for x in row)
+            count += 1
+    return total / count
+
+
+def test_maxent_matches_slow_reference():
+    logits, _, labels = _batch(seed=5)
+    assert maxent_loss(logits, labels).item() == pytest.approx(_slow_maxent(logits, labels), rel=1e-5)
+    assert maxent_loss(logits.bfloat16(), labels).dtype == torch.float32
+
+
+def test_maxent_is_zero_for_uniform_predictions():
+    _, _, labels = _batch()
+    # Constant within each row (different constants per row) = uniform distribution.
+    logits = torch.randn(B, T, 1).expand(B, T, V).contiguous()
+    assert maxent_loss(logits, labels).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_maxent_gradient_step_raises_entropy():
+    logits, _, labels = _batch(seed=6)
+    mask = _scored_mask(labels)[..., None].float()
+
+    def entropy(x):
+        p = torch.softmax(x, -1)
+        return (-(p * p.log()).sum(-1, keepdim=True) * mask).sum() / mask.sum()
+
+    logits.requires_grad_(True)
+    loss = maxent_loss(logits, labels)
+    loss.backward()
+    stepped = (logits - 0.5 * logits.grad).detach()
+    assert entropy(stepped) > entropy(logits.detach()) + 1e-3
+    assert maxent_loss(stepped, labels) < loss
+
+
+def test_maxent_all_masked_is_zero_without_nan():
+    logits = torch.randn(B, T, V, requires_grad=True)
+    loss = maxent_loss(logits, torch.full((B, T), IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.all(logits.grad == 0)
+
+
+def test_graddiff_loss():
+    forget, retain = torch.tensor(2.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+    loss = graddiff_loss(forget, retain, alpha=15.0)
+    loss.backward()
+    assert loss.item() == -2.0 + 45.0
+    assert forget.grad.item() == -1.0 and retain.grad.item() == 15.0
+
+
+def test_rmu_losses_hand_values():
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])  # [1, 2, 2]
+    control = torch.tensor([1.0, 1.0])
+    # squared differences: position 0 -> [0, 1], position 1 -> [4, 9]
+    assert rmu_forget_loss(hidden, control).item() == pytest.approx(3.5)
+    assert rmu_forget_loss(hidden, control, torch.tensor([[True, False]])).item() == pytest.approx(0.5)
+    assert rmu_forget_loss(hidden, control, torch.tensor([[0, 1]])).item() == pytest.approx(6.5)
+    assert rmu_forget_loss(hidden, control, torch.tensor([[0, 0]])).item() == 0.0
+
+    frozen = torch.tensor([[[0.0, 2.0], [3.0, 2.0]]], requires_grad=True)
+    hidden.requires_grad_(True)
+    # squared differences: position 0 -> [1, 0], position 1 -> [0, 4]
+    loss = rmu_retain_loss(hidden, frozen)
+    assert loss.item() == pytest.approx(1.25)
+    assert rmu_retain_loss(hidden, frozen, torch.tensor([[1, 0]])).item() == pytest.approx(0.5)
+    loss.backward()
+    assert frozen.grad is None  # the frozen activations are a target
+    torch.testing.assert_close(hidden.grad, torch.tensor([[[0.5, 0.0], [0.0, 1.0]]]))
+
+
+def test_rmu_forget_loss_bf16_hidden_is_computed_in_float32():
+    hidden = torch.randn(2, 3, 8).bfloat16()
+    control = rmu_control_vector(8, 6.0, seed=0)
+    expected = (hidden.double() - control.double()).pow(2).mean()  # subtract before any bf16 rounding
+    loss = rmu_forget_loss(hidden, control)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_rmu_control_vector_norm_seed_and_global_rng():
+    rng_state = torch.get_rng_state()
+    u = rmu_control_vector(32, 6.5, seed=7)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # the global RNG is untouched
+    assert u.shape == (32,)
+    assert u.norm().item() == pytest.approx(6.5, rel=1e-6)
+    torch.manual_seed(123)  # the global seed must not matter
+    assert torch.equal(u, rmu_control_vector(32, 6.5, seed=7))
+    assert not torch.allclose(u, rmu_control_vector(32, 6.5, seed=8))
+    # Same direction for any coefficient.
+    torch.testing.assert_close(rmu_control_vector(32, 1.0, seed=7) * 6.5, u)
+
+
+def _slow_mmd(x, y):
+    """Biased MMD^2 with the 5-kernel bandwidth heuristic, by explicit double loops in float64."""
+    z = [row.double() for row in torch.cat([x, y]).detach()]
+    n, total = x.shape[0], len(z)
+    dist = [[float(((a - b) ** 2).sum()) for b in z] for a in z]
+    sigma0 = sum(dist[i][j] for i in range(total) for j in range(total) if i != j) / (total * total - total)
+
+    def k(i, j):
+        return sum(math.exp(-dist[i][j] / (sigma0 * 2 ** (s - 2))) for s in range(5))
+
+    xs, ys = range(n), range(n, total)
+    return (sum(k(i, j) for i in xs for j in xs) / len(xs) ** 2
+            + sum(k(i, j) for i in ys for j in ys) / len(ys) ** 2
+            - 2 * sum(k(i, j) for i in xs for j in ys) / (len(xs) * len(ys)))
+
+
+@pytest.mark.parametrize("n,m", [(4, 4), (3, 5)])
+def test_mmd_matches_slow_reference(n, m):
+    g = torch.Generator().manual_seed(n * 10 + m)
+    x = torch.randn(n, 6, generator=g) + 0.5
+    y = 2 * torch.randn(m, 6, generator=g)
+    assert mmd_loss(x, y).item() == pytest.approx(_slow_mmd(x, y), rel=1e-4, abs=1e-6)
+
+
+def test_mmd_of_a_sample_with_itself_is_zero_and_gradients_are_finite():
+    x = torch.randn(5, 12, requires_grad=True)
+    assert mmd_loss(x, x).item() == pytest.approx(0.0, abs=1e-5)
+    same = torch.ones(4, 3)
+    assert mmd_loss(same, same.clone()).item() == 0.0  # zero bandwidth must not give NaN
+    loss = mmd_loss(x, torch.randn(5, 12) * 3)
+    assert loss.item() > 0.05
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def _slow_ce(logits, labels):
+    """Mean next-token CE over scored positions, by explicit loops."""
+    total, count = 0.0, 0
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1] - 1):
+            target = int(labels[b, t + 1])
+            if target == IGNORE_INDEX:
+                continue
+            row = [float(x) for x in logits[b, t]]
+            total += math.log(sum(math.exp(x) for x in row)) - row[target]
+            count += 1
+    return total / count
+
+
+def test_repnoise_terms_match_slow_references():
+    g = torch.Generator().manual_seed(11)
+    activations = [torch.randn(B, T, 4, generator=g) * (i + 1) for i in range(2)]
+    logits = [torch.randn(B, T, V, generator=g) for _ in range(3)]
+    _, _, labels = _batch(seed=12)
+    mask = torch.ones(B, T)
+    mask[1, -2:] = 0
+    alpha, beta = 0.5, 0.1
+
+    terms = repnoise_loss(activations, logits, labels, torch.Generator().manual_seed(99), alpha=alpha, beta=beta,
+                          mask=mask)
+
+    replay = torch.Generator().manual_seed(99)  # the same Gaussian draws, in layer order
+    noise = 0.0
+    for act in activations:
+        eps = torch.randn(act.shape, generator=replay)
+        keep = mask[..., None]
+        noise += _slow_mmd((act * keep).flatten(1), (eps * keep).flatten(1)) / len(activations)
+    harmful = sum(_slow_ce(x, labels) for x in logits) / len(logits) + 1
+    assert terms.noise.item() == pytest.approx(noise, rel=1e-4)
+    assert terms.harmful.item() == pytest.approx(harmful, rel=1e-5)
+    assert terms.loss.item() == pytest.approx(beta * noise - alpha * math.log(harmful), rel=1e-4)
+
+
+def test_repnoise_ignores_masked_positions_and_rewards_forget_ce():
+    g = torch.Generator().manual_seed(13)
+    activations = [torch.randn(2, 5, 4, generator=g)]
+    logits = torch.randn(2, 5, V, generator=g, requires_grad=True)
+    labels = torch.randint(0, V, (2, 5), generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+
+    def run(acts):
+        return repnoise_loss(acts, [logits], labels, torch.Generator().manual_seed(0), mask=mask)
+
+    changed = activations[0].clone()
+    changed[0, 3:] += 100.0  # padding positions only
+    assert run([changed]).noise.item() == pytest.approx(run(activations).noise.item(), rel=1e-6)
+
+    run(activations).loss.backward()
+    # A gradient-descent step on the loss must raise the forget CE (the harmful term is -alpha * log(CE + 1)).
+    ce_before = _slow_ce(logits.detach(), labels)
+    ce_after = _slow_ce((logits - 1.0 * logits.grad).detach(), labels)
+    assert ce_after > ce_before
