@@ -1,0 +1,228 @@
+"""Report on a hand-made run folder: exact table numbers, markdown rows, PNGs, determinism, CLI."""
+
+import json
+import math
+
+import pytest
+
+from undo_lightning.report import build_report, main, write_report
+
+STEPS = [0, 50, 100, 200]  # attack length 200: a requested step 300 must fall back to 200
+LRS = (0.001, 0.0001)
+
+# model -> {(lr, seed): forget accuracy at STEPS}; per-seed worst cases and their mean/std are derived in comments.
+FORGET = {
+    # seed 0 max: [0, .6, .9, .9]; seed 1 max: [0, .4, .7, .9] -> mean [0, .5, .8, .9], std [0, .1, .1, 0]
+    "teacher": {(LRS[0], 0): [0.0, 0.6, 0.8, 0.9], (LRS[1], 0): [0.0, 0.4, 0.9, 0.8],
+                (LRS[0], 1): [0.0, 0.4, 0.7, 0.9], (LRS[1], 1): [0.0, 0.2, 0.5, 0.7]},
+    # mean [0, .1, .2, .3], std 0
+    "oracle": {(LRS[0], s): [0.0, 0.1, 0.2, 0.3] for s in (0, 1)} | {(LRS[1], s): [0.0, 0.0, 0.1, 0.2] for s in (0, 1)},
+    # seed 0 max: [0, .3, .4, .6]; seed 1 max: [0, .2, .3, .4] -> mean [0, .25, .35, .5], std [0, .05, .05, .1]
+    "undo_a0.6": {(LRS[0], 0): [0.0, 0.2, 0.4, 0.6], (LRS[1], 0): [0.0, 0.3, 0.3, 0.3],
+                  (LRS[0], 1): [0.0, 0.2, 0.3, 0.4], (LRS[1], 1): [0.0, 0.1, 0.1, 0.1]},
+    "undo_a0.2": {(lr, s): [0.0, 0.5, 0.7, 0.8] for lr in LRS for s in (0, 1)},
+    "distill": {(lr, s): [0.0, 0.15, 0.25, 0.35] for lr in LRS for s in (0, 1)},
+    "reference": {(lr, s): [0.9, 0.95, 0.95, 0.95] for lr in LRS for s in (0, 1)},
+}
+
+STAGES = {  # name: (role, alpha, beta, retain_acc, forget_acc, flops, tokens, wall_time_s)
+    "reference": ("reference", None, None, 0.95, 0.90, 2e12, 2_000_000, 20.0),
+    "oracle": ("oracle", None, None, 0.94, 0.05, 1e12, 1_000_000, 10.0),
+    "teacher": ("teacher", None, None, 0.93, 0.02, 1e11, 100_000, 5.0),
+    "undo_a0.6": ("student", 0.6, 0.1, 0.92, 0.03, 2.5e11, 250_000, 7.5),
+    "undo_a0.2": ("student", 0.2, 0.1, 0.93, 0.02, 1e11, 100_000, 4.0),
+    "distill": ("student", None, None, 0.91, 0.04, 5e11, 500_000, 12.0),
+    "maxent_sam": ("baseline", None, None, 0.90, 0.10, 1.5e11, 150_000, 6.0),  # never attacked
+}
+
+
+def ce(acc):  # a forget CE that falls as accuracy rises, for the mode="min" (language-style) check
+    return round(3.0 - 2.0 * acc, 10)
+
+
+def make_run(root, retain_override=None):
+    for name, (role, alpha, beta, ret, fgt, flops, tokens, wall) in STAGES.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "metrics.json").write_text(json.dumps({
+            "stage": name, "role": role, "alpha": alpha, "beta": beta,
+            "val": {"val/retain_acc": ret, "val/forget_acc": fgt, "val/retain_ce": 1.0, "val/forget_ce": ce(fgt)},
+            "compute": {"tokens": tokens, "flops": flops}, "wall_time_s": wall, "global_step": 100}))
+    for model, runs in FORGET.items():
+        for (lr, seed), acc in runs.items():
+            d = root / "relearn" / model / f"lr={lr}_seed={seed}"
+            d.mkdir(parents=True)
+            retain = (retain_override or {}).get((model, lr, seed), [0.9] * len(STEPS))
+            (d / "curve.json").write_text(json.dumps({
+                "model": model, "lr": lr, "seed": seed, "attack": "forget", "steps": STEPS,
+                "metrics": {"val/forget_acc": acc, "val/retain_acc": retain,
+                            "val/forget_ce": [ce(a) for a in acc], "val/retain_ce": [1.0] * len(STEPS)}}))
+    # a retain-data attack on the teacher that must not leak into the forget-attack worst case
+    d = root / "relearn" / "teacher" / "lr=0.01_seed=0_retain"
+    d.mkdir()
+    (d / "curve.json").write_text(json.dumps({
+        "model": "teacher", "lr": 0.01, "seed": 0, "attack": "retain", "steps": STEPS,
+        "metrics": {"val/forget_acc": [1.0] * 4, "val/retain_acc": [1.0] * 4}}))
+    return root
+
+
+@pytest.fixture
+def run(tmp_path):
+    return make_run(tmp_path / "run")
+
+
+def by_name(report):
+    return {m["name"]: m for m in report["models"]}
+
+
+def test_report_json_numbers(run):
+    rep = write_report(run, steps=[50, 100, 300])
+    assert json.loads((run / "report.json").read_text()) == rep
+    assert [m["name"] for m in rep["models"]] == [
+        "reference", "oracle", "teacher", "undo_a0.2", "undo_a0.6", "distill", "maxent_sam"]
+    assert rep["anchors"] == {"oracle": "oracle", "teacher": "teacher"}
+    assert rep["steps"] == [50, 100, 300] and rep["relative_robustness_step"] == 300
+    m = by_name(rep)
+    undo = m["undo_a0.6"]
+    assert undo["role"] == "student" and undo["alpha"] == 0.6 and undo["beta"] == 0.1
+    assert undo["full_distill"] is False and m["distill"]["full_distill"] is True
+    assert (undo["retain_before"], undo["forget_before"]) == (0.92, 0.03)
+    assert undo["after"] == [
+        {"requested_step": 50, "step": 50, "mean": 0.25, "std": 0.05},
+        {"requested_step": 100, "step": 100, "mean": 0.35, "std": 0.05},
+        {"requested_step": 300, "step": 200, "mean": 0.5, "std": 0.1},  # beyond the attack: last step, recorded
+    ]
+    # trapezoids 50*(0+.25)/2 + 50*(.25+.35)/2 + 100*(.35+.5)/2 = 63.75 over 200 steps
+    assert undo["auc"] == 0.31875
+    # (0.5 - 0.9) / (0.3 - 0.9)
+    assert undo["relative_robustness"] == 0.666667
+    assert undo["relative_compute"] == 0.25 and undo["flops"] == 2.5e11
+    assert undo["tokens"] == 250_000 and undo["wall_time_s"] == 7.5 and undo["global_step"] == 100
+    assert undo["attack"] == {"n_runs": 4, "lrs": [0.0001, 0.001], "seeds": [0, 1]}
+
+    assert m["teacher"]["after"][-1] == {"requested_step": 300, "step": 200, "mean": 0.9, "std": 0.0}
+    assert m["teacher"]["after"][0]["mean"] == 0.5 and m["teacher"]["after"][0]["std"] == 0.1
+    assert m["teacher"]["attack"]["n_runs"] == 4  # the retain-data attack is not counted
+    rr = {n: e["relative_robustness"] for n, e in m.items()}
+    assert rr == {"reference": -0.0833333, "oracle": 1.0, "teacher": 0.0, "undo_a0.2": 0.166667,
+                  "undo_a0.6": 0.666667, "distill": 0.916667, "maxent_sam": None}
+    rc = {n: e["relative_compute"] for n, e in m.items()}
+    assert rc == {"reference": 2.0, "oracle": 1.0, "teacher": 0.1, "undo_a0.2": 0.1, "undo_a0.6": 0.25,
+                  "distill": 0.5, "maxent_sam": 0.15}
+    # never attacked: numbers before the attack only, NaN -> null
+    sam = m["maxent_sam"]
+    assert sam["attack"] is None and sam["auc"] is None
+    assert sam["after"][0] == {"requested_step": 50, "step": None, "mean": None, "std": None}
+    assert rep["curves"]["undo_a0.6"] == {"steps": STEPS, "mean": [0.0, 0.25, 0.35, 0.5],
+                                          "std": [0.0, 0.05, 0.05, 0.1]}
+    assert "maxent_sam" not in rep["curves"]
+
+
+def test_report_md_rows(run):
+    write_report(run, steps=[50, 100, 300])
+    md = (run / "report.md").read_text()
+    assert ("| model | role | α | β | retain_acc before | forget_acc before | worst forget_acc @50 | "
+            "worst forget_acc @100 | worst forget_acc @300 | AUC | rel. robustness @300 | rel. compute | "
+            "wall time (s) | tokens |") in md
+    assert ("| undo_a0.6 | student | 0.6 | 0.1 | 0.920 | 0.030 | 0.250 ± 0.050 | 0.350 ± 0.050 | "
+            "0.500 ± 0.100 (@200) | 0.319 | 0.667 | 25 % | 7.5 | 250,000 |") in md
+    assert "| oracle | oracle | – | – | 0.940 | 0.050 | 0.100 ± 0.000 | 0.200 ± 0.000 | 0.300 ± 0.000 (@200) |" in md
+    assert "| maxent_sam | baseline | – | – | 0.900 | 0.100 | – | – | – | – | – | 15 % | 6.0 | 150,000 |" in md
+    assert "| teacher | teacher |" in md and "-0.000" not in md  # (0.9 - 0.9) / negative is shown as 0.000
+    for word in ("worst case", "rel. robustness", "rel. compute", "Legend"):
+        assert word.lower() in md.lower()
+
+
+def test_pngs_written_and_valid(run):
+    from matplotlib.image import imread
+
+    write_report(run, steps=[50, 300], tradeoff_y="relative_robustness")
+    for name in ("relearn_curves.png", "robustness_vs_compute.png", "retain_vs_forget.png"):
+        data = (run / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+        img = imread(run / name)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert not list(run.glob(".*.tmp"))  # atomic writes leave no temp files behind
+
+
+def test_rerun_is_byte_identical(run):
+    write_report(run)
+    first = (run / "report.json").read_bytes()
+    first_md = (run / "report.md").read_bytes()
+    write_report(run)
+    assert (run / "report.json").read_bytes() == first
+    assert (run / "report.md").read_bytes() == first_md
+    json.loads(first)  # valid strict JSON (no NaN tokens)
+    assert b"NaN" not in first
+
+
+def test_default_steps_and_attack_length(run):
+    rep = build_report(run)  # steps (25, 100, 300); evaluated at 0, 50, 100, 200
+    undo = by_name(rep)["undo_a0.6"]
+    assert [(a["requested_step"], a["step"]) for a in undo["after"]] == [(25, 0), (100, 100), (300, 200)]
+    assert undo["after"][0]["mean"] == 0.0
+    assert math.isnan(by_name(rep)["maxent_sam"]["auc"])  # build_report keeps NaN; only the JSON has null
+
+
+def test_language_setting_ce_min(run):
+    # forget CE = 3 - 2 * acc: the attacker's min CE per seed mirrors the max accuracy, so relative robustness
+    # is unchanged and worst-case CE = 3 - 2 * worst-case accuracy.
+    rep = write_report(run, steps=[100, 300], metric="val/forget_ce", mode="min")
+    assert rep["retain_metric"] == "val/retain_ce"
+    undo = by_name(rep)["undo_a0.6"]
+    assert undo["after"][-1] == {"requested_step": 300, "step": 200, "mean": 2.0, "std": 0.2}
+    assert undo["relative_robustness"] == 0.666667
+    assert undo["forget_before"] == 2.94 and undo["retain_before"] == 1.0
+    assert "worst forget_ce @300" in (run / "report.md").read_text()
+
+
+def test_utility_bound_and_compute_basis(tmp_path):
+    # seed 0, lr 1e-3 of undo_a0.6 loses 0.4 retain accuracy from step 100 on: with a 0.2 bound it is ignored
+    # there, so seed 0's worst case becomes [0, .3, .3, .3] and the step-200 mean (0.3 + 0.4) / 2 = 0.35.
+    run = make_run(tmp_path / "run", {("undo_a0.6", 0.001, 0): [0.9, 0.9, 0.5, 0.5]})
+    rep = write_report(run, steps=[300], max_retain_drop=0.2, include_unlearning_compute=True)
+    undo = by_name(rep)["undo_a0.6"]
+    assert undo["after"] == [{"requested_step": 300, "step": 200, "mean": 0.35, "std": 0.05}]
+    # (0.35 - 0.9) / (0.3 - 0.9)
+    assert undo["relative_robustness"] == 0.916667
+    # distillation 2.5e11 + teacher unlearning 1e11 over oracle 1e12; non-students unchanged
+    assert undo["relative_compute"] == 0.35 and by_name(rep)["teacher"]["relative_compute"] == 0.1
+    assert "teacher unlearning" in rep["compute_basis"]
+
+
+def test_missing_anchor_gives_null_relative_robustness(run):
+    import shutil
+
+    shutil.rmtree(run / "oracle")
+    shutil.rmtree(run / "relearn" / "oracle")
+    rep = write_report(run, steps=[300])
+    assert rep["anchors"]["oracle"] is None
+    assert all(m["relative_robustness"] is None and m["relative_compute"] is None for m in rep["models"])
+
+
+def test_degenerate_anchors_warn(run):
+    with pytest.warns(UserWarning, match="degenerate anchors"):
+        rep = build_report(run, steps=[0])  # at step 0 oracle and teacher both sit at 0.0
+    assert all(math.isnan(m["relative_robustness"]) for m in rep["models"])
+
+
+def test_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="no <stage>/metrics.json"):
+        main(str(tmp_path))
+    make_run(tmp_path / "run")
+    with pytest.raises(ValueError, match="'avg'"):
+        build_report(tmp_path / "run", mode="avg")
+    with pytest.raises(ValueError, match="steps"):
+        build_report(tmp_path / "run", steps=[])
+    with pytest.raises(ValueError, match="'nobody'"):
+        build_report(tmp_path / "run", oracle="nobody")
+
+
+def test_main_through_jsonargparse(run, capsys):
+    from jsonargparse import CLI
+
+    CLI(main, args=[str(run), "--steps", "[50, 300]", "--metric", "val/forget_acc", "--mode", "max"])
+    out = capsys.readouterr().out
+    assert "| undo_a0.6 |" in out and "report.json" in out
+    assert json.loads((run / "report.json").read_text())["steps"] == [50, 300]

@@ -1,0 +1,551 @@
+"""Experiment report: run folder -> ``report.json``, ``report.md`` and matplotlib PNGs (DESIGN §2, §6).
+
+Reads the contract the other stages write:
+
+    <run>/<stage>/metrics.json   {"stage", "role", "alpha", "beta", "val": {...}, "compute": {"tokens", "flops"},
+                                  "wall_time_s", "global_step"}
+    <run>/relearn/<stage>/lr=<lr>_seed=<s>/curve.json   (see :mod:`undo_lightning.robustness`)
+
+and reports, per stage: retain/forget before the attack, the worst-case forget metric after the attack at chosen steps,
+the area under the worst-case curve, relative robustness (oracle and unlearn-only teacher as anchors) and relative
+compute (stage FLOPs / oracle pretraining FLOPs). Metric names and the attacker's direction are parameters, so the
+language setting (``metric="val/forget_ce", mode="min"``) works the same way as arithmetic accuracy.
+
+Plots use matplotlib's object API with the Agg canvas, so nothing here touches pyplot's global backend or state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from undo_lightning.robustness import (
+    _check_mode,
+    area_under_curve,
+    load_curves,
+    relative_robustness,
+    resolve_step,
+    value_at,
+    worst_case,
+)
+
+DEFAULT_STEPS = (25, 100, 300)
+# Table/plot order: anchors first, then UNDO students by alpha, then baselines; unknown roles last.
+ROLE_ORDER = {"reference": 0, "oracle": 1, "teacher": 2, "student": 3, "baseline": 4}
+SIG_DIGITS = 6  # report.json precision: enough for any metric, stable across platforms
+
+__all__ = ["build_report", "main", "render_markdown", "report_to_json", "write_report"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reading the run folder
+
+
+def _read_stages(run_dir: Path) -> dict[str, dict[str, Any]]:
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
+    stages = {}
+    for path in sorted(run_dir.glob("*/metrics.json")):
+        if path.parent.name == "relearn":  # attack runs are folded into their model, never a stage of their own
+            continue
+        with open(path) as f:
+            stages[path.parent.name] = json.load(f)
+    if not stages:
+        raise FileNotFoundError(f"run folder {str(run_dir)!r} holds no <stage>/metrics.json: nothing to report "
+                                "(has the pipeline run?)")
+    return stages
+
+
+def default_retain_metric(metric: str) -> str:
+    """The retain counterpart of a forget metric: ``val/forget_acc`` -> ``val/retain_acc`` (same suffix).
+
+    Args:
+        metric: forget metric name containing ``forget``.
+
+    Returns:
+        The name with ``forget`` replaced by ``retain``.
+
+    Raises:
+        ValueError: the name has no ``forget`` to replace (pass ``retain_metric`` explicitly then).
+    """
+    if "forget" not in metric:
+        raise ValueError(f"cannot derive the retain metric from {metric!r}; pass retain_metric explicitly")
+    return metric.replace("forget", "retain", 1)
+
+
+def _num(x: Any) -> float:
+    """JSON number or null -> float (NaN for missing)."""
+    return math.nan if x is None else float(x)
+
+
+def _is_full_distill(role: str | None, alpha: float | None, beta: float | None) -> bool:
+    # DESIGN §2: alpha=1, beta=1 (or no noise config at all) = full distillation from random init.
+    return role == "student" and (alpha is None or (alpha == 1 and beta == 1))
+
+
+def _find_anchor(stages: dict[str, dict], role: str, explicit: str | None) -> str | None:
+    if explicit is not None:
+        if explicit not in stages:
+            raise ValueError(f"{role} anchor {explicit!r} has no metrics.json; stages: {sorted(stages)}")
+        return explicit
+    names = [n for n, m in stages.items() if m.get("role") == role]
+    if len(names) == 1:
+        return names[0]
+    if len(names) > 1:
+        if role in names:  # several candidates: the stage literally named after the role is the canonical one
+            return role
+        warnings.warn(f"several stages have role {role!r} ({names}); no {role} anchor chosen — pass {role}=NAME",
+                      stacklevel=3)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# building the report dict
+
+
+def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metric: str = "val/forget_acc",
+                 mode: str = "max", *, retain_metric: str | None = None, max_retain_drop: float | None = None,
+                 attack: str = "forget", oracle: str | None = None, teacher: str | None = None,
+                 include_unlearning_compute: bool = False, ddof: int = 0) -> dict[str, Any]:
+    """Collect the report numbers of one run folder.
+
+    Args:
+        run_dir: experiment folder.
+        steps: attack steps at which to report the worst-case forget metric. A step beyond a model's attack length
+            (or between evaluations) uses the last evaluated step before it; the step actually used is recorded.
+            Relative robustness is taken at the last (largest) of these steps.
+        metric: forget metric, a key of ``metrics.json["val"]`` and of the curves (e.g. ``val/forget_ce``).
+        mode: attacker's direction for ``metric``: ``"max"`` (accuracy) or ``"min"`` (CE).
+        retain_metric: retain metric for the "before" column and the utility bound; default: ``metric`` with
+            ``forget`` -> ``retain``.
+        max_retain_drop: optional utility bound for the worst case (see :func:`~undo_lightning.robustness.worst_case`);
+            the retain metric's direction is taken to match ``mode`` (higher is better when ``mode="max"``).
+        attack: which relearning runs to aggregate (``curve.json["attack"]``).
+        oracle: stage to use as the oracle anchor; default: the unique stage with role ``oracle``.
+        teacher: stage to use as the unlearn-only anchor; default: the unique stage with role ``teacher``.
+        include_unlearning_compute: for students, add the teacher anchor's (unlearning) FLOPs to their distillation
+            FLOPs in the relative compute; default reports distillation FLOPs only.
+        ddof: delta degrees of freedom of the std over seeds.
+
+    Returns:
+        A dict (Python floats, NaN where unavailable) with the settings, ``"anchors"``, ``"models"`` (a list, one
+        dict per stage in table order) and ``"curves"`` (``{stage: {"steps", "mean", "std"}}`` worst-case curves).
+
+    Raises:
+        FileNotFoundError: ``run_dir`` does not exist or holds no ``<stage>/metrics.json``.
+        ValueError: unknown ``mode``, empty/negative ``steps``, an explicit anchor that does not exist.
+    """
+    _check_mode(mode)
+    req_steps = sorted({int(s) for s in steps})
+    if not req_steps or req_steps[0] < 0:
+        raise ValueError(f"steps must be a non-empty list of attack steps >= 0, got {list(steps)}")
+    retain_metric = retain_metric or default_retain_metric(metric)
+    run_dir = Path(run_dir)
+    stages = _read_stages(run_dir)
+    anchors = {"oracle": _find_anchor(stages, "oracle", oracle), "teacher": _find_anchor(stages, "teacher", teacher)}
+    rr_step = req_steps[-1]
+
+    def flops_of(name: str | None) -> float:
+        return math.nan if name is None else _num(stages[name].get("compute", {}).get("flops"))
+
+    oracle_flops, teacher_flops = flops_of(anchors["oracle"]), flops_of(anchors["teacher"])
+
+    relearn_dir = run_dir / "relearn"
+    if relearn_dir.is_dir():
+        orphans = sorted(p.name for p in relearn_dir.iterdir() if p.is_dir() and p.name not in stages)
+        if orphans:
+            warnings.warn(f"relearning runs without a <stage>/metrics.json are not reported: {orphans}", stacklevel=2)
+
+    curves: dict[str, dict[str, list]] = {}
+    models = []
+    for name, m in stages.items():
+        role, alpha, beta = m.get("role"), m.get("alpha"), m.get("beta")
+        val = m.get("val", {})
+        entry: dict[str, Any] = {
+            "name": name, "role": role, "alpha": alpha, "beta": beta,
+            "full_distill": _is_full_distill(role, alpha, beta),
+            "retain_before": _num(val.get(retain_metric)), "forget_before": _num(val.get(metric)),
+            "after": [{"requested_step": s, "step": None, "mean": math.nan, "std": math.nan} for s in req_steps],
+            "auc": math.nan, "relative_robustness": math.nan,
+            "flops": flops_of(name), "relative_compute": math.nan,
+            "tokens": m.get("compute", {}).get("tokens"), "wall_time_s": _num(m.get("wall_time_s")),
+            "global_step": m.get("global_step"), "attack": None,
+        }
+        flops = entry["flops"] + (teacher_flops if include_unlearning_compute and role == "student" else 0.0)
+        if oracle_flops > 0:
+            entry["relative_compute"] = flops / oracle_flops
+
+        runs = load_curves(run_dir, name, metric, attack) if (relearn_dir / name).is_dir() else {}
+        if runs:
+            retain_runs = load_curves(run_dir, name, retain_metric, attack) if max_retain_drop is not None else None
+            wc = worst_case(runs, mode, retain_runs, max_retain_drop, retain_higher_is_better=(mode == "max"),
+                            ddof=ddof)
+            curves[name] = {"steps": wc.steps.tolist(), "mean": wc.mean.tolist(), "std": wc.std.tolist()}
+            entry["attack"] = {"n_runs": len(runs), "lrs": sorted({lr for lr, _ in runs}),
+                               "seeds": sorted({s for _, s in runs})}
+            for a in entry["after"]:
+                with contextlib.suppress(ValueError):  # requested step before the first evaluation: stays NaN
+                    a["step"] = resolve_step(wc.steps, a["requested_step"])
+                    a["mean"] = value_at(wc.steps, wc.mean, a["step"])
+                    a["std"] = value_at(wc.steps, wc.std, a["step"])
+            entry["auc"] = area_under_curve(wc.steps, wc.mean)
+        models.append(entry)
+
+    # Relative robustness at the last requested step, one vectorised call so degenerate anchors warn once.
+    after_last = {e["name"]: e["after"][-1]["mean"] for e in models}
+    p_oracle = after_last.get(anchors["oracle"], math.nan)
+    p_teacher = after_last.get(anchors["teacher"], math.nan)
+    rr = np.atleast_1d(relative_robustness(np.array([after_last[e["name"]] for e in models]), p_teacher, p_oracle))
+    for e, r in zip(models, rr, strict=True):
+        e["relative_robustness"] = float(r)
+
+    def order(e: dict) -> tuple:
+        alpha = e["alpha"] if e["alpha"] is not None and not e["full_distill"] else math.inf
+        return ROLE_ORDER.get(e["role"], len(ROLE_ORDER)), alpha, e["name"]
+
+    models.sort(key=order)
+    return {
+        "metric": metric, "retain_metric": retain_metric, "mode": mode, "attack": attack, "steps": req_steps,
+        "relative_robustness_step": rr_step, "max_retain_drop": max_retain_drop, "std_ddof": ddof,
+        "compute_basis": ("students: distillation + teacher unlearning FLOPs" if include_unlearning_compute
+                          else "students: distillation FLOPs only"),
+        "anchors": anchors,
+        "models": models,
+        "curves": {e["name"]: curves[e["name"]] for e in models if e["name"] in curves},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# serialisation
+
+
+def _clean(x: Any) -> Any:
+    """Recursively: NaN/inf -> None, floats to SIG_DIGITS significant digits, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        return float(f"{x:.{SIG_DIGITS}g}") + 0.0 if math.isfinite(x) else None  # + 0.0: no "-0.0" in JSON
+    return x
+
+
+def report_to_json(report: dict[str, Any]) -> str:
+    """Deterministic JSON text of a report: NaN -> null, floats rounded to 6 significant digits.
+
+    Args:
+        report: dict from :func:`build_report`.
+
+    Returns:
+        JSON text (indent 2, trailing newline), valid for any JSON parser.
+    """
+    return json.dumps(_clean(report), indent=2, allow_nan=False) + "\n"
+
+
+def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write via a temp file in the same folder + os.replace, so readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# markdown
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return format(x, spec)
+
+
+def _short(metric: str) -> str:
+    return metric.rsplit("/", 1)[-1]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """Markdown text of a report: settings, one table row per model, and a legend.
+
+    Args:
+        report: dict from :func:`build_report`.
+
+    Returns:
+        Markdown text.
+    """
+    fm, rm = _short(report["metric"]), _short(report["retain_metric"])
+    last = report["relative_robustness_step"]
+    head = (["model", "role", "α", "β", f"{rm} before", f"{fm} before"]
+            + [f"worst {fm} @{s}" for s in report["steps"]]
+            + ["AUC", f"rel. robustness @{last}", "rel. compute", "wall time (s)", "tokens"])
+    rows = []
+    for e in report["models"]:
+        after = []
+        for a in e["after"]:
+            cell = f"{_fmt(a['mean'])} ± {_fmt(a['std'])}" if a["step"] is not None else "–"
+            if a["step"] is not None and a["step"] != a["requested_step"]:
+                cell += f" (@{a['step']})"
+            after.append(cell)
+        rc = e["relative_compute"]
+        rel_compute = f"{rc * 100:.3g} %" if rc is not None and math.isfinite(rc) else "–"
+        tokens = e["tokens"]
+        tokens = f"{int(tokens):,}" if isinstance(tokens, (int, float)) and math.isfinite(tokens) else "–"
+        rows.append([e["name"], str(e["role"]), _fmt(e["alpha"], "g"), _fmt(e["beta"], "g"),
+                     _fmt(e["retain_before"]), _fmt(e["forget_before"]), *after, _fmt(e["auc"]),
+                     _fmt(e["relative_robustness"]), rel_compute, _fmt(e["wall_time_s"], ".1f"), tokens])
+    better = "higher" if report["mode"] == "max" else "lower"
+    anchors = report["anchors"]
+    bound = (f"LR runs whose `{report['retain_metric']}` dropped more than {report['max_retain_drop']} below its "
+             f"step-0 value are excluded at that step" if report["max_retain_drop"] is not None else "none")
+    lines = [
+        "# UNDO report", "",
+        (f"- forget metric: `{report['metric']}` ({better} = better for the attacker); retain metric: "
+         f"`{report['retain_metric']}`"),
+        (f"- attack: `{report['attack']}`; anchors: oracle = `{anchors['oracle']}`, unlearn-only = "
+         f"`{anchors['teacher']}`"),
+        f"- utility bound: {bound}",
+        f"- compute basis: {report['compute_basis']}", "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+        "**Legend**", "",
+        "- *before*: `metrics.json` validation values of the stage, before any relearning attack.",
+        (f"- *worst {fm} @k* (worst case): for each seed and attack step, the attacker's best value over the LR grid "
+         f"({'max' if report['mode'] == 'max' else 'min'} of `{report['metric']}`), then mean ± std over seeds "
+         f"(ddof={report['std_ddof']}). `(@s)`: the attack was not evaluated at k, the last evaluated step s ≤ k is "
+         "shown."),
+        ("- *AUC*: trapezoidal area under the worst-case mean curve divided by its step span, i.e. the mean level "
+         "during the attack."),
+        (f"- *rel. robustness* = (P − P_unlearn) / (P_oracle − P_unlearn), P = worst-case `{report['metric']}` at "
+         f"step {last}: 1 = as robust as the oracle (data filtering), 0 = no better than unlearning alone; – when an "
+         "anchor is missing or the anchors coincide."),
+        f"- *rel. compute*: stage FLOPs / oracle pretraining FLOPs ({report['compute_basis']}).",
+        "- –: not available.", "",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# plots
+
+
+def _styles(models: list[dict]) -> dict[str, dict[str, Any]]:
+    """Colour/line style per model: anchors fixed and distinct, students on a colour ramp by alpha."""
+    from matplotlib import colormaps
+
+    ramp = colormaps["viridis"]
+    others = itertools.cycle([colormaps["tab10"](i) for i in (1, 2, 4, 5, 6, 8, 9, 0)])  # tab10 minus anchor hues
+    out = {}
+    for e in models:
+        if e["role"] == "oracle":
+            st = {"color": "black", "ls": "--", "lw": 2.5}
+        elif e["role"] == "teacher":
+            st = {"color": "tab:red", "ls": "--", "lw": 2.5}
+        elif e["role"] == "reference":
+            st = {"color": "tab:gray", "ls": ":", "lw": 2.0}
+        elif e["full_distill"]:
+            st = {"color": "tab:purple", "ls": "-.", "lw": 1.8}
+        elif e["role"] == "student":
+            st = {"color": ramp(0.1 + 0.8 * min(max(float(e["alpha"]), 0.0), 1.0)), "ls": "-", "lw": 1.6}
+        else:
+            st = {"color": next(others), "ls": "-", "lw": 1.3}
+        out[e["name"]] = st
+    return out
+
+
+def _new_figure(size: tuple[float, float] = (8.0, 5.0)):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", metadata={"Software": None}))
+
+
+def _label(e: dict) -> str:
+    if e["role"] == "student" and not e["full_distill"]:
+        return f"{e['name']} (α={e['alpha']:g})"
+    return e["name"]
+
+
+def _plot_relearn_curves(report: dict, path: Path) -> None:
+    fig, ax = _new_figure()
+    styles = _styles(report["models"])
+    for e in report["models"]:
+        c = report["curves"].get(e["name"])
+        if c is None:
+            continue
+        steps, mean, std = np.asarray(c["steps"]), np.asarray(c["mean"], float), np.asarray(c["std"], float)
+        st = styles[e["name"]]
+        ax.plot(steps, mean, label=_label(e), **st)
+        ax.fill_between(steps, mean - std, mean + std, color=st["color"], alpha=0.15, lw=0)
+    last = max((c["steps"][-1] for c in report["curves"].values()), default=None)
+    for s in report["steps"]:
+        if last is not None and s <= last:  # mark the reported steps that the attacks actually reach
+            ax.axvline(s, color="0.8", lw=0.8, zorder=0)
+    ax.set_xlabel("relearning attack step")
+    ax.set_ylabel(f"worst-case {report['metric']}\n(mean ± std over seeds)")
+    ax.set_title(f"Relearning attack, best LR per step ({report['mode']} over LRs)")
+    if report["curves"]:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no relearning runs", ha="center", va="center", transform=ax.transAxes)
+    _save(fig, path)
+
+
+def _plot_tradeoff(report: dict, path: Path, y: str) -> None:
+    if y not in ("forget", "relative_robustness"):
+        raise ValueError(f"unknown tradeoff_y {y!r}: expected 'forget' or 'relative_robustness'")
+    step = report["relative_robustness_step"]
+
+    def yval(e: dict) -> float:
+        return e["after"][-1]["mean"] if y == "forget" else e["relative_robustness"]
+
+    fig, ax = _new_figure()
+    styles = _styles(report["models"])
+    undo = sorted((e for e in report["models"] if e["role"] == "student" and not e["full_distill"]),
+                  key=lambda e: e["alpha"])
+    pts = [(e["relative_compute"], yval(e), e) for e in undo]
+    pts = [(x, v, e) for x, v, e in pts if math.isfinite(x) and math.isfinite(v)]
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue", label="UNDO (α sweep)")
+        for x, v, e in pts:
+            ax.annotate(f"α={e['alpha']:g}", (x, v), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    xs = [p[0] for p in pts]
+    for e in report["models"]:
+        x, v = e["relative_compute"], yval(e)
+        if not math.isfinite(v):
+            continue
+        st = styles[e["name"]]
+        xtxt = f"{x:.3g}" if math.isfinite(x) else "?"
+        if e["role"] in ("oracle", "teacher", "reference"):
+            # Anchors are levels to beat, not points on the trade-off: draw them as horizontal lines.
+            ax.axhline(v, color=st["color"], ls=st["ls"], lw=1.5, label=f"{e['name']} (rel. compute {xtxt})")
+        elif e["full_distill"] and math.isfinite(x):
+            ax.plot([x], [v], marker="*", ms=14, ls="none", color=st["color"], label=f"{e['name']} (full distill)")
+            xs.append(x)
+        elif e["role"] not in ("student",) and math.isfinite(x):
+            ax.plot([x], [v], marker="X", ms=9, ls="none", color=st["color"], label=e["name"])
+            xs.append(x)
+    if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel(f"relative compute (FLOPs / oracle pretraining; {report['compute_basis']})")
+    ax.set_ylabel(f"worst-case {report['metric']} @{step}" if y == "forget" else f"relative robustness @{step}")
+    ax.set_title("Robustness vs compute")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no data (missing attacks or FLOPs)", ha="center", va="center", transform=ax.transAxes)
+    _save(fig, path)
+
+
+def _plot_retain_forget(report: dict, path: Path) -> None:
+    fig, ax = _new_figure((7.0, 5.5))
+    styles = _styles(report["models"])
+    seen: dict[tuple[float, float], int] = {}
+    for e in report["models"]:
+        x, v = e["forget_before"], e["retain_before"]
+        if not (math.isfinite(x) and math.isfinite(v)):
+            continue
+        k = seen[(x, v)] = seen.get((x, v), -1) + 1  # stack labels of coincident points instead of overprinting
+        ax.scatter([x], [v], color=styles[e["name"]]["color"], s=40, zorder=3)
+        ax.annotate(_label(e), (x, v), textcoords="offset points", xytext=(5, 4 + 10 * k), fontsize=8)
+    any_pt = bool(seen)
+    ax.set_xlabel(f"{report['metric']} (before attack)")
+    ax.set_ylabel(f"{report['retain_metric']} (before attack)")
+    ax.set_title("Retain vs forget before the relearning attack")
+    if not any_pt:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# entry points
+
+
+def write_report(run_dir: str | Path, *, tradeoff_y: str = "forget", **kw: Any) -> dict[str, Any]:
+    """Build the report and write ``report.json``, ``report.md`` and three PNGs into ``run_dir`` (atomically).
+
+    Files: ``report.json`` (:func:`report_to_json`), ``report.md`` (:func:`render_markdown`),
+    ``relearn_curves.png`` (worst-case curves of all models, ±std bands), ``robustness_vs_compute.png`` (UNDO
+    students over α vs relative compute, anchors as lines, full distillation as a star), ``retain_vs_forget.png``
+    (retain vs forget before the attack).
+
+    Args:
+        run_dir: experiment folder.
+        tradeoff_y: y axis of ``robustness_vs_compute.png``: ``"forget"`` (worst-case forget metric at the last
+            requested step) or ``"relative_robustness"``.
+        **kw: forwarded to :func:`build_report` (``steps``, ``metric``, ``mode``, ``retain_metric``, ...).
+
+    Returns:
+        The report exactly as written to ``report.json`` (rounded; NaN as None).
+    """
+    if tradeoff_y not in ("forget", "relative_robustness"):
+        raise ValueError(f"unknown tradeoff_y {tradeoff_y!r}: expected 'forget' or 'relative_robustness'")
+    run_dir = Path(run_dir)
+    report = build_report(run_dir, **kw)
+    text = report_to_json(report)
+    _atomic_write(run_dir / "report.json", lambda f: f.write(text.encode()))
+    md = render_markdown(report)
+    _atomic_write(run_dir / "report.md", lambda f: f.write(md.encode()))
+    _plot_relearn_curves(report, run_dir / "relearn_curves.png")
+    _plot_tradeoff(report, run_dir / "robustness_vs_compute.png", tradeoff_y)
+    _plot_retain_forget(report, run_dir / "retain_vs_forget.png")
+    return json.loads(text)
+
+
+def main(run_dir: str, steps: list[int] = list(DEFAULT_STEPS), metric: str = "val/forget_acc",  # noqa: B006
+         mode: str = "max", retain_metric: str | None = None, max_retain_drop: float | None = None,
+         attack: str = "forget", oracle: str | None = None, teacher: str | None = None,
+         include_unlearning_compute: bool = False, tradeoff_y: str = "forget") -> None:
+    """Write report.md, report.json and plots for a finished run folder (``undo report RUN_DIR``).
+
+    Args:
+        run_dir: experiment folder holding ``<stage>/metrics.json`` and ``relearn/<stage>/lr=*_seed=*/curve.json``.
+        steps: attack steps at which to report the worst-case forget metric (the last one is used for relative
+            robustness); beyond the attack length the last evaluated step is used and shown.
+        metric: forget metric: ``val/forget_acc`` (arithmetic, MCQ) or ``val/forget_ce`` (language).
+        mode: attacker's direction: ``max`` for accuracy, ``min`` for cross-entropy.
+        retain_metric: retain metric (default: ``metric`` with forget -> retain).
+        max_retain_drop: ignore an LR run at a step once its retain metric is worse than at step 0 by more than this.
+        attack: which relearning runs to aggregate (``forget`` or ``retain``).
+        oracle: stage used as the oracle anchor (default: the stage with role ``oracle``).
+        teacher: stage used as the unlearn-only anchor (default: the stage with role ``teacher``).
+        include_unlearning_compute: add the teacher's unlearning FLOPs to the students' relative compute.
+        tradeoff_y: y axis of the trade-off plot: ``forget`` or ``relative_robustness``.
+    """
+    path = Path(run_dir)
+    write_report(path, steps=steps, metric=metric, mode=mode, retain_metric=retain_metric,
+                 max_retain_drop=max_retain_drop, attack=attack, oracle=oracle, teacher=teacher,
+                 include_unlearning_compute=include_unlearning_compute, tradeoff_y=tradeoff_y)
+    print((path / "report.md").read_text())
+    print("wrote " + ", ".join(str(path / n) for n in ("report.json", "report.md", "relearn_curves.png",
+                                                         "robustness_vs_compute.png", "retain_vs_forget.png")))
