@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from undo_lightning.losses import (
     IGNORE_INDEX,
@@ -68,6 +67,15 @@ def test_forward_kl_matches_naive_value_and_gradient(chunk_size):
     # Positions that predict an ignored label, and the last position, get exactly zero gradient.
     assert torch.all(student.grad[:, -1] == 0)
     assert torch.all(student.grad[0, 2] == 0) and torch.all(student.grad[1, -3:] == 0)
+
+
+def test_forward_kl_under_no_grad_gives_the_same_value():
+    student, teacher, labels = _batch(seed=7)
+    student.requires_grad_(True)
+    with torch.no_grad():
+        loss = forward_kl(student, teacher, labels, chunk_size=5)
+    assert loss.grad_fn is None
+    assert loss.item() == pytest.approx(_naive_kl(student.detach(), teacher, labels).item(), rel=1e-5)
 
 
 def test_forward_kl_is_zero_for_identical_logits_and_positive_otherwise():

@@ -102,7 +102,7 @@ def test_seed_determinism_and_independence_from_global_rng(model, base_model):
     assert torch.equal(torch.get_rng_state(), rng_state)  # and the global RNG is not consumed
     shrink_and_perturb(third, alpha=0.5, beta=0.5, seed=43)
 
-    for (name, a), b, c in zip(model.named_parameters(), other.parameters(), third.parameters()):
+    for (name, a), b, c in zip(model.named_parameters(), other.parameters(), third.parameters(), strict=True):
         assert torch.equal(a, b), name
         if a.dim() == 2:
             assert not torch.allclose(a, c), name

@@ -76,10 +76,9 @@ class _ChunkedForwardKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, chunk_size):
+    def forward(ctx, student_logits, teacher_logits, labels, chunk_size, needs_grad):
         b_idx, t_idx = _scored_positions(labels)
         n = b_idx.numel()
-        needs_grad = ctx.needs_input_grad[0]
         grad = torch.zeros_like(student_logits) if needs_grad else None
         total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
         for start in range(0, n, chunk_size):
@@ -87,7 +86,7 @@ class _ChunkedForwardKL(torch.autograd.Function):
             log_p = F.log_softmax(student_logits[b, t].float(), dim=-1)  # [c, V]
             log_q = F.log_softmax(teacher_logits[b, t].float(), dim=-1)  # [c, V]
             q = log_q.exp()
-            total += (q * (log_q - log_p)).sum()
+            total += log_q.sub_(log_p).mul_(q).sum()  # in place: log_q is not needed afterwards
             if needs_grad:
                 # d KL / d s = softmax(s) - q per position (rows of q sum to 1); the mean over N positions adds 1/N.
                 grad[b, t] = log_p.exp_().sub_(q).div_(n).to(grad.dtype)
@@ -101,7 +100,7 @@ class _ChunkedForwardKL(torch.autograd.Function):
         # The usual case is a bare `loss.backward()`: skip the multiply so no second [B, T, V] tensor is allocated.
         if not torch.equal(grad_output, torch.ones_like(grad_output)):
             grad = grad * grad_output
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -134,7 +133,9 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label
                          f"and {tuple(labels.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _ChunkedForwardKL.apply(student_logits, teacher_logits, labels, chunk_size)
+    # `ctx.needs_input_grad` ignores no_grad mode: decide here, so evaluation never builds the gradient.
+    needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    return _ChunkedForwardKL.apply(student_logits, teacher_logits.detach(), labels, chunk_size, needs_grad)
 
 
 def maxent_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -287,8 +288,9 @@ def repnoise_loss(activations: Sequence[torch.Tensor], forget_logits: Sequence[t
     * noise: ``N = (1/L) sum_i MMD(flatten(a_i * m), flatten(eps_i * m))`` with ``eps_i ~ N(0, I)`` drawn from
       ``generator``, each sample a ``T * H`` vector; ``m`` is the attention mask, not the reference's token
       inequality between two unrelated batches.
-    * harmful: ``H = mean_j CE(forget_logits[j], forget_labels) + 1``; ``-alpha * log H`` rewards a high forget CE
-      while staying bounded below in gradient as CE grows.
+    * harmful: ``H = mean_j CE(forget_logits[j], forget_labels) + 1``; ``-alpha * log H`` rewards a high forget CE,
+      and the log makes the push fade (gradient ``-alpha / H``) as the CE grows instead of diverging like plain
+      gradient ascent.
 
     Full RepNoise is ``CE(retain) + beta * N - alpha * log H``; the retain CE is left to the caller, which
     computes it anyway. ``forget_logits`` should hold the final logits plus the logit lens of every hidden state,
@@ -296,8 +298,8 @@ def repnoise_loss(activations: Sequence[torch.Tensor], forget_logits: Sequence[t
     normed the last hidden state twice and skipped soft-capping.
 
     Args:
-        activations: ``L`` tensors ``[B, T, H]``, e.g. each block's MLP output on the forget inputs.
-        forget_logits: tensors ``[B, T, V]`` on the forget inputs.
+        activations: ``L >= 1`` tensors ``[B, T, H]``, e.g. each block's MLP output on the forget inputs.
+        forget_logits: ``>= 1`` tensors ``[B, T, V]`` on the forget inputs.
         forget_labels: ``[B, T]`` unshifted, ``-100`` = ignored.
         generator: source of the Gaussian noise; on the activations' device to avoid a host-device copy.
         alpha: weight of the harmful term.
