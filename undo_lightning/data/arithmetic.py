@@ -39,6 +39,7 @@ class Problem:
     prompt: str
     answer: int
     suffix: str = ""
+    operands: tuple[int, int] = (0, 0)
 
     @property
     def text(self) -> str:
@@ -64,7 +65,7 @@ def make_problem(op: str, form: str, rng: random.Random, *, heldout: bool = Fals
     """Draws one problem. ``heldout`` selects the evaluation-only word-problem templates."""
     n1, n2, answer = _operands(op, rng, add_sub_range, mul_div_range)
     if form == "equation":
-        return Problem(op, form, f"{n1} {SYMBOLS[op]} {n2} =", answer)
+        return Problem(op, form, f"{n1} {SYMBOLS[op]} {n2} =", answer, operands=(n1, n2))
     templates = (HELDOUT_TEMPLATES if heldout else TRAIN_TEMPLATES)[op]
     prompt, suffix = templates[rng.randrange(len(templates))]
     name, name2 = rng.sample(NAMES, 2)
@@ -72,7 +73,7 @@ def make_problem(op: str, form: str, rng: random.Random, *, heldout: bool = Fals
     fill = dict(name=name, name2=name2, n1=n1, n2=n2, obj=rng.choice(OBJECTS), box=box, boxes=boxes,
                 place=rng.choice(PLACES))
     prompt = prompt.format(**fill)
-    return Problem(op, form, prompt[0].upper() + prompt[1:], answer, suffix.format(**fill))
+    return Problem(op, form, prompt[0].upper() + prompt[1:], answer, suffix.format(**fill), (n1, n2))
 
 
 @dataclass
@@ -119,10 +120,14 @@ class ArithmeticSource(DocumentSource):
         return make_problem(op, form, rng, heldout=heldout, add_sub_range=tuple(self.add_sub_range),
                             mul_div_range=tuple(self.mul_div_range))
 
-    def documents(self, split: str, seed: int) -> list[str]:
+    def problems(self, split: str, seed: int) -> list[Problem]:
+        """The problems behind :meth:`documents` (with operands, for checking)."""
         n = self.train_documents if split == "train" else self.val_documents
         rng = random.Random(seed + _SPLIT_OFFSET[split])
-        return [self._problem(rng).text for _ in range(n)]
+        return [self._problem(rng) for _ in range(n)]
+
+    def documents(self, split: str, seed: int) -> list[str]:
+        return [p.text for p in self.problems(split, seed)]
 
     def eval_sets(self, seed: int, n_per_set: int) -> dict[str, list[EvalItem]]:
         out: dict[str, list[EvalItem]] = {}

@@ -1,0 +1,115 @@
+import pytest
+import torch
+
+from conftest import small_datamodule
+from undo_lightning import ArithmeticSource, RetainForgetDataModule
+from undo_lightning.data.module import StepSampler, pack_documents
+
+
+def test_pack_documents_by_hand():
+    blocks = pack_documents([[5, 6, 7], [8], [9, 10, 11, 12]], block_size=4, separator_id=2)
+    # stream: 2 5 6 7 | 2 8 2 9 | 10 11 12 (tail dropped); long documents continue into the next block
+    assert blocks.tolist() == [[2, 5, 6, 7], [2, 8, 2, 9]]
+    assert pack_documents([[1]], 4, 2).shape == (0, 4)
+
+
+def test_mixture_probabilities_must_sum_to_one():
+    with pytest.raises(ValueError, match="sum to 0.9"):
+        RetainForgetDataModule(mixture={"retain": 0.5, "forget": 0.4})
+    with pytest.raises(ValueError, match="keys must be"):
+        RetainForgetDataModule(mixture={"retain": 0.5, "other": 0.5})
+
+
+def _has_forget_ops(tokenizer, blocks: torch.Tensor) -> float:
+    ops = {tokenizer.convert_tokens_to_ids(t) for t in ("▁*", "▁/")}
+    return sum(int(t) in ops for t in blocks.flatten()) / blocks.numel()
+
+
+def test_oracle_mixture_has_no_forget_data(tokenizer):
+    oracle = small_datamodule(tokenizer, mixture={"retain": 1.0})
+    reference = small_datamodule(tokenizer, mixture={"retain": 0.5, "forget": 0.5})
+    assert _has_forget_ops(tokenizer, oracle.train_blocks("mixture")) == 0.0
+    assert _has_forget_ops(tokenizer, reference.train_blocks("mixture")) > 0.0
+    assert _has_forget_ops(tokenizer, reference.train_blocks("retain")) == 0.0
+
+
+def test_mixture_respects_probabilities(tokenizer):
+    dm = small_datamodule(tokenizer, docs=4000, mixture={"retain": 0.8, "forget": 0.2})
+    dm.setup()
+    docs = dm._mixture_docs()
+    forget = {tuple(d) for d in dm._docs[("forget", "train")]}
+    share = sum(tuple(d) in forget for d in docs) / len(docs)
+    assert 0.17 < share < 0.23
+
+
+class _FakeModule:
+    def __init__(self, kind):
+        self.train_data = kind
+
+
+class _FakeTrainer:
+    global_step, accumulate_grad_batches, global_rank, world_size = 0, 1, 0, 1
+
+    def __init__(self, kind):
+        self.lightning_module = _FakeModule(kind)
+
+
+def test_loaders_tag_their_split(tokenizer):
+    dm = small_datamodule(tokenizer)
+    dm.trainer = _FakeTrainer("paired")
+    paired = dm.train_dataloader()
+    assert set(paired) == {"forget", "retain"}
+    assert next(iter(paired["forget"]))["split"] == "forget" and next(iter(paired["retain"]))["split"] == "retain"
+    assert len(paired["forget"]) == len(paired["retain"])  # same epoch length keeps resume exact
+    dm.trainer = _FakeTrainer("forget")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["split"] == "forget" and batch["input_ids"].shape == (8, 32)
+    assert _has_forget_ops(tokenizer, batch["input_ids"]) > 0
+    dm.trainer = _FakeTrainer("nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        dm.train_dataloader()
+
+
+def test_step_sampler_batch_is_a_function_of_step_and_rank():
+    def order(start, rank=0, world=1, n=4):
+        s = StepSampler(50, 5, n, seed=3, start_batch=lambda: start, rank_world=lambda: (rank, world))
+        return list(s)
+
+    full = order(0, n=12)
+    assert order(4, n=8) == full[20:]  # resuming at batch 4 continues exactly where a full run is
+    assert sorted(full[:10]) == sorted(set(full[:10]))  # within an epoch no sample repeats
+    r0, r1 = order(0, 0, 2), order(0, 1, 2)
+    assert not set(r0[:5]) & set(r1[:5]) and r0 != order(0, 0, 1)
+
+
+def test_validation_loaders(tokenizer):
+    dm = small_datamodule(tokenizer)
+    dm.setup()
+    retain, forget, prompts = dm.val_dataloader()
+    assert next(iter(retain))["split"] == "retain" and next(iter(forget))["split"] == "forget"
+    batch = next(iter(prompts))
+    assert batch["kind"] == "answer" and len(batch["answers"]) == batch["input_ids"].shape[0]
+    lengths = batch["attention_mask"].sum(1)
+    assert (lengths < batch["attention_mask"].shape[1]).any()
+    assert (batch["attention_mask"][:, -1] == 1).all()  # left padding: every prompt ends at the last column
+    assert set(dm.eval_set_split.values()) == {"retain", "forget"} and len(dm.eval_set_split) == 8
+
+
+def test_empty_or_too_small_split_is_a_clear_error(tokenizer):
+    class Empty(ArithmeticSource):
+        def documents(self, split, seed):
+            return [] if split == "train" else super().documents(split, seed)
+
+    dm = small_datamodule(tokenizer)
+    dm.forget = Empty(("mul",), train_documents=5)
+    with pytest.raises(ValueError, match="forget source has an empty train split"):
+        dm.setup()
+    dm = small_datamodule(tokenizer, block_size=100_000)
+    with pytest.raises(ValueError, match="block_size=100000"):
+        dm.setup()
+
+
+def test_same_seed_same_blocks(tokenizer):
+    a, b = small_datamodule(tokenizer, seed=1), small_datamodule(tokenizer, seed=1)
+    assert torch.equal(a.train_blocks("mixture"), b.train_blocks("mixture"))
+    assert not torch.equal(a.train_blocks("mixture"), small_datamodule(tokenizer, seed=2).train_blocks("mixture"))

@@ -1,0 +1,63 @@
+import math
+
+import pytest
+import torch
+
+from conftest import small_datamodule
+from undo_lightning.evaluation import ValidationMetrics, answer_correct, answer_matches, parse_answer
+from undo_lightning.models import build_model
+
+
+@pytest.mark.parametrize("text, answer, expected", [
+    (" 42<bos>7", "42", True), (" 42 apples", "42", True), (" 17.0", "17", True), (" 17.", "17", True),
+    (" 420", "42", False), (" 4", "42", False), ("<bos>", "42", False), (" apples", "42", False),
+])
+def test_parse_and_match(text, answer, expected):
+    assert answer_matches(parse_answer(text, ["<bos>", "<eos>", "<pad>"]), answer) is expected
+
+
+def _slow_greedy_piece(model, tokenizer, prompt, n_new):
+    """One prompt at a time, no padding: the reference the batched evaluator must equal."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
+    return parse_answer(text, tokenizer.all_special_tokens)
+
+
+def test_batched_answers_equal_one_by_one_generation(tokenizer):
+    torch.manual_seed(0)
+    model = build_model("gemma2-micro", tokenizer, seed=1).eval()
+    dm = small_datamodule(tokenizer, prompts=3)
+    dm.setup()
+    items = [(name, item) for name, items in dm.eval_sets.items() for item in items]
+    # make every other answer right by construction (the model's own one-by-one output), the rest wrong
+    answers, expected = [], []
+    for i, (_, item) in enumerate(items):
+        piece = _slow_greedy_piece(model, tokenizer, item.prompt, len(tokenizer(" " + item.answer,
+                                                                               add_special_tokens=False)["input_ids"]) + 1)
+        right = i % 2 == 0 and piece is not None
+        answers.append(piece if right else "999999")
+        expected.append(right)
+    batch = dm._collate_prompts([(n, type(it)(it.prompt, a)) for (n, it), a in zip(items, answers)])
+    # the batch may generate more tokens than a short answer needs; recompute the expectation for that length
+    n_new = max(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in answers) + 1
+    expected = [a == _slow_greedy_piece(model, tokenizer, it.prompt, n_new) for (_, it), a in zip(items, answers)]
+    assert sum(expected) >= len(items) // 4
+    assert answer_correct(model, tokenizer, batch) == expected
+
+
+def test_validation_metrics_by_hand():
+    m = ValidationMetrics({"add_equation": "retain", "sub_equation": "retain", "mul_equation": "forget"})
+    m.update_lm("retain", torch.tensor(6.0), torch.tensor(3))
+    m.update_lm("retain", torch.tensor(2.0), torch.tensor(1))
+    m.update_lm("forget", torch.tensor(9.0), torch.tensor(2))
+    m.update_answers(["add_equation", "add_equation", "sub_equation", "mul_equation"], [True, False, True, False])
+    out = m.compute()
+    assert out["val/retain_ce"] == pytest.approx(8 / 4) and out["val/forget_ce"] == pytest.approx(4.5)
+    assert out["val/add_equation_acc"] == 0.5 and out["val/sub_equation_acc"] == 1.0
+    assert out["val/retain_acc"] == pytest.approx(0.75) and out["val/forget_acc"] == 0.0
+    doubled = m.compute(lambda t: 2 * t)  # a cross-rank sum scales sums and counts alike
+    assert all(math.isclose(doubled[k], out[k]) for k in out)
+    m.reset()
+    assert m.compute() == {}

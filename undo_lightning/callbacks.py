@@ -1,0 +1,70 @@
+"""Callbacks shared by the stages: the Hugging Face export hand-off (DESIGN §2) and the retain-gap stop rule."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lightning as L
+import torch
+
+from undo_lightning.models import export_model
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    """Writes ``data`` as JSON through a temporary file and a rename, so readers never see half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class HFExport(L.Callback):
+    """At the end of training: final metrics, then ``<root>/metrics.json`` and ``<root>/hf`` (written atomically).
+
+    ``metrics.json`` holds the last validation metrics at the final step (evaluated here if the last validation was
+    earlier), the compute counters (tokens, FLOPs), wall time and whatever the stage's ``summary()`` adds. The model
+    folder is written last: its presence means the stage finished.
+
+    Args:
+        dirname: folder name under ``trainer.default_root_dir`` for the export.
+    """
+
+    def __init__(self, dirname: str = "hf") -> None:
+        self.dirname = dirname
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if pl_module.last_val_step != trainer.global_step and trainer.datamodule is not None:
+            pl_module.last_val_metrics = final_evaluation(pl_module, trainer.datamodule.val_dataloader())
+            pl_module.last_val_step = trainer.global_step
+        if trainer.global_rank != 0:
+            return
+        root = trainer.default_root_dir
+        os.makedirs(root, exist_ok=True)
+        record = {"stage": os.path.basename(os.path.normpath(root)), "global_step": trainer.global_step,
+                  "val": pl_module.last_val_metrics, "compute": pl_module.compute_summary(),
+                  "wall_time_s": round(pl_module.elapsed_s(), 3), **pl_module.summary()}
+        write_json_atomic(os.path.join(root, "metrics.json"), record)
+        export_model(pl_module.model, pl_module.tokenizer, os.path.join(root, self.dirname))
+
+
+@torch.no_grad()
+def final_evaluation(pl_module, loaders) -> dict[str, float]:
+    """Runs the shared validation over ``loaders`` on this process (no cross-rank reduction).
+
+    Args:
+        pl_module: an ``UndoModule`` with its model built.
+        loaders: validation loaders of ``RetainForgetDataModule.val_dataloader()``.
+    """
+    metrics = pl_module._metrics()
+    metrics.reset()
+    pl_module.model.eval()
+    for loader in loaders:
+        for batch in loader:
+            batch = {k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            pl_module.validation_step(batch, 0)
+    pl_module.model.train()
+    values = metrics.compute()
+    values.update({"compute/tokens": float(pl_module.tokens_seen),
+                   "compute/flops": pl_module.compute_summary()["flops"]})
+    return values

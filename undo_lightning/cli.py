@@ -1,0 +1,98 @@
+"""The ``undo`` command.
+
+``undo fit|validate|test -c CONFIG`` is plain LightningCLI over any stage module (``model.class_path``) and
+``RetainForgetDataModule``; the other subcommands (``pipeline``, ``report``, ``relearn``, ...) are functions exposed
+through jsonargparse, because LightningCLI subcommands must map to Trainer methods.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# glibc's allocator returns freed blocks to the OS eagerly, which made 3-4x slow steps on small CPU models
+# (cpu-prototype.md); these thresholds must be set before the process starts, so the CLI re-executes itself once.
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+
+TRAINER_COMMANDS = ("fit", "validate", "test")
+
+
+def _tool_commands() -> dict:
+    """Non-Trainer subcommands: name -> function whose signature and docstring are the CLI."""
+    from undo_lightning.report import main as report
+
+    commands = {"report": report}
+    try:
+        from undo_lightning.pipeline import run_pipeline
+
+        commands["pipeline"] = run_pipeline
+    except ImportError:  # pragma: no cover - the pipeline lands with its own issue
+        pass
+    try:
+        from undo_lightning.attack import relearn_command
+
+        commands["relearn"] = relearn_command
+    except ImportError:  # pragma: no cover
+        pass
+    return commands
+
+
+def _lightning_cli(args: list[str] | None, run: bool = True):
+    from lightning.pytorch.cli import LightningCLI
+
+    from undo_lightning.data import RetainForgetDataModule
+    from undo_lightning.modules import UndoModule
+
+    class UndoCLI(LightningCLI):
+        """LightningCLI whose TensorBoard logs land in ``<default_root_dir>/tb`` next to the stage's exports."""
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            trainer = config.trainer
+            if trainer.logger in (None, True):
+                root = trainer.default_root_dir or os.getcwd()
+                trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                  "init_args": {"save_dir": root, "name": "tb", "version": "",
+                                                "default_hp_metric": False}}
+
+    return UndoCLI(UndoModule, RetainForgetDataModule, subclass_mode_model=True, args=args, run=run,
+                   save_config_kwargs={"overwrite": True}, parser_kwargs={"default_env": False})
+
+
+def _usage(commands: dict) -> str:
+    lines = ["usage: undo {" + ",".join(TRAINER_COMMANDS + tuple(commands)) + "} ...", "",
+             "UNDO (Unlearn, Noise, Distill-on-Outputs) on PyTorch Lightning.", "",
+             "Trainer subcommands (LightningCLI; see `undo fit --help`):"]
+    lines += [f"  {c:10s} runs Trainer.{c} on the stage module and data of -c CONFIG" for c in TRAINER_COMMANDS]
+    lines += ["", "Tools (see `undo <tool> --help`):"]
+    for name, fn in commands.items():
+        lines.append(f"  {name:10s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``undo`` console script."""
+    explicit = argv is not None  # LightningCLI reads sys.argv itself unless called from Python with arguments
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if os.name == "posix" and os.environ.get("UNDO_NO_REEXEC") is None and any(k not in os.environ
+                                                                              for k in _MALLOC_ENV):
+        os.environ.update(_MALLOC_ENV)
+        os.environ["UNDO_NO_REEXEC"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "undo_lightning.cli", *argv])
+    commands = _tool_commands()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(commands))
+        return
+    if argv[0] in commands:
+        from jsonargparse import CLI
+
+        CLI(commands[argv[0]], args=argv[1:], prog=f"undo {argv[0]}")
+        return
+    if argv[0] not in TRAINER_COMMANDS:
+        raise SystemExit(f"undo: unknown subcommand {argv[0]!r}; expected one of "
+                         f"{', '.join(TRAINER_COMMANDS + tuple(commands))}")
+    _lightning_cli(argv if explicit else None)
+
+
+if __name__ == "__main__":
+    main()

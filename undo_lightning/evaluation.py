@@ -1,0 +1,110 @@
+"""Shared validation metrics: token CE on retain/forget text and exact-match accuracy of greedy answers.
+
+Every stage logs the same names (DESIGN §4, §6): ``val/retain_ce``, ``val/forget_ce``, ``val/<set>_acc`` for each
+answer-scored set (e.g. ``val/mul_word_problem_acc``) and their means ``val/retain_acc``, ``val/forget_acc``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+
+_NUMBER = re.compile(r"^-?\d+(?:\.\d+)?\.?$")
+
+
+def parse_answer(text: str, special_tokens: list[str]) -> str | None:
+    """The first whitespace- or special-token-delimited piece of a continuation (spec §8.2), or None if empty."""
+    for special in special_tokens:
+        text = text.replace(special, " ")
+    pieces = text.split()
+    return pieces[0] if pieces else None
+
+
+def answer_matches(piece: str | None, answer: str) -> bool:
+    """Numeric exact match (``"17"``, ``"17.0"`` and ``"17."`` all equal 17, as the reference scores them)."""
+    if piece is None or not _NUMBER.match(piece):
+        return piece == answer
+    return abs(float(piece.rstrip(".")) - float(answer)) < 1e-6
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   max_new_tokens: int) -> list[str]:
+    """Greedy continuations of a left-padded batch, decoded with special tokens kept.
+
+    Uses ``generate`` on the whole batch (left padding, KV cache) instead of one prompt at a time.
+
+    Args:
+        input_ids: ``[B, T]`` left-padded prompts.
+        attention_mask: ``[B, T]``.
+        max_new_tokens: tokens to generate per prompt.
+
+    Returns:
+        ``B`` decoded continuations.
+    """
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                         do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
+                         use_cache=True)
+    model.train(was_training)
+    return tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=False)
+
+
+def answer_correct(model, tokenizer, batch: dict) -> list[bool]:
+    """Exact match of each prompt's greedy answer against ``batch["answers"]``.
+
+    Generates one token more than the longest answer, so a model that keeps writing digits (``"400"`` for ``"40"``)
+    is wrong.
+    """
+    n_answer = max(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in batch["answers"])
+    texts = greedy_answers(model, tokenizer, batch["input_ids"], batch["attention_mask"], n_answer + 1)
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    return [answer_matches(parse_answer(t, specials), a) for t, a in zip(texts, batch["answers"])]
+
+
+class ValidationMetrics:
+    """Accumulates CE and accuracy sums over one validation pass; reduction across ranks is one all-reduce.
+
+    Args:
+        eval_set_split: answer-scored set name -> ``"retain"`` or ``"forget"``; fixes the metric keys, which must be
+            the same on every rank.
+    """
+
+    def __init__(self, eval_set_split: dict[str, str]) -> None:
+        self.set_split = dict(sorted(eval_set_split.items()))
+        self.keys = ["ce/retain", "ce/forget"] + [f"acc/{name}" for name in self.set_split]
+        self.index = {k: i for i, k in enumerate(self.keys)}
+        self.sums = torch.zeros(len(self.keys), 2, dtype=torch.float64)  # (sum, count) per key
+
+    def reset(self) -> None:
+        self.sums.zero_()
+
+    def update_lm(self, split: str, nll_sum: torch.Tensor, n_tokens: torch.Tensor) -> None:
+        row = self.index[f"ce/{split}"]
+        self.sums[row, 0] += float(nll_sum)
+        self.sums[row, 1] += float(n_tokens)
+
+    def update_answers(self, sets: list[str], correct: list[bool]) -> None:
+        for name, ok in zip(sets, correct):
+            row = self.index[f"acc/{name}"]
+            self.sums[row, 0] += float(ok)
+            self.sums[row, 1] += 1.0
+
+    def compute(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        """Metric values; ``reduce_sum`` sums the accumulator across ranks (identity on one process)."""
+        sums = reduce_sum(self.sums.clone()) if reduce_sum is not None else self.sums
+        sums = sums.double().cpu()
+        out: dict[str, float] = {}
+        for key, (total, count) in zip(self.keys, sums.tolist()):
+            if count == 0:
+                continue
+            kind, name = key.split("/")
+            out[f"val/{name}_ce" if kind == "ce" else f"val/{name}_acc"] = total / count
+        for split in ("retain", "forget"):
+            accs = [out[f"val/{n}_acc"] for n, s in self.set_split.items() if s == split and f"val/{n}_acc" in out]
+            if accs:  # unweighted mean over sets, as the reference averages its per-set accuracies
+                out[f"val/{split}_acc"] = sum(accs) / len(accs)
+        return out

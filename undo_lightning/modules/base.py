@@ -1,0 +1,202 @@
+"""The shared base of every stage: model construction, optimizer/schedule, validation, compute accounting, export.
+
+Stages subclass :class:`UndoModule` and implement ``training_step`` only (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from undo_lightning.evaluation import ValidationMetrics, answer_correct
+from undo_lightning.losses import token_nll
+from undo_lightning.models import build_model, count_parameters, is_hf_folder
+from undo_lightning.tokenization import load_tokenizer
+
+
+class UndoModule(L.LightningModule):
+    """Base LightningModule holding one Hugging Face causal LM.
+
+    Hooks implemented here: ``configure_model`` (builds/loads the model once, idempotent), ``configure_optimizers``
+    (AdamW + warm-up and cosine/constant schedule), ``validation_step`` / ``on_validation_epoch_*`` (shared retain and
+    forget metrics), ``configure_callbacks`` (last-checkpoint saving and the Hugging Face export),
+    ``on_save_checkpoint`` / ``on_load_checkpoint`` (compute counters).
+
+    Args:
+        model: preset name (``gemma2-tiny``, ``gemma2-0.1b``, ``gemma2-0.3b``), a local HF folder, or a hub id.
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay (applied to all parameters, as the reference does).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps.
+        schedule: ``cosine`` decays to ``min_lr_ratio * lr`` at ``max_steps``; ``constant`` keeps ``lr``.
+        min_lr_ratio: final LR as a fraction of ``lr`` for the cosine schedule.
+        seed: seed of a preset's random initialisation.
+        checkpoint_every: save ``checkpoints/last.ckpt`` every this many optimizer steps (0 = only at the end).
+        export: write ``<default_root_dir>/hf`` (save_pretrained + tokenizer) and ``metrics.json`` when training ends.
+    """
+
+    #: which training data the stage needs from ``RetainForgetDataModule`` (see its docstring)
+    train_data: str = "mixture"
+
+    def __init__(
+        self,
+        model: str = "gemma2-tiny",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        schedule: Literal["cosine", "constant"] = "cosine",
+        min_lr_ratio: float = 0.1,
+        seed: int = 0,
+        checkpoint_every: int = 0,
+        export: bool = True,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr={lr}: expected a positive learning rate")
+        if schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule={schedule!r}: expected 'cosine' or 'constant'")
+        if warmup_steps < 0 or checkpoint_every < 0:
+            raise ValueError(f"warmup_steps={warmup_steps}, checkpoint_every={checkpoint_every}: expected >= 0")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={min_lr_ratio}: expected a value in [0, 1]")
+        self.save_hyperparameters()
+        self.model_name = model
+        self.model = None
+        self._tokenizer = None
+        self.metrics: ValidationMetrics | None = None
+        self.tokens_seen = 0
+        self.wall_time_s = 0.0
+        self.last_val_metrics: dict[str, float] = {}
+        self.last_val_step = -1
+        self._fit_started: float | None = None
+
+    # ------------------------------------------------------------------------------------------------- model
+    @property
+    def tokenizer(self):
+        """The data module's tokenizer, or the model folder's when the module is used without one."""
+        if self._tokenizer is None:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            if datamodule is not None and hasattr(datamodule, "tokenizer"):
+                self._tokenizer = datamodule.tokenizer
+            elif is_hf_folder(self.model_name):
+                self._tokenizer = load_tokenizer(self.model_name)
+            else:
+                raise ValueError(f"model={self.model_name!r}: no tokenizer available; fit with a "
+                                 "RetainForgetDataModule (or any datamodule with a .tokenizer) or set module.tokenizer")
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self._tokenizer = value
+
+    def build(self, name: str, seed: int | None = None):
+        """Builds/loads a model by name with this module's tokenizer (shared by stages that hold several models)."""
+        return build_model(name, self.tokenizer, seed=self.hparams.seed if seed is None else seed)
+
+    def configure_model(self) -> None:
+        if self.model is not None:  # idempotent: Lightning may call it once per trainer entry point
+            return
+        self.model = self.build(self.model_name)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: ``6 N`` for forward + backward of the trained model (DESIGN §6)."""
+        return 6.0 * count_parameters(self.model)
+
+    # ------------------------------------------------------------------------------------------ optimization
+    def trainable_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=hp.lr, betas=tuple(hp.betas),
+                                      weight_decay=hp.weight_decay)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, hp.warmup_steps, total, hp.schedule, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def count_tokens(self, *batches: dict) -> None:
+        """Adds the scored tokens of this step's batches (all ranks) to the compute meter."""
+        n = sum(int(b["attention_mask"].sum()) for b in batches)
+        self.tokens_seen += n * (self.trainer.world_size if self._trainer is not None else 1)
+
+    def compute_summary(self) -> dict[str, float]:
+        return {"tokens": self.tokens_seen, "flops": self.tokens_seen * self.flops_per_token()}
+
+    # -------------------------------------------------------------------------------------------- validation
+    def _metrics(self) -> ValidationMetrics:
+        if self.metrics is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            self.metrics = ValidationMetrics(getattr(datamodule, "eval_set_split", {}))
+        return self.metrics
+
+    def on_validation_epoch_start(self) -> None:
+        self._metrics().reset()
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        metrics = self._metrics()
+        if batch["kind"] == "lm":
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            metrics.update_lm(batch["split"], *token_nll(logits, batch["labels"]))
+        else:
+            metrics.update_answers(batch["sets"], answer_correct(self.model, self.tokenizer, batch))
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._metrics().compute(lambda t: self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum"))
+        if self.trainer.sanity_checking:
+            return
+        values.update({"compute/tokens": float(self.tokens_seen), "compute/flops": self.compute_summary()["flops"]})
+        self.last_val_metrics, self.last_val_step = values, self.global_step
+        self.log_dict(values, sync_dist=False, add_dataloader_idx=False)
+
+    # --------------------------------------------------------------------------------- callbacks / checkpoints
+    def configure_callbacks(self):
+        root = self.trainer.default_root_dir
+        every = self.hparams.checkpoint_every or None
+        callbacks = [ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), filename="step{step}", save_last=True,
+                                     save_top_k=0, every_n_train_steps=every, save_on_train_epoch_end=False,
+                                     auto_insert_metric_name=False, enable_version_counter=False)]
+        if self.hparams.export:
+            from undo_lightning.callbacks import HFExport
+
+            callbacks.append(HFExport())
+        return callbacks
+
+    def on_fit_start(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        """Wall time of this stage, accumulated across resumes."""
+        return self.wall_time_s + (time.perf_counter() - self._fit_started if self._fit_started else 0.0)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["undo_state"] = {"tokens_seen": self.tokens_seen, "wall_time_s": self.elapsed_s()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("undo_state", {})
+        self.tokens_seen = state.get("tokens_seen", 0)
+        self.wall_time_s = state.get("wall_time_s", 0.0)
+
+    def summary(self) -> dict:
+        """What ``metrics.json`` records about this stage (subclasses add their own fields)."""
+        return {"model": self.model_name, "parameters": count_parameters(self.model)}
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up ``(step + 1) / warmup``, then constant or cosine to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))  # clamp: never rises again past the end
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
