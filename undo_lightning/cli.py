@@ -59,6 +59,22 @@ def _lightning_cli(args: list[str] | None, run: bool = True):
                    save_config_kwargs={"overwrite": True}, parser_kwargs={"default_env": False})
 
 
+def _pipeline_cli(run_pipeline, args: list[str]) -> None:
+    """``undo pipeline [-c CONFIG] [--out_dir DIR] [--overwrite] [--only STAGE ...]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="undo pipeline", description=run_pipeline.__doc__.strip().splitlines()[0])
+    parser.add_argument("-c", "--config", help="experiment YAML (default: configs/arithmetic/quick.yaml, the CPU demo)")
+    parser.add_argument("--out_dir", help="run folder (default: the config's out_dir)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run folder that holds another experiment")
+    parser.add_argument("--only", nargs="+", metavar="STAGE", help="run only these training stages")
+    ns = parser.parse_args(args)
+    try:
+        run_pipeline(ns.config, out_dir=ns.out_dir, overwrite=ns.overwrite, only=ns.only)
+    except ValueError as err:  # bad config or run folder: a clear message, not a stack trace
+        raise SystemExit(f"undo pipeline: error: {err}") from None
+
+
 def _usage(commands: dict) -> str:
     lines = ["usage: undo {" + ",".join(TRAINER_COMMANDS + tuple(commands)) + "} ...", "",
              "UNDO (Unlearn, Noise, Distill-on-Outputs) on PyTorch Lightning.", "",
@@ -82,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     commands = _tool_commands()
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage(commands))
+        return
+    if argv[0] == "pipeline" and "pipeline" in commands:
+        _pipeline_cli(commands["pipeline"], argv[1:])
         return
     if argv[0] in commands:
         from jsonargparse import CLI

@@ -1,0 +1,253 @@
+"""``undo pipeline``: the whole UNDO experiment of DESIGN §2 in one resumable command.
+
+Stages run in order, each in ``<out_dir>/<stage>/`` and each reading its inputs from earlier stages' exported
+``hf/`` folders::
+
+    reference, oracle          PretrainModule (retain+forget / retain only)
+    unlearn                    UnlearnModule on the reference (the teacher; MaxEnt by default)
+    <baseline>                 optional further UnlearnModule runs (e.g. MaxEnt+SAM, RepNoise, RMU)
+    distill                    DistillModule: the teacher into a random student (full distillation)
+    undo_a<alpha>              DistillModule: the teacher into its own noised copy, one per alpha (UNDO)
+    relearn/<model>/...        relearning attack on every model over an LR x seed grid
+    report.md/.json/*.png      tables and plots
+
+A stage whose ``DONE`` marker exists is skipped; an interrupted stage resumes from ``checkpoints/last.ckpt``.
+``config.yaml`` (the resolved experiment) is written first; a folder holding a different experiment is refused
+unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "arithmetic" / "quick.yaml"
+DONE = "DONE"
+SECTIONS = ("name", "out_dir", "seed", "data", "trainer", "pretrain", "reference", "oracle", "unlearn", "baselines",
+            "distill", "undo", "relearn", "report")
+_DEFAULT_TRAINER = dict(accelerator="auto", devices=1, precision="32-true", gradient_clip_val=1.0,
+                        check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=25,
+                        enable_model_summary=False)
+
+
+@dataclass
+class Stage:
+    """One training stage: which module class, its arguments, and the data/Trainer overrides it runs with."""
+
+    name: str
+    role: str
+    module_cls: str
+    module: dict[str, Any]
+    trainer: dict[str, Any]
+    data: dict[str, Any]
+    record: dict[str, Any] = field(default_factory=dict)  # extra fields for metrics.json (role, alpha, beta)
+
+
+def deep_merge(base: dict, override: dict | None) -> dict:
+    """``base`` updated recursively with ``override`` (per-stage settings override shared ones)."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else copy.deepcopy(value)
+    return out
+
+
+def load_config(path: str | os.PathLike | None) -> dict:
+    """Reads an experiment YAML (the shipped CPU demo when ``path`` is None) and checks its sections."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ValueError(f"config={str(path)!r}: no such file" + (" (the default demo config ships with the source "
+                                                                   "checkout; pass -c CONFIG)" if path == DEFAULT_CONFIG
+                                                                   else ""))
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    unknown = sorted(set(cfg) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {unknown}; expected {list(SECTIONS)}")
+    cfg.setdefault("name", path.stem)
+    cfg.setdefault("out_dir", f"runs/{cfg['name']}")
+    cfg.setdefault("seed", 0)
+    return cfg
+
+
+def plan(cfg: dict) -> list[Stage]:
+    """The ordered training stages of an experiment config (the relearning sweep and the report come after)."""
+    out = Path(cfg["out_dir"])
+    hf = lambda stage: str(out / stage / "hf")  # noqa: E731 - the hand-off convention of DESIGN §2
+    seed = cfg["seed"]
+    pre = cfg.get("pretrain", {})
+    stages = []
+    for name, mixture in (("reference", {"retain": 0.5, "forget": 0.5}), ("oracle", {"retain": 1.0})):
+        spec = deep_merge(pre, cfg.get(name))
+        stages.append(Stage(name, name, "undo_lightning.PretrainModule", {"seed": seed, **spec.get("module", {})},
+                            spec.get("trainer", {}), deep_merge({"mixture": mixture}, spec.get("data"))))
+    unlearn = cfg.get("unlearn", {})
+    stages.append(Stage("unlearn", "teacher", "undo_lightning.UnlearnModule",
+                        {"model": hf("reference"), "seed": seed, **unlearn.get("module", {})},
+                        unlearn.get("trainer", {}), unlearn.get("data", {})))
+    for name, spec in (cfg.get("baselines") or {}).items():
+        spec = deep_merge(unlearn, spec)
+        stages.append(Stage(name, "baseline", "undo_lightning.UnlearnModule",
+                            {"model": hf("reference"), "seed": seed, **spec.get("module", {})},
+                            spec.get("trainer", {}), spec.get("data", {})))
+    distill = cfg.get("distill", {})
+    if distill is not None:
+        stages.append(Stage("distill", "student", "undo_lightning.DistillModule",
+                            {"teacher": hf("unlearn"), "student_init": "random", "seed": seed,
+                             **distill.get("module", {})},
+                            distill.get("trainer", {}), distill.get("data", {}), {"alpha": None, "beta": None}))
+    undo = cfg.get("undo") or {}
+    for alpha in undo.get("alphas", []):
+        module = {"teacher": hf("unlearn"), "student_init": "teacher", "seed": seed, "noise_seed": seed,
+                  **undo.get("module", {}), "alpha": float(alpha)}
+        stages.append(Stage(f"undo_a{alpha:g}", "student", "undo_lightning.DistillModule", module,
+                            undo.get("trainer", {}), undo.get("data", {}),
+                            {"alpha": float(alpha), "beta": module.get("beta")}))
+    return stages
+
+
+def _import(path: str):
+    module, _, name = path.rpartition(".")
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+def _datamodule(cfg: dict, overrides: dict):
+    from jsonargparse import ArgumentParser
+
+    from undo_lightning.data import RetainForgetDataModule
+
+    # jsonargparse instantiates nested sources (class_path/init_args) exactly as LightningCLI does for stage configs
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(RetainForgetDataModule, "data")
+    ns = parser.parse_object({"data": deep_merge(cfg.get("data", {}), overrides)})
+    return parser.instantiate_classes(ns).data
+
+
+def _instantiate(stage: Stage):
+    cls = _import(stage.module_cls)
+    try:
+        return cls(**stage.module)
+    except TypeError as err:  # unknown or missing keyword: name the stage and the class
+        raise ValueError(f"stage {stage.name!r}: bad arguments for {cls.__name__}: {err}") from None
+
+
+def validate(cfg: dict) -> list[Stage]:
+    """Builds every stage's module and data module once (models are built lazily) so bad settings fail up front."""
+    stages = plan(cfg)
+    for stage in stages:
+        _instantiate(stage)
+        _datamodule(cfg, stage.data)
+    return stages
+
+
+def _check_out_dir(out: Path, resolved: dict, overwrite: bool) -> None:
+    saved = out / "config.yaml"
+    if saved.is_file():
+        with open(saved) as f:
+            previous = yaml.safe_load(f)
+        if previous != resolved:
+            if not overwrite:
+                raise ValueError(f"{out} holds a run of a different config ({saved} differs from this one); pass "
+                                 "--overwrite to replace it, or choose another out_dir")
+            shutil.rmtree(out)
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{out} exists and is not an undo pipeline run folder (no config.yaml); pass --overwrite "
+                         "or choose another out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(saved, "w") as f:
+        yaml.safe_dump(resolved, f, sort_keys=False)
+
+
+def _log(msg: str) -> None:
+    print(f"[undo pipeline {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_stage(stage: Stage, cfg: dict, out: Path) -> dict:
+    """Trains one stage (resuming from its last checkpoint if one exists) and marks it done."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from undo_lightning.callbacks import write_json_atomic
+
+    root = out / stage.name
+    if (root / DONE).is_file():
+        _log(f"{stage.name}: done already, skipped")
+        return json.loads((root / "metrics.json").read_text())
+    ckpt = root / "checkpoints" / "last.ckpt"
+    _log(f"{stage.name}: start" + (f" (resuming from {ckpt})" if ckpt.is_file() else ""))
+    started = time.perf_counter()
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    trainer_kwargs = deep_merge(deep_merge(_DEFAULT_TRAINER, cfg.get("trainer")), stage.trainer)
+    callbacks = [_import(c["class_path"])(**c.get("init_args", {})) for c in trainer_kwargs.pop("callbacks", [])]
+    trainer = L.Trainer(default_root_dir=str(root), callbacks=callbacks,
+                        logger=TensorBoardLogger(str(root), name="tb", version="", default_hp_metric=False),
+                        **trainer_kwargs)
+    module = _instantiate(stage)
+    trainer.fit(module, datamodule=_datamodule(cfg, stage.data), ckpt_path=str(ckpt) if ckpt.is_file() else None)
+    if trainer.interrupted:
+        raise RuntimeError(f"stage {stage.name!r} was interrupted; re-run the same command to resume it")
+    metrics = json.loads((root / "metrics.json").read_text())
+    metrics.update({"role": stage.role, **stage.record})
+    write_json_atomic(str(root / "metrics.json"), metrics)
+    (root / DONE).write_text(f"{time.perf_counter() - started:.1f}\n")  # written last: the stage is complete
+    _log(f"{stage.name}: finished in {time.perf_counter() - started:.1f} s "
+         f"(retain_acc={metrics['val'].get('val/retain_acc', float('nan')):.3f}, "
+         f"forget_acc={metrics['val'].get('val/forget_acc', float('nan')):.3f})")
+    return metrics
+
+
+def run_relearn(cfg: dict, out: Path, stages: list[Stage]) -> None:
+    from undo_lightning.attack import run_sweep
+
+    spec = dict(cfg.get("relearn") or {})
+    models = {s.name: str(out / s.name / "hf") for s in stages}
+    data = deep_merge(cfg.get("data", {}), spec.pop("data", {}))
+    _log(f"relearn: attacking {len(models)} models")
+    started = time.perf_counter()
+    run_sweep(models=models, out_dir=str(out), data=data, trainer=deep_merge(cfg.get("trainer", {}),
+                                                                           spec.pop("trainer", {})), **spec)
+    _log(f"relearn: finished in {time.perf_counter() - started:.1f} s")
+
+
+def run_pipeline(config: str | None = None, out_dir: str | None = None, overwrite: bool = False,
+                 only: list[str] | None = None) -> dict:
+    """Run the whole UNDO experiment (pretrain, unlearn, distill, UNDO, relearn, report); resumable.
+
+    Args:
+        config: experiment YAML (default: ``configs/arithmetic/quick.yaml``, the CPU demo).
+        out_dir: run folder (default: the config's ``out_dir``).
+        overwrite: replace a run folder that holds a different experiment.
+        only: run just these stages (and nothing after them), e.g. ``[reference, oracle]``.
+
+    Returns:
+        The report dictionary (also written to ``<out_dir>/report.json``).
+    """
+    cfg = load_config(config)
+    if out_dir is not None:
+        cfg["out_dir"] = out_dir
+    stages = validate(cfg)
+    out = Path(cfg["out_dir"])
+    _check_out_dir(out, cfg, overwrite)
+    _log(f"{cfg['name']}: {len(stages)} training stages -> {out}")
+    started = time.perf_counter()
+    for stage in stages:
+        if only is None or stage.name in only:
+            run_stage(stage, cfg, out)
+    if only is not None:
+        return {}
+    run_relearn(cfg, out, stages)
+    from undo_lightning.report import write_report
+
+    report = write_report(out, **(cfg.get("report") or {}))
+    _log(f"all done in {time.perf_counter() - started:.1f} s; report: {out / 'report.md'}")
+    print((out / "report.md").read_text())
+    return report
