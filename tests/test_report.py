@@ -96,7 +96,7 @@ def test_report_json_numbers(run):
     # (0.5 - 0.9) / (0.3 - 0.9)
     assert undo["relative_robustness"] == 0.666667
     assert undo["relative_compute"] == 0.25 and undo["flops"] == 2.5e11
-    assert undo["tokens"] == 250_000 and undo["wall_time_s"] == 7.5 and undo["global_step"] == 100
+    assert undo["tokens"] == 250_000 and "wall_time_s" not in undo and undo["global_step"] == 100
     assert undo["attack"] == {"n_runs": 4, "lrs": [0.0001, 0.001], "seeds": [0, 1]}
 
     assert m["teacher"]["after"][-1] == {"requested_step": 300, "step": 200, "mean": 0.9, "std": 0.0}

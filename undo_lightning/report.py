@@ -506,13 +506,16 @@ def write_report(run_dir: str | Path, *, tradeoff_y: str = "forget", **kw: Any) 
         **kw: forwarded to :func:`build_report` (``steps``, ``metric``, ``mode``, ``retain_metric``, ...).
 
     Returns:
-        The report exactly as written to ``report.json`` (rounded; NaN as None).
+        The report exactly as written to ``report.json`` (rounded; NaN as None; without wall times).
     """
     if tradeoff_y not in ("forget", "relative_robustness"):
         raise ValueError(f"unknown tradeoff_y {tradeoff_y!r}: expected 'forget' or 'relative_robustness'")
     run_dir = Path(run_dir)
     report = build_report(run_dir, **kw)
-    text = report_to_json(report)
+    # Wall time is the one number that differs between two runs of the same config and seed: report.md shows it,
+    # report.json (the reproducible record) leaves it out.
+    text = report_to_json({**report, "models": [{k: v for k, v in m.items() if k != "wall_time_s"}
+                                                 for m in report["models"]]})
     _atomic_write(run_dir / "report.json", lambda f: f.write(text.encode()))
     md = render_markdown(report)
     _atomic_write(run_dir / "report.md", lambda f: f.write(md.encode()))
