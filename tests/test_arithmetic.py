@@ -101,3 +101,10 @@ def test_make_problem_heldout_uses_heldout_templates():
         p = make_problem("add", "word_problem", random.Random(seed), heldout=True)
         assert any(_template_regex(t).match(p.prompt) for t, _ in HELDOUT_TEMPLATES["add"])
         assert not any(_template_regex(t).match(p.prompt) for t, _ in TRAIN_TEMPLATES["add"])
+
+
+def test_eval_forms_selects_the_evaluated_sets():
+    sets = ArithmeticSource(("mul", "div"), eval_forms=["equation"]).eval_sets(0, 5)
+    assert sorted(sets) == ["div_equation", "mul_equation"]
+    with pytest.raises(ValueError, match="eval_forms"):
+        ArithmeticSource(("mul",), eval_forms=["essay"])

@@ -87,6 +87,8 @@ class ArithmeticSource(DocumentSource):
         word_problem_fraction: share of word problems among the documents (the rest are equations).
         add_sub_range: inclusive operand range for addition/subtraction (paper: 1-50).
         mul_div_range: inclusive operand range for multiplication/division (paper: 1-20).
+        eval_forms: which forms get evaluation prompt sets. Word problems use held-out templates, which a CPU-scale
+            model does not generalise to; a CPU demo may evaluate equations only.
     """
 
     operations: Sequence[Operation] = ("add", "sub")
@@ -95,6 +97,7 @@ class ArithmeticSource(DocumentSource):
     word_problem_fraction: float = 0.5
     add_sub_range: tuple[int, int] = (1, 50)
     mul_div_range: tuple[int, int] = (1, 20)
+    eval_forms: Sequence[Literal["equation", "word_problem"]] = FORMS
 
     def __post_init__(self) -> None:
         self.operations = tuple(self.operations)
@@ -108,6 +111,9 @@ class ArithmeticSource(DocumentSource):
         if "div" in self.operations and lo < 1:
             raise ValueError(f"mul_div_range={tuple(self.mul_div_range)} makes division impossible (divisor 0); "
                              "use a range starting at 1 or more")
+        self.eval_forms = tuple(self.eval_forms)
+        if any(f not in FORMS for f in self.eval_forms):
+            raise ValueError(f"eval_forms={list(self.eval_forms)!r}: expected a subset of {FORMS}")
         if not 0.0 <= self.word_problem_fraction <= 1.0:
             raise ValueError(f"word_problem_fraction={self.word_problem_fraction}: expected a value in [0, 1]")
         if self.train_documents < 1 or self.val_documents < 1:
@@ -132,7 +138,7 @@ class ArithmeticSource(DocumentSource):
     def eval_sets(self, seed: int, n_per_set: int) -> dict[str, list[EvalItem]]:
         out: dict[str, list[EvalItem]] = {}
         for op in self.operations:
-            for form in FORMS:
+            for form in self.eval_forms:
                 # One stream per (op, form) so adding a set never changes the others (the reference reuses one seed
                 # for every op, so its add and sub prompts mirror each other; spec §2.3 quirk).
                 rng = random.Random(f"{seed + _SPLIT_OFFSET['eval']}-{op}-{form}")
