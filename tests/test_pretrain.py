@@ -1,6 +1,7 @@
 import json
 import os
 
+import lightning as L
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -65,8 +66,14 @@ def test_resume_continues_with_the_same_batches(tokenizer, tmp_path):
 
     full = module()
     tiny_trainer(tmp_path / "full", max_steps=8, val_check_interval=4).fit(full, datamodule=small_datamodule(tokenizer))
+    class StopAt4(L.Callback):  # the same run (max_steps=8) stopped after step 4, as a kill would
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = trainer.global_step >= 4
+
     part = module()
-    tiny_trainer(tmp_path / "part", max_steps=4).fit(part, datamodule=small_datamodule(tokenizer))
+    tiny_trainer(tmp_path / "part", max_steps=8, val_check_interval=4, callbacks=[StopAt4()]).fit(
+        part, datamodule=small_datamodule(tokenizer))
+    assert part.global_step == 4
     resumed = module()
     tiny_trainer(tmp_path / "part", max_steps=8, val_check_interval=4).fit(
         resumed, datamodule=small_datamodule(tokenizer), ckpt_path=str(tmp_path / "part" / "checkpoints" / "last.ckpt"))

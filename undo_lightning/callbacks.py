@@ -7,6 +7,7 @@ import os
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from undo_lightning.models import export_model
 
@@ -17,6 +18,22 @@ def write_json_atomic(path: str, data: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that writes each file under a temporary name and renames it into place.
+
+    A process killed while saving (the pipeline's resume test uses SIGKILL) leaves the previous ``last.ckpt`` intact
+    instead of a truncated file that the next run would fail to resume from.
+    """
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        tmp = f"{filepath}.partial"
+        super()._save_checkpoint(trainer, tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        trainer.strategy.barrier()
+        self._last_checkpoint_saved = filepath
 
 
 class HFExport(L.Callback):

@@ -12,7 +12,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from undo_lightning.evaluation import ValidationMetrics, answer_correct
 from undo_lightning.losses import token_nll
@@ -163,12 +162,13 @@ class UndoModule(L.LightningModule):
     def configure_callbacks(self):
         root = self.trainer.default_root_dir
         every = self.hparams.checkpoint_every or None
-        callbacks = [ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), filename="step{step}", save_last=True,
-                                     save_top_k=0, every_n_train_steps=every, save_on_train_epoch_end=False,
-                                     auto_insert_metric_name=False, enable_version_counter=False)]
-        if self.hparams.export:
-            from undo_lightning.callbacks import HFExport
+        from undo_lightning.callbacks import AtomicModelCheckpoint, HFExport
 
+        callbacks = [AtomicModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), filename="step{step}",
+                                           save_last=True, save_top_k=0, every_n_train_steps=every,
+                                           save_on_train_epoch_end=False, auto_insert_metric_name=False,
+                                           enable_version_counter=False)]
+        if self.hparams.export:
             callbacks.append(HFExport())
         return callbacks
 

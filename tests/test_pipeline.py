@@ -1,0 +1,104 @@
+"""End to end: the seconds-scale pipeline writes every artifact of DESIGN §2, resumes, and refuses mixed runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from undo_lightning.pipeline import load_config, plan, run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "arithmetic" / "smoke.yaml"
+STAGES = ["reference", "oracle", "unlearn", "distill", "undo_a0.3", "undo_a0.7"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    report = run_pipeline(str(SMOKE), out_dir=str(out))
+    return out, report
+
+
+def test_every_artifact_is_written(smoke_run):
+    out, report = smoke_run
+    assert [s.name for s in plan(load_config(SMOKE))] == STAGES
+    assert yaml.safe_load((out / "config.yaml").read_text())["out_dir"] == str(out)
+    roles = {}
+    for stage in STAGES:
+        root = out / stage
+        assert (root / "DONE").is_file() and (root / "hf" / "model.safetensors").is_file()
+        assert (root / "hf" / "tokenizer.json").is_file() and (root / "checkpoints" / "last.ckpt").is_file()
+        assert list((root / "tb").glob("events.out.tfevents.*"))
+        metrics = json.loads((root / "metrics.json").read_text())
+        roles[stage] = metrics["role"]
+        assert metrics["compute"]["flops"] > 0 and "val/retain_acc" in metrics["val"]
+        runs = sorted(p.name for p in (out / "relearn" / stage).iterdir())
+        assert runs == ["lr=0.001_seed=0", "lr=0.003_seed=0"]
+        curve = json.loads((out / "relearn" / stage / runs[0] / "curve.json").read_text())
+        assert curve["steps"] == [0, 3, 6] and curve["attack"] == "forget"
+    assert roles == {"reference": "reference", "oracle": "oracle", "unlearn": "teacher", "distill": "student",
+                     "undo_a0.3": "student", "undo_a0.7": "student"}
+    assert json.loads((out / "undo_a0.7" / "metrics.json").read_text())["alpha"] == 0.7
+    for name in ("report.md", "report.json", "relearn_curves.png", "robustness_vs_compute.png",
+                 "retain_vs_forget.png"):
+        assert (out / name).stat().st_size > 0
+    assert {m["name"] for m in report["models"]} == set(STAGES)
+
+
+def test_rerun_skips_finished_stages(smoke_run):
+    out, report = smoke_run
+    stamps = {s: (out / s / "DONE").stat().st_mtime_ns for s in STAGES}
+    curve = out / "relearn" / "unlearn" / "lr=0.001_seed=0" / "curve.json"
+    curve_stamp = curve.stat().st_mtime_ns
+    again = run_pipeline(str(SMOKE), out_dir=str(out))
+    assert {s: (out / s / "DONE").stat().st_mtime_ns for s in STAGES} == stamps
+    assert curve.stat().st_mtime_ns == curve_stamp
+    assert again == report
+
+
+def test_refuses_a_folder_holding_another_config(smoke_run, tmp_path):
+    out, _ = smoke_run
+    other = yaml.safe_load(SMOKE.read_text())
+    other["seed"] = 1
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(other))
+    with pytest.raises(ValueError, match="different config"):
+        run_pipeline(str(path), out_dir=str(out))
+
+
+def test_bad_config_fails_before_training(tmp_path):
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["unlearn"]["module"]["method"] = "forget-harder"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="forget-harder"):
+        run_pipeline(str(path), out_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["reporting"] = {}
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="reporting"):
+        run_pipeline(str(path), out_dir=str(tmp_path / "run"))
+
+
+def test_sigkill_during_a_stage_then_resume_gives_the_same_report(smoke_run, tmp_path):
+    """Kill -9 the pipeline once the reference stage has a checkpoint, re-run: same report as uninterrupted."""
+    _, report = smoke_run
+    out = tmp_path / "run"
+    env = {**os.environ, "UNDO_NO_REEXEC": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "undo_lightning.cli", "pipeline", "-c", str(SMOKE), "--out_dir",
+                             str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "reference" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (out / "reference" / "DONE").exists(), "the kill must land inside the stage"
+    assert run_pipeline(str(SMOKE), out_dir=str(out)) == report
