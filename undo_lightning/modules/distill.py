@@ -1,0 +1,344 @@
+"""``DistillModule``: distil a frozen teacher's outputs into a student (the "Distill" of UNDO, spec §6), and the
+``RetainGapStop`` stop rule (spec §6.4).
+
+One module covers three experiments (DESIGN §2, §5), chosen by ``student_init``:
+
+* full distillation — ``student_init: random``: a freshly initialised copy of the teacher's architecture;
+* UNDO — ``student_init: teacher``: a copy of the (unlearned) teacher, shrunk and perturbed once (``alpha``,
+  ``beta``, spec §5) before training;
+* oracle matching — ``student_init: <folder or preset>``: e.g. the reference model distilled from the oracle.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from typing import Literal
+
+import lightning as L
+import torch
+from transformers import AutoModelForCausalLM
+
+from undo_lightning.callbacks import final_evaluation
+from undo_lightning.losses import forward_kl
+from undo_lightning.models import build_model, count_parameters, is_hf_folder
+from undo_lightning.modules.base import UndoModule
+from undo_lightning.noise import shrink_and_perturb
+from undo_lightning.tokenization import load_tokenizer
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class DistillModule(UndoModule):
+    """Forward-KL distillation of a frozen teacher into a student on the retain + forget mixture.
+
+    The paper distils on retain **and** forget inputs (DESIGN §4): the teacher's outputs on forget inputs carry its
+    suppression, so the data module's ``mixture`` should include both splits.
+
+    The base class's ``model`` argument is not an argument here: the student is fully described by ``student_init``
+    (its architecture is the teacher's unless ``student_init`` names another model).
+
+    Hooks implemented (on top of :class:`~undo_lightning.modules.base.UndoModule`): ``configure_model`` (loads the
+    teacher, builds and noises the student once, checks they share the data's vocabulary), ``training_step``,
+    ``train`` (keeps the teacher in eval mode whatever Lightning toggles), ``on_fit_start`` (evaluates the teacher
+    once), ``on_save_checkpoint`` / ``on_load_checkpoint`` (teacher weights are never written; resume re-loads the
+    teacher from its folder), ``configure_callbacks`` (adds :class:`RetainGapStop` when ``stop_threshold`` is set).
+
+    Resume: the student is rebuilt (and noised) in ``configure_model`` exactly as at the first start, then Lightning
+    overwrites it with the checkpoint's student, so a resumed run continues from the trained student and the noise is
+    never applied to it a second time. ``strict_loading`` is off because checkpoints lack the teacher's keys; the
+    student's keys are checked explicitly instead.
+
+    Sharding: the noise is applied in ``configure_model``, on full tensors, before any strategy wraps the module. Under
+    FSDP the teacher shares wrapping policy with the student; use ``use_orig_params=True`` (frozen and trainable
+    parameters in one unit, lightning-conventions B.3).
+
+    Args:
+        teacher: the frozen teacher, a Hugging Face folder written by ``save_pretrained`` (e.g.
+            ``runs/arithmetic/unlearn_maxent/hf``); checked when the model is built (a config may name a folder an
+            earlier stage has not written yet).
+        student_init: ``random`` (fresh init of the teacher's architecture, seeded by ``seed``), ``teacher`` (a copy
+            of the teacher, then shrink-and-perturb: UNDO), or a preset name / HF folder / hub id (e.g. the reference
+            model for oracle matching). Its vocabulary must be the teacher's.
+        alpha: shrink/noise mix in [0, 1] for ``student_init: teacher`` (0 = exact copy of the teacher; 1 with
+            ``beta`` 1 = Xavier re-initialisation); unused for other inits.
+        beta: noise scale in [0, 1] for ``student_init: teacher``; unused for other inits.
+        noise_seed: seed of the noise draw (independent of ``seed``).
+        noise_include: regex of parameter names to noise (``re.search``; e.g. ``layers\\.[01]\\.``); ``None`` = all.
+        kl_chunk_size: positions per float32 chunk of the forward KL (lower it for large vocabularies).
+        stop_threshold: stop at the first validation where the student's retain gap to the teacher is within this
+            threshold (:class:`RetainGapStop`, spec §6.4); ``None`` trains for ``trainer.max_steps``. Validation
+            cadence is the trainer's ``val_check_interval``.
+        stop_metric: gap used by the stop rule: ``acc`` (teacher − student ``val/retain_acc``, absolute: arithmetic),
+            ``ce`` (relative ``val/retain_ce`` gap: language), ``auto`` (``acc`` when the data has answer-scored retain
+            sets, else ``ce``).
+        lr, weight_decay, betas, warmup_steps, schedule, min_lr_ratio, checkpoint_every, export: see
+            :class:`~undo_lightning.modules.base.UndoModule`.
+        seed: seed of a random student initialisation.
+    """
+
+    train_data = "mixture"
+
+    def __init__(
+        self,
+        teacher: str,
+        student_init: str = "random",
+        alpha: float = 0.6,
+        beta: float = 0.1,
+        noise_seed: int = 0,
+        noise_include: str | None = None,
+        kl_chunk_size: int = 1024,
+        stop_threshold: float | None = None,
+        stop_metric: Literal["auto", "acc", "ce"] = "auto",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        schedule: Literal["cosine", "constant"] = "cosine",
+        min_lr_ratio: float = 0.1,
+        seed: int = 0,
+        checkpoint_every: int = 0,
+        export: bool = True,
+    ) -> None:
+        for name, value in (("alpha", alpha), ("beta", beta)):
+            if not 0.0 <= value <= 1.0:  # also rejects NaN
+                raise ValueError(f"{name}={value!r}: expected a value in [0, 1]")
+        if not teacher:
+            raise ValueError("teacher='': expected the Hugging Face folder of the teacher model")
+        if not student_init:
+            raise ValueError("student_init='': expected 'random', 'teacher', a preset name or a model folder")
+        if noise_include is not None:
+            try:
+                re.compile(noise_include)
+            except re.error as err:
+                raise ValueError(f"noise_include={noise_include!r} is not a valid regex ({err})") from None
+        if kl_chunk_size < 1:
+            raise ValueError(f"kl_chunk_size={kl_chunk_size}: expected a positive integer")
+        if stop_threshold is not None and stop_threshold < 0:
+            raise ValueError(f"stop_threshold={stop_threshold}: expected >= 0 or None (no stop rule)")
+        if stop_metric not in ("auto", "acc", "ce"):
+            raise ValueError(f"stop_metric={stop_metric!r}: expected 'auto', 'acc' or 'ce'")
+        # The base's `model` names where the architecture (and a fallback tokenizer) comes from.
+        super().__init__(model=teacher if student_init in ("random", "teacher") else student_init, lr=lr,
+                         weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, schedule=schedule,
+                         min_lr_ratio=min_lr_ratio, seed=seed, checkpoint_every=checkpoint_every, export=export)
+        self.teacher_path = teacher
+        self.teacher = None
+        self.noise_summary: dict | None = None
+        self._teacher_metrics: dict[str, float] | None = None
+        self.strict_loading = False  # checkpoints hold the student only; see on_load_checkpoint
+
+    # ------------------------------------------------------------------------------------------------- models
+    def configure_model(self) -> None:
+        if self.model is not None:  # idempotent: the noise is applied once, at the first build
+            return
+        hp = self.hparams
+        if not is_hf_folder(self.teacher_path):
+            raise ValueError(f"teacher={self.teacher_path!r}: no Hugging Face model folder there (no config.json); "
+                             "expected the hf/ folder an earlier stage exported (e.g. runs/arithmetic/unlearn_maxent/hf)")
+        tokenizer = self.tokenizer
+        self._check_shipped_tokenizer("teacher", self.teacher_path, tokenizer)
+        teacher = build_model(self.teacher_path, tokenizer)
+        if hp.student_init == "random":
+            config = copy.deepcopy(teacher.config)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hp.seed)
+                student = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                           attn_implementation=config._attn_implementation)
+        elif hp.student_init == "teacher":
+            student = copy.deepcopy(teacher)  # before freezing, so the copy stays trainable
+            self.noise_summary = shrink_and_perturb(student, hp.alpha, hp.beta, hp.noise_seed,
+                                                    include=hp.noise_include)
+            if self.noise_summary["elements_updated"] == 0:
+                raise ValueError(f"noise_include={hp.noise_include!r} matches no parameter of the student")
+        else:
+            if is_hf_folder(hp.student_init):
+                self._check_shipped_tokenizer("student_init", hp.student_init, tokenizer)
+            student = self.build(hp.student_init)
+        if student.config.vocab_size != teacher.config.vocab_size:
+            raise ValueError(f"student_init={hp.student_init!r} has vocab_size={student.config.vocab_size} but "
+                             f"teacher={self.teacher_path!r} has vocab_size={teacher.config.vocab_size}; distillation "
+                             "compares full-vocabulary distributions, so both must use the same tokenizer")
+        teacher.eval()
+        teacher.requires_grad_(False)
+        student.train()
+        self.teacher = teacher
+        self.model = student
+
+    def _check_shipped_tokenizer(self, what: str, folder: str, tokenizer) -> None:
+        """Raises if ``folder`` ships a tokenizer whose vocabulary or special tokens differ from the data's."""
+        if not any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
+            return
+        shipped = load_tokenizer(folder)
+        if shipped.get_vocab() != tokenizer.get_vocab() or shipped.all_special_tokens != tokenizer.all_special_tokens:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            data_name = getattr(datamodule, "tokenizer_name", None) or tokenizer.name_or_path or "?"
+            raise ValueError(f"{what}={folder!r} ships a tokenizer ({len(shipped)} tokens) that differs from the "
+                             f"data's tokenizer {data_name!r} ({len(tokenizer)} tokens); teacher, student and data "
+                             "must share one tokenizer")
+
+    def train(self, mode: bool = True):
+        """Sets the student's mode; the teacher stays in eval mode (no dropout, frozen statistics) regardless."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def flops_per_token(self) -> float:
+        """``6 N_student`` (forward + backward) ``+ 2 N_teacher`` (forward only) per training token (DESIGN §6)."""
+        return 6.0 * count_parameters(self.model) + 2.0 * count_parameters(self.teacher)
+
+    # -------------------------------------------------------------------------------------------------- train
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # use_cache=False: HF models build a KV cache by default (config.use_cache), wasted work in a training step.
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        with torch.no_grad():
+            teacher_logits = self.teacher(**inputs).logits
+        student_logits = self.model(**inputs).logits
+        loss = forward_kl(student_logits, teacher_logits, batch["labels"], chunk_size=self.hparams.kl_chunk_size)
+        del teacher_logits  # not needed by backward; freeing it lowers the peak (torchtune KD recipe)
+        self.count_tokens(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    # --------------------------------------------------------------------------------------------- the teacher
+    def teacher_metrics(self) -> dict[str, float]:
+        """The teacher's shared validation metrics (``val/retain_ce``, ``val/retain_acc``, ...), computed once.
+
+        Runs the same validation as the student (``final_evaluation``) with the teacher swapped in, on the data
+        module's validation loaders.
+        """
+        if self._teacher_metrics is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+                raise ValueError("evaluating the teacher needs a datamodule with val_dataloader() (e.g. "
+                                 "RetainForgetDataModule) attached to the trainer")
+            student = self.model
+            self.model = self.teacher
+            try:
+                values = final_evaluation(self, datamodule.val_dataloader())
+            finally:
+                self.model = student
+                self.teacher.eval()  # final_evaluation puts the evaluated model back in train mode
+            self._teacher_metrics = {k: v for k, v in values.items() if k.startswith("val/")}
+        return self._teacher_metrics
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if getattr(self.trainer, "datamodule", None) is None:
+            return
+        metrics = self.teacher_metrics()
+        if self.logger is not None:
+            self.logger.log_metrics({"teacher/" + k.split("/", 1)[1]: v for k, v in metrics.items()},
+                                    step=self.global_step)
+
+    # --------------------------------------------------------------------------------- callbacks / checkpoints
+    def configure_callbacks(self):
+        callbacks = super().configure_callbacks()
+        if self.hparams.stop_threshold is not None:
+            callbacks.append(RetainGapStop(self.hparams.stop_threshold, self.hparams.stop_metric))
+        return callbacks
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]  # the teacher is re-loaded from its folder (configure_model)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.model is not None:  # non-strict loading must still restore every student tensor
+            expected = {"model." + k for k in self.model.state_dict()}
+            missing = sorted(expected - set(checkpoint["state_dict"]))
+            if missing:
+                raise ValueError(f"the checkpoint lacks {len(missing)} student tensors (e.g. {missing[:3]}); it was "
+                                 "not written by this DistillModule configuration")
+
+    def summary(self) -> dict:
+        hp = self.hparams
+        noised = hp.student_init == "teacher"
+        return {**super().summary(), "teacher": self.teacher_path, "teacher_parameters": count_parameters(self.teacher),
+                "student_init": hp.student_init, "alpha": hp.alpha if noised else None,
+                "beta": hp.beta if noised else None, "noise_seed": hp.noise_seed if noised else None,
+                "noise_include": hp.noise_include if noised else None, "noise": self.noise_summary,
+                "stop_threshold": hp.stop_threshold, "stop_metric": hp.stop_metric,
+                "teacher_val": dict(self._teacher_metrics or {})}
+
+
+def retain_gap(student: dict[str, float], teacher: dict[str, float], metric: Literal["acc", "ce"]) -> float:
+    """How far the student's retain performance is behind the teacher's (spec §6.4); <= 0 means caught up.
+
+    Args:
+        student: the student's validation metrics.
+        teacher: the teacher's validation metrics.
+        metric: ``acc``: ``acc_teacher − acc_student`` on ``val/retain_acc`` (absolute); ``ce``:
+            ``(ce_student − ce_teacher) / max(ce_teacher, 1e-6)`` on ``val/retain_ce`` (relative).
+    """
+    if metric == "acc":
+        return teacher["val/retain_acc"] - student["val/retain_acc"]
+    return (student["val/retain_ce"] - teacher["val/retain_ce"]) / max(teacher["val/retain_ce"], 1e-6)
+
+
+class RetainGapStop(L.Callback):
+    """Stops distillation once the student's retain performance is within ``threshold`` of the teacher's (spec §6.4).
+
+    Arithmetic: ``acc_teacher − acc_student <= threshold`` on ``val/retain_acc`` (absolute; the reference's
+    ``mean(acc_s − acc_t) > −0.05`` up to the boundary, which counts as caught up here). Language: relative CE gap
+    ``(ce_s − ce_t) / ce_t < threshold`` on ``val/retain_ce``. The teacher is evaluated once at fit start
+    (``DistillModule.teacher_metrics``); the rule is checked after every validation, so its cadence is the trainer's
+    ``val_check_interval`` and the budget ``trainer.max_steps``. Logs ``val/retain_gap`` (also recorded in
+    ``metrics.json``). The decision is reduced over ranks (any rank stopping stops all); metrics are already
+    all-reduced, so ranks agree.
+
+    Use it through ``DistillModule(stop_threshold=..., stop_metric=...)`` (LightningCLI configs) or add it to
+    ``Trainer(callbacks=[...])`` yourself.
+
+    Args:
+        threshold: gap at which training stops (0.05 in the paper for both settings).
+        metric: ``acc``, ``ce``, or ``auto`` (``acc`` when the teacher has ``val/retain_acc``, else ``ce``).
+    """
+
+    def __init__(self, threshold: float = 0.05, metric: Literal["auto", "acc", "ce"] = "auto") -> None:
+        if metric not in ("auto", "acc", "ce"):
+            raise ValueError(f"metric={metric!r}: expected 'auto', 'acc' or 'ce'")
+        if threshold < 0:
+            raise ValueError(f"threshold={threshold}: expected >= 0")
+        self.threshold, self.metric = threshold, metric
+        self.stopped_at_step: int | None = None
+
+    def _resolve(self, teacher: dict[str, float]) -> Literal["acc", "ce"]:
+        metric = self.metric
+        if metric == "auto":
+            metric = "acc" if "val/retain_acc" in teacher else "ce"
+        key = f"val/retain_{metric}"
+        if key not in teacher:
+            raise ValueError(f"RetainGapStop(metric={self.metric!r}) needs {key!r} but validation gives "
+                             f"{sorted(teacher)}")
+        return metric
+
+    def within(self, gap: float, metric: Literal["acc", "ce"]) -> bool:
+        """The stop condition for a gap (see the class docstring)."""
+        return gap <= self.threshold + 1e-12 if metric == "acc" else gap < self.threshold
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        if not hasattr(pl_module, "teacher_metrics"):
+            raise ValueError(f"RetainGapStop needs a module with a teacher (DistillModule), got "
+                             f"{type(pl_module).__name__}")
+        self._resolve(pl_module.teacher_metrics())
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        # After the module's on_validation_epoch_end, which computed this validation's metrics.
+        if trainer.sanity_checking or pl_module.last_val_step != trainer.global_step:
+            return
+        teacher = pl_module.teacher_metrics()
+        metric = self._resolve(teacher)
+        gap = retain_gap(pl_module.last_val_metrics, teacher, metric)
+        pl_module.last_val_metrics["val/retain_gap"] = gap
+        trainer.callback_metrics["val/retain_gap"] = torch.tensor(gap)
+        for logger in trainer.loggers:
+            logger.log_metrics({"val/retain_gap": gap}, step=trainer.global_step)
+        stop = trainer.strategy.reduce_boolean_decision(self.within(gap, metric), all=False)
+        if stop:
+            self.stopped_at_step = trainer.global_step
+            trainer.should_stop = True
