@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, Gemma2ForCausalLM
 
 from conftest import small_datamodule, tiny_trainer
 from undo_lightning.models import build_model, export_model, preset_config
-from undo_lightning.modules.distill import DistillModule, RetainGapStop
+from undo_lightning.modules.distill import DistillModule, RetainGapStop, retain_gap
 from undo_lightning.noise import shrink_and_perturb
 from undo_lightning.tokenization import build_arithmetic_tokenizer
 
@@ -84,6 +84,7 @@ def test_fit_keeps_teacher_frozen_out_of_checkpoints_and_resumes_exactly(tokeniz
         full, datamodule=small_datamodule(tokenizer))
     assert len(probe.checks) == 8 and all(probe.checks)
     assert_teacher_untouched(full)
+    assert any(k.startswith("teacher.") for k in full.state_dict())  # registered (moves with the module) ...
     assert full.teacher_metrics()["val/retain_ce"] > 0
 
     part = module()  # the same 8-step run (same LR schedule), interrupted after its step-4 checkpoint
@@ -93,7 +94,7 @@ def test_fit_keeps_teacher_frozen_out_of_checkpoints_and_resumes_exactly(tokeniz
     assert len(ckpts) >= 2
     for path in ckpts:
         state = torch.load(path, weights_only=False)["state_dict"]
-        assert not [k for k in state if "teacher" in k]
+        assert not [k for k in state if "teacher" in k]  # ... but never written to a checkpoint
         assert set(state) == {"model." + k for k in full.model.state_dict()}
 
     resumed = module()
@@ -112,6 +113,8 @@ def test_student_init_teacher_applies_the_noise_once_and_exactly(tokenizer, teac
     copy0 = built(tokenizer, teacher=teacher_dir, student_init="teacher", alpha=0.0, beta=0.5)
     assert all(torch.equal(v, teacher[k]) for k, v in params(copy0.model).items())
     assert all(p.requires_grad for p in copy0.model.parameters())
+    copy0.train()  # what Lightning and final_evaluation call: the student trains, the teacher stays in eval mode
+    assert copy0.model.training and not copy0.teacher.training
     assert not {p.data_ptr() for p in copy0.model.parameters()} & {p.data_ptr() for p in copy0.teacher.parameters()}
 
     expected = AutoModelForCausalLM.from_pretrained(teacher_dir)
@@ -193,39 +196,47 @@ def test_stop_rule_fires_at_the_first_validation_within_the_gap(tokenizer, teach
 @pytest.mark.parametrize("metric, teacher, students, fires_at", [
     ("acc", {"val/retain_acc": 0.90}, [0.50, 0.84, 0.85, 0.95], 2),  # 0.05 absolute is within
     ("ce", {"val/retain_ce": 2.0}, [2.5, 2.1, 2.099, 2.0], 2),  # relative 0.05 is not (< 0.05), 0.0495 is
-    ("auto", {"val/retain_acc": 0.90, "val/retain_ce": 2.0}, [0.0, 0.5, 0.9], 2),  # auto = acc when available
 ])
 def test_stop_rule_decisions_on_a_sequence_of_validations(metric, teacher, students, fires_at):
-    callback = RetainGapStop(threshold=0.05, metric=metric)
-    key = "val/retain_acc" if "val/retain_acc" in teacher and metric != "ce" else "val/retain_ce"
-    module = SimpleNamespace(teacher_metrics=lambda: teacher, last_val_metrics={}, last_val_step=0)
-    trainer = SimpleNamespace(sanity_checking=False, global_step=0, should_stop=False, callback_metrics={},
-                              loggers=[], strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all: d))
+    callback = RetainGapStop(threshold=0.05)
+    module = SimpleNamespace(gap_metric=lambda: metric, last_val_metrics={}, last_val_step=0)
+    trainer = SimpleNamespace(sanity_checking=False, global_step=0, should_stop=False,
+                              strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all: d))
     callback.on_fit_start(trainer, module)
     for i, value in enumerate(students):
         trainer.global_step = module.last_val_step = 10 * (i + 1)
-        module.last_val_metrics = {key: value}
+        student = {f"val/retain_{metric}": value}
+        module.last_val_metrics = {**student, "val/retain_gap": retain_gap(student, teacher, metric)}
         callback.on_validation_end(trainer, module)
-        assert "val/retain_gap" in module.last_val_metrics
         assert trainer.should_stop == (i == fires_at), (i, module.last_val_metrics)
         if trainer.should_stop:
             break
     assert callback.stopped_at_step == 10 * (fires_at + 1)
 
 
-def test_stop_rule_needs_the_metric_it_compares():
-    callback = RetainGapStop(metric="acc")
-    module = SimpleNamespace(teacher_metrics=lambda: {"val/retain_ce": 2.0})
-    with pytest.raises(ValueError, match="val/retain_acc"):
-        callback.on_fit_start(None, module)
-    with pytest.raises(ValueError, match="metric='x'"):
-        RetainGapStop(metric="x")
+def test_retain_gap_definitions_and_stop_rule_arguments():
+    teacher = {"val/retain_acc": 0.8, "val/retain_ce": 2.0}
+    assert retain_gap({"val/retain_acc": 0.6}, teacher, "acc") == pytest.approx(0.2)
+    assert retain_gap({"val/retain_acc": 0.9}, teacher, "acc") == pytest.approx(-0.1)  # better than the teacher
+    assert retain_gap({"val/retain_ce": 2.5}, teacher, "ce") == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="RetainGapStop needs"):
+        RetainGapStop().on_fit_start(None, SimpleNamespace())
+    with pytest.raises(ValueError, match="threshold=-1"):
+        RetainGapStop(-1)
+
+
+def test_gap_metric_must_be_measured_by_the_validation(tokenizer, teacher_dir, tmp_path):
+    # no answer-scored prompts: there is no val/retain_acc, so the accuracy gap is a clear error before training
+    module = DistillModule(teacher=teacher_dir, gap_metric="acc", export=False)
+    with pytest.raises(ValueError, match="gap_metric='acc' needs 'val/retain_acc'"):
+        tiny_trainer(tmp_path, max_steps=1).fit(module, datamodule=small_datamodule(tokenizer, prompts=0))
+    assert module.tokens_seen == 0
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(alpha=1.5), r"alpha=1\.5"), (dict(beta=-0.1), r"beta=-0\.1"), (dict(alpha=float("nan")), "alpha=nan"),
     (dict(noise_include="layers.(0"), "noise_include"), (dict(kl_chunk_size=0), "kl_chunk_size=0"),
-    (dict(stop_threshold=-1.0), "stop_threshold"),
+    (dict(stop_threshold=-1.0), "stop_threshold"), (dict(gap_metric="x"), "gap_metric='x'"),
 ])
 def test_bad_arguments_are_rejected_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -43,7 +43,8 @@ class DistillModule(UndoModule):
     teacher, builds and noises the student once, checks they share the data's vocabulary), ``training_step``,
     ``train`` (keeps the teacher in eval mode whatever Lightning toggles), ``on_fit_start`` (evaluates the teacher
     once), ``on_save_checkpoint`` / ``on_load_checkpoint`` (teacher weights are never written; resume re-loads the
-    teacher from its folder), ``configure_callbacks`` (adds :class:`RetainGapStop` when ``stop_threshold`` is set).
+    teacher from its folder), ``on_validation_epoch_end`` (adds ``val/retain_gap``), ``configure_callbacks`` (adds
+    :class:`RetainGapStop` when ``stop_threshold`` is set).
 
     Resume: the student is rebuilt (and noised) in ``configure_model`` exactly as at the first start, then Lightning
     overwrites it with the checkpoint's student, so a resumed run continues from the trained student and the noise is
@@ -67,12 +68,12 @@ class DistillModule(UndoModule):
         noise_seed: seed of the noise draw (independent of ``seed``).
         noise_include: regex of parameter names to noise (``re.search``; e.g. ``layers\\.[01]\\.``); ``None`` = all.
         kl_chunk_size: positions per float32 chunk of the forward KL (lower it for large vocabularies).
-        stop_threshold: stop at the first validation where the student's retain gap to the teacher is within this
-            threshold (:class:`RetainGapStop`, spec §6.4); ``None`` trains for ``trainer.max_steps``. Validation
-            cadence is the trainer's ``val_check_interval``.
-        stop_metric: gap used by the stop rule: ``acc`` (teacher − student ``val/retain_acc``, absolute: arithmetic),
-            ``ce`` (relative ``val/retain_ce`` gap: language), ``auto`` (``acc`` when the data has answer-scored retain
-            sets, else ``ce``).
+        stop_threshold: stop at the first validation where ``val/retain_gap`` is within this threshold
+            (:class:`RetainGapStop`, spec §6.4); ``None`` trains for ``trainer.max_steps``. Validation cadence is the
+            trainer's ``val_check_interval``.
+        gap_metric: what ``val/retain_gap`` (logged at every validation of a fit) measures: ``acc`` = teacher −
+            student ``val/retain_acc`` (absolute; arithmetic), ``ce`` = relative ``val/retain_ce`` gap (language),
+            ``auto`` = ``acc`` when the data has answer-scored retain sets, else ``ce``.
         lr, weight_decay, betas, warmup_steps, schedule, min_lr_ratio, checkpoint_every, export: see
             :class:`~undo_lightning.modules.base.UndoModule`.
         seed: seed of a random student initialisation.
@@ -90,7 +91,7 @@ class DistillModule(UndoModule):
         noise_include: str | None = None,
         kl_chunk_size: int = 1024,
         stop_threshold: float | None = None,
-        stop_metric: Literal["auto", "acc", "ce"] = "auto",
+        gap_metric: Literal["auto", "acc", "ce"] = "auto",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -117,8 +118,8 @@ class DistillModule(UndoModule):
             raise ValueError(f"kl_chunk_size={kl_chunk_size}: expected a positive integer")
         if stop_threshold is not None and stop_threshold < 0:
             raise ValueError(f"stop_threshold={stop_threshold}: expected >= 0 or None (no stop rule)")
-        if stop_metric not in ("auto", "acc", "ce"):
-            raise ValueError(f"stop_metric={stop_metric!r}: expected 'auto', 'acc' or 'ce'")
+        if gap_metric not in ("auto", "acc", "ce"):
+            raise ValueError(f"gap_metric={gap_metric!r}: expected 'auto', 'acc' or 'ce'")
         # The base's `model` names where the architecture (and a fallback tokenizer) comes from.
         super().__init__(model=teacher if student_init in ("random", "teacher") else student_init, lr=lr,
                          weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, schedule=schedule,
@@ -224,20 +225,40 @@ class DistillModule(UndoModule):
             self._teacher_metrics = {k: v for k, v in values.items() if k.startswith("val/")}
         return self._teacher_metrics
 
+    def gap_metric(self) -> Literal["acc", "ce"]:
+        """``gap_metric`` with ``auto`` resolved against the teacher's metrics."""
+        metric = self.hparams.gap_metric
+        if metric == "auto":
+            metric = "acc" if "val/retain_acc" in self.teacher_metrics() else "ce"
+        return metric
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if getattr(self.trainer, "datamodule", None) is None:
             return
         metrics = self.teacher_metrics()
+        key = f"val/retain_{self.gap_metric()}"
+        if key not in metrics:
+            raise ValueError(f"gap_metric={self.hparams.gap_metric!r} needs {key!r}, but validation gives "
+                             f"{sorted(metrics)}")
         if self.logger is not None:
             self.logger.log_metrics({"teacher/" + k.split("/", 1)[1]: v for k, v in metrics.items()},
                                     step=self.global_step)
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        # Only during fit, where the teacher was evaluated at the start; the base sets last_val_step when it logged.
+        if self._teacher_metrics is None or self.trainer.sanity_checking or self.last_val_step != self.global_step:
+            return
+        gap = retain_gap(self.last_val_metrics, self._teacher_metrics, self.gap_metric())
+        self.last_val_metrics["val/retain_gap"] = gap
+        self.log("val/retain_gap", gap, sync_dist=False)  # metrics are already reduced over ranks
 
     # --------------------------------------------------------------------------------- callbacks / checkpoints
     def configure_callbacks(self):
         callbacks = super().configure_callbacks()
         if self.hparams.stop_threshold is not None:
-            callbacks.append(RetainGapStop(self.hparams.stop_threshold, self.hparams.stop_metric))
+            callbacks.append(RetainGapStop(self.hparams.stop_threshold))
         return callbacks
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -262,7 +283,7 @@ class DistillModule(UndoModule):
                 "student_init": hp.student_init, "alpha": hp.alpha if noised else None,
                 "beta": hp.beta if noised else None, "noise_seed": hp.noise_seed if noised else None,
                 "noise_include": hp.noise_include if noised else None, "noise": self.noise_summary,
-                "stop_threshold": hp.stop_threshold, "stop_metric": hp.stop_metric,
+                "stop_threshold": hp.stop_threshold, "gap_metric": hp.gap_metric,
                 "teacher_val": dict(self._teacher_metrics or {})}
 
 
@@ -283,62 +304,41 @@ def retain_gap(student: dict[str, float], teacher: dict[str, float], metric: Lit
 class RetainGapStop(L.Callback):
     """Stops distillation once the student's retain performance is within ``threshold`` of the teacher's (spec §6.4).
 
-    Arithmetic: ``acc_teacher − acc_student <= threshold`` on ``val/retain_acc`` (absolute; the reference's
-    ``mean(acc_s − acc_t) > −0.05`` up to the boundary, which counts as caught up here). Language: relative CE gap
-    ``(ce_s − ce_t) / ce_t < threshold`` on ``val/retain_ce``. The teacher is evaluated once at fit start
-    (``DistillModule.teacher_metrics``); the rule is checked after every validation, so its cadence is the trainer's
-    ``val_check_interval`` and the budget ``trainer.max_steps``. Logs ``val/retain_gap`` (also recorded in
-    ``metrics.json``). The decision is reduced over ranks (any rank stopping stops all); metrics are already
+    Reads ``val/retain_gap``, which :class:`DistillModule` computes at every validation against the teacher's metrics
+    (evaluated once at fit start): with ``gap_metric: acc`` (arithmetic) training stops when
+    ``acc_teacher − acc_student <= threshold`` (the reference's ``mean(acc_s − acc_t) > −0.05``, with the boundary
+    counted as caught up); with ``gap_metric: ce`` (language) when ``(ce_s − ce_t) / ce_t < threshold``. The rule is
+    checked after every validation, so its cadence is the trainer's ``val_check_interval`` and the budget
+    ``trainer.max_steps``. The decision is reduced over ranks (any rank stopping stops all); the metrics are already
     all-reduced, so ranks agree.
 
-    Use it through ``DistillModule(stop_threshold=..., stop_metric=...)`` (LightningCLI configs) or add it to
+    Use it through ``DistillModule(stop_threshold=...)`` (LightningCLI configs, the pipeline) or pass it to
     ``Trainer(callbacks=[...])`` yourself.
 
     Args:
         threshold: gap at which training stops (0.05 in the paper for both settings).
-        metric: ``acc``, ``ce``, or ``auto`` (``acc`` when the teacher has ``val/retain_acc``, else ``ce``).
     """
 
-    def __init__(self, threshold: float = 0.05, metric: Literal["auto", "acc", "ce"] = "auto") -> None:
-        if metric not in ("auto", "acc", "ce"):
-            raise ValueError(f"metric={metric!r}: expected 'auto', 'acc' or 'ce'")
-        if threshold < 0:
+    def __init__(self, threshold: float = 0.05) -> None:
+        if not threshold >= 0:
             raise ValueError(f"threshold={threshold}: expected >= 0")
-        self.threshold, self.metric = threshold, metric
+        self.threshold = threshold
         self.stopped_at_step: int | None = None
-
-    def _resolve(self, teacher: dict[str, float]) -> Literal["acc", "ce"]:
-        metric = self.metric
-        if metric == "auto":
-            metric = "acc" if "val/retain_acc" in teacher else "ce"
-        key = f"val/retain_{metric}"
-        if key not in teacher:
-            raise ValueError(f"RetainGapStop(metric={self.metric!r}) needs {key!r} but validation gives "
-                             f"{sorted(teacher)}")
-        return metric
 
     def within(self, gap: float, metric: Literal["acc", "ce"]) -> bool:
         """The stop condition for a gap (see the class docstring)."""
         return gap <= self.threshold + 1e-12 if metric == "acc" else gap < self.threshold
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
-        if not hasattr(pl_module, "teacher_metrics"):
-            raise ValueError(f"RetainGapStop needs a module with a teacher (DistillModule), got "
-                             f"{type(pl_module).__name__}")
-        self._resolve(pl_module.teacher_metrics())
+        if not hasattr(pl_module, "gap_metric"):
+            raise ValueError(f"RetainGapStop needs a module that measures val/retain_gap against a teacher "
+                             f"(DistillModule), got {type(pl_module).__name__}")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
-        # After the module's on_validation_epoch_end, which computed this validation's metrics.
-        if trainer.sanity_checking or pl_module.last_val_step != trainer.global_step:
+        # Runs after the module's on_validation_epoch_end, which computed this validation's gap.
+        gap = pl_module.last_val_metrics.get("val/retain_gap")
+        if trainer.sanity_checking or gap is None or pl_module.last_val_step != trainer.global_step:
             return
-        teacher = pl_module.teacher_metrics()
-        metric = self._resolve(teacher)
-        gap = retain_gap(pl_module.last_val_metrics, teacher, metric)
-        pl_module.last_val_metrics["val/retain_gap"] = gap
-        trainer.callback_metrics["val/retain_gap"] = torch.tensor(gap)
-        for logger in trainer.loggers:
-            logger.log_metrics({"val/retain_gap": gap}, step=trainer.global_step)
-        stop = trainer.strategy.reduce_boolean_decision(self.within(gap, metric), all=False)
-        if stop:
+        if trainer.strategy.reduce_boolean_decision(self.within(gap, pl_module.gap_metric()), all=False):
             self.stopped_at_step = trainer.global_step
             trainer.should_stop = True
