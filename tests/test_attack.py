@@ -1,0 +1,181 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+import undo_lightning.attack as attack
+from conftest import small_datamodule
+from undo_lightning.attack import format_lr, parse_models, run_folder, run_sweep
+from undo_lightning.data import ArithmeticSource, DocumentSource
+from undo_lightning.models import build_model, export_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer):
+    """Two exported gemma2-micro models (different inits) standing in for trained stages."""
+    root = tmp_path_factory.mktemp("stages")
+    return {name: export_model(build_model("gemma2-micro", tokenizer, seed=seed), tokenizer, str(root / name / "hf"))
+            for name, seed in (("reference", 1), ("teacher", 2))}
+
+
+def _data(tokenizer):
+    return lambda seed: small_datamodule(tokenizer, seed=seed, docs=300, prompts=4)
+
+
+def _curve(out, name, lr, seed=0, attack_="forget"):
+    return json.loads((run_folder(out, name, lr, seed, attack_) / "curve.json").read_text())
+
+
+@pytest.fixture
+def count_runs(monkeypatch):
+    calls = []
+    real = attack.run_attack
+
+    def counted(*args, **kwargs):
+        calls.append(args[:4])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attack, "run_attack", counted)
+    return calls
+
+
+def test_sweep_writes_runs_and_summary_then_resumes(tokenizer, models, tmp_path, count_runs):
+    lrs = [1e-3, 3e-3]
+    kwargs = dict(lrs=lrs, seeds=[0], out_dir=tmp_path, steps=4, eval_every=2, data=_data(tokenizer),
+                  report_steps=[2, 4])
+    summary = run_sweep(models, **kwargs)
+    assert len(count_runs) == 4
+    for name in models:
+        for lr in lrs:
+            folder = tmp_path / "relearn" / name / f"lr={format_lr(lr)}_seed=0"
+            assert any(f.startswith("events.out.tfevents") for f in os.listdir(folder / "tb"))
+            curve = _curve(tmp_path, name, lr)
+            assert curve["steps"] == [0, 2, 4] and curve["model"] == name and curve["lr"] == lr
+    # the worst case over LRs, AUC and steps-to-reach, recomputed here from the curve files
+    on_disk = json.loads((tmp_path / "relearn_summary.json").read_text())
+    assert on_disk["models"].keys() == set(models) and on_disk["lrs"] == lrs
+    for name in models:
+        ce = np.array([_curve(tmp_path, name, lr)["metrics"]["val/forget_ce"] for lr in lrs])
+        best = ce.min(axis=0)  # the attacker wants the lowest forget CE
+        wc = on_disk["models"][name]["worst_case"]["val/forget_ce"]
+        np.testing.assert_allclose(wc["mean"], best)
+        assert wc["std"] == [0.0, 0.0, 0.0]  # one seed
+        assert wc["auc"] == pytest.approx(((best[0] + best[1]) / 2 + (best[1] + best[2]) / 2) / 2)
+        assert wc["at"]["2"]["mean"] == pytest.approx(best[1])
+        acc = np.array([_curve(tmp_path, name, lr)["metrics"]["val/forget_acc"] for lr in lrs]).max(axis=0)
+        np.testing.assert_allclose(on_disk["models"][name]["worst_case"]["val/forget_acc"]["mean"], acc)
+        assert set(on_disk["models"][name]["final_by_lr"]) == {"0.001", "0.003"}
+    ref0 = _curve(tmp_path, "reference", 1e-3)["metrics"]["val/forget_acc"][0]
+    assert on_disk["reference"] == "reference" and on_disk["recovery_threshold"] == pytest.approx(0.9 * ref0)
+    assert summary["models"]["teacher"]["worst_case"].keys() >= {"val/forget_acc", "val/forget_equation_acc",
+                                                                 "val/forget_word_problem_acc", "val/forget_ce"}
+
+    # re-run: finished runs are skipped; a folder without curve.json (interrupted) is redone from scratch
+    kept = run_folder(tmp_path, "reference", 1e-3, 0)
+    redo = run_folder(tmp_path, "teacher", 3e-3, 0)
+    mtime = (kept / "curve.json").stat().st_mtime_ns
+    before = _curve(tmp_path, "teacher", 3e-3)
+    (redo / "curve.json").unlink()
+    (redo / "stale.txt").write_text("half-finished")
+    count_runs.clear()
+    run_sweep(models, **kwargs)
+    assert count_runs == [(models["teacher"], "teacher", 3e-3, 0)]
+    assert (kept / "curve.json").stat().st_mtime_ns == mtime
+    assert not (redo / "stale.txt").exists()
+    # the redone run (first run of a fresh data module) equals the original (fourth run on a reused one)
+    after = _curve(tmp_path, "teacher", 3e-3)
+    assert after["steps"] == before["steps"] and after["metrics"] == before["metrics"]
+    # a later sweep with a smaller grid summarises its own runs only, not every run left in the folder
+    count_runs.clear()
+    small = run_sweep(models, **{**kwargs, "lrs": [1e-3]})
+    assert count_runs == [] and small["lrs"] == [1e-3]
+    np.testing.assert_allclose(small["models"]["teacher"]["worst_case"]["val/forget_ce"]["mean"],
+                               _curve(tmp_path, "teacher", 1e-3)["metrics"]["val/forget_ce"])
+
+
+def test_same_seed_same_curve_other_seed_differs(tokenizer, models, tmp_path):
+    one = {"teacher": models["teacher"]}
+    run_sweep(one, [3e-3], [0, 1], tmp_path / "a", steps=3, eval_every=3, data=_data(tokenizer))
+    run_sweep(one, [3e-3], [0], tmp_path / "b", steps=3, eval_every=3, data=_data(tokenizer))
+    a0, a1, b0 = (_curve(tmp_path / d, "teacher", 3e-3, s) for d, s in (("a", 0), ("a", 1), ("b", 0)))
+    assert a0["metrics"] == b0["metrics"]
+    assert a0["metrics"]["val/forget_ce"][-1] != a1["metrics"]["val/forget_ce"][-1]
+    summary = json.loads((tmp_path / "a" / "relearn_summary.json").read_text())
+    wc = summary["models"]["teacher"]["worst_case"]["val/forget_ce"]
+    finals = [a0["metrics"]["val/forget_ce"][-1], a1["metrics"]["val/forget_ce"][-1]]
+    assert wc["mean"][-1] == pytest.approx(np.mean(finals)) and wc["std"][-1] == pytest.approx(np.std(finals))
+
+
+def test_retain_only_attack_is_kept_apart(tokenizer, models, tmp_path):
+    run_sweep({"teacher": models["teacher"]}, [1e-3], [0], tmp_path, steps=2, eval_every=2, data=_data(tokenizer),
+              attack="retain")
+    folder = tmp_path / "relearn" / "teacher" / "lr=0.001_seed=0_retain"
+    assert json.loads((folder / "curve.json").read_text())["attack"] == "retain"
+    summary = json.loads((tmp_path / "relearn_summary_retain.json").read_text())
+    assert summary["attack"] == "retain" and "2505.22310" in summary["attack_description"]
+    assert not (tmp_path / "relearn_summary.json").exists()
+
+
+class _Empty(DocumentSource):
+    def documents(self, split, seed):
+        return []
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(lrs=[]), r"lrs=\[\]: the LR grid is empty"),
+    (dict(lrs=[1e-3, 0.0]), r"positive finite numbers, got \[0.0\]"),
+    (dict(lrs=[-1e-4]), r"got \[-0.0001\]"),
+    (dict(lrs=[1e-3, 0.001]), "duplicate learning rates"),
+    (dict(models={"gone": "/nonexistent/stage/hf"}), r"model 'gone': '/nonexistent/stage/hf' is not a Hugging Face"),
+    (dict(seeds=[]), r"seeds=\[\]"),
+    (dict(attack="both"), "attack='both'"),
+    (dict(trainer={"max_steps": 9}), r"\['max_steps'\] are set by the relearning sweep"),
+    (dict(data={"forget": _Empty(), "retain": ArithmeticSource(train_documents=20, val_documents=20)}),
+     "the forget source has an empty train split"),
+    (dict(data={"bogus": 1}), "bad relearning data settings"),
+])
+def test_bad_inputs_fail_before_any_run(tokenizer, models, tmp_path, change, match):
+    kwargs = dict(models=models, lrs=[1e-3], seeds=[0], out_dir=tmp_path / "out", steps=2, eval_every=1,
+                  data=_data(tokenizer))
+    with pytest.raises(ValueError, match=match):
+        run_sweep(**{**kwargs, **change})
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_names_and_lr_folders():
+    assert parse_models(["runs/x/oracle/hf", "t=runs/x/unlearn_maxent/hf", "/m/plain"]) == {
+        "oracle": "runs/x/oracle/hf", "t": "runs/x/unlearn_maxent/hf", "plain": "/m/plain"}
+    with pytest.raises(ValueError, match="given twice"):
+        parse_models(["a/oracle/hf", "b/oracle/hf"])
+    with pytest.raises(ValueError, match="models=\\[\\]"):
+        parse_models([])
+    for lr, text in ((3e-4, "0.0003"), (1e-6, "0.000001"), (7e-5, "0.00007"), (4.62e-6, "0.00000462"), (1e-3, "0.001")):
+        assert format_lr(lr) == text and float(text) == lr
+    assert run_folder("o", "m", 3e-4, 2, "retain").as_posix() == "o/relearn/m/lr=0.0003_seed=2_retain"
+
+
+def test_cli_with_a_stage_config(tmp_path, models, monkeypatch, capsys):
+    from undo_lightning.cli import main
+
+    monkeypatch.setenv("UNDO_NO_REEXEC", "1")
+    config = tmp_path / "stage.yaml"
+    config.write_text("""
+data:
+  forget:
+    class_path: undo_lightning.ArithmeticSource
+    init_args: {operations: [mul, div], train_documents: 200, val_documents: 30}
+  retain:
+    class_path: undo_lightning.ArithmeticSource
+    init_args: {operations: [add, sub], train_documents: 200, val_documents: 30}
+  block_size: 32
+""")
+    main(["relearn", f"[t={models['teacher']}]", "--lrs", "[0.002]", "--steps", "2", "--eval_every", "1",
+          "--config", str(config), "--out_dir", str(tmp_path / "out"), "--eval_prompts_per_set", "2",
+          "--batch_size", "4", "--accelerator", "cpu"])
+    curve = _curve(tmp_path / "out", "t", 0.002)
+    assert curve["steps"] == [0, 1, 2]
+    summary = json.loads((tmp_path / "out" / "relearn_summary.json").read_text())
+    assert summary["batch_size"] == 4 and summary["reference"] is None  # no model named 'reference' here
+    out = capsys.readouterr().out
+    assert "worst case over LRs of val/forget_acc" in out and "val/forget_word_problem_acc" in out

@@ -1,0 +1,542 @@
+"""Relearning-attack sweep: every (model, LR, seed) attacked in its own folder, then the worst case over LRs.
+
+DESIGN §2: each model the pipeline produces (reference, oracle, unlearned teacher, UNDO students, baselines) is
+fine-tuned on forget data with a grid of learning rates and seeds (spec §7, §10.4); what counts is the **worst case**,
+the attacker's best LR at each step (:func:`undo_lightning.robustness.worst_case`). Layout under ``out_dir``::
+
+    relearn/<model>/lr=<lr>_seed=<s>/           one attack run (retain-only attack: ``..._seed=<s>_retain``)
+        tb/                                     TensorBoard events
+        curve.json                              written last: marks the run finished (skipped on re-run)
+    relearn_summary.json                        worst-case curves, values at chosen steps, AUC, steps to reach
+                                                (``relearn_summary_retain.json`` for the retain-only attack)
+
+A run folder without ``curve.json`` (interrupted) is deleted and redone; attacked models are not kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from undo_lightning.callbacks import write_json_atomic
+from undo_lightning.data import RetainForgetDataModule
+from undo_lightning.models import is_hf_folder
+from undo_lightning.modules.relearn import ATTACK_DESCRIPTIONS, ATTACKS, RelearnAttackModule, model_label
+from undo_lightning.robustness import (
+    area_under_curve,
+    load_curves,
+    recovery_threshold,
+    resolve_step,
+    steps_to_reach,
+    value_at,
+    worst_case,
+)
+
+log = logging.getLogger(__name__)
+
+#: The paper's LR grid (spec §10.4): 500 steps, evaluation every 5 steps, constant LR after a 1-step warm-up.
+PAPER_LRS = (1e-3, 7e-4, 4e-4, 1e-4, 7e-5, 5e-5, 1e-5, 7e-6, 4e-6, 1e-6)
+#: CPU defaults (cpu-prototype.md): 3e-4 was the attacker's best LR for the unlearned model; 3e-3 collapses retain
+#: accuracy for every model and would add 50 % to the sweep's time.
+CPU_LRS = (3e-4, 1e-3)
+#: Forget metrics aggregated in the summary and the attacker's direction for each (``max``: higher = more relearned).
+SUMMARY_METRICS = {"val/forget_acc": "max", "val/forget_equation_acc": "max", "val/forget_word_problem_acc": "max",
+                   "val/forget_ce": "min"}
+#: Metrics whose final value per LR the summary lists (shows which LRs wreck the model's retain ability).
+PER_LR_METRICS = ("val/forget_acc", "val/retain_acc", "val/forget_ce", "val/retain_ce")
+
+DataSpec = Mapping[str, Any] | Callable[[int], RetainForgetDataModule] | None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# names and folders
+
+
+def format_lr(lr: float) -> str:
+    """Stable, readable folder form of a learning rate: shortest round-trip positional decimal (``3e-4`` ->
+    ``0.0003``, ``1e-6`` -> ``0.000001``)."""
+    return np.format_float_positional(float(lr), trim="-")
+
+
+def run_folder(out_dir: str | Path, model: str, lr: float, seed: int, attack: str = "forget") -> Path:
+    """``<out_dir>/relearn/<model>/lr=<lr>_seed=<s>`` (``..._retain`` for the retain-only attack)."""
+    suffix = "" if attack == "forget" else f"_{attack}"
+    return Path(out_dir) / "relearn" / model / f"lr={format_lr(lr)}_seed={seed}{suffix}"
+
+
+def summary_path(out_dir: str | Path, attack: str = "forget") -> Path:
+    return Path(out_dir) / ("relearn_summary.json" if attack == "forget" else f"relearn_summary_{attack}.json")
+
+
+def parse_models(models: Sequence[str]) -> dict[str, str]:
+    """``["name=path", "runs/x/oracle/hf", ...]`` -> ``{name: path}``; a plain path is named by :func:`model_label`.
+
+    Raises:
+        ValueError: no models, an empty name or path, a name that is not a plain folder name, or a duplicate name.
+    """
+    if not models:
+        raise ValueError("models=[]: give at least one model folder (name=path or a path)")
+    out: dict[str, str] = {}
+    for spec in models:
+        name, path = spec.split("=", 1) if "=" in spec else (model_label(spec), spec)
+        if not name or not path or "/" in name or name in (".", ".."):
+            raise ValueError(f"model {spec!r}: expected name=path or a path, with a plain folder name as name")
+        if name in out:
+            raise ValueError(f"model name {name!r} given twice ({out[name]!r} and {path!r}); name them with name=path")
+        out[name] = path
+    return out
+
+
+def expected_steps(steps: int, eval_every: int) -> list[int]:
+    """Evaluated attack steps: 0, every ``eval_every`` steps, and the last step."""
+    grid = list(range(0, steps + 1, eval_every))
+    return grid if grid[-1] == steps else [*grid, steps]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def data_kwargs(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Checked ``RetainForgetDataModule`` keyword arguments from a config-style dict.
+
+    Sources may be given as ``{class_path: ..., init_args: {...}}`` (YAML form, instantiated here the way LightningCLI
+    does for stage configs) or as source objects; a ``{class_path, init_args}`` wrapper around the whole section is
+    accepted too.
+
+    Raises:
+        ValueError: an unknown key or a value of the wrong type, naming it.
+    """
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    data = dict(data.get("init_args", data))
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(RetainForgetDataModule, "data", instantiate=False)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    try:
+        namespace = parser.parse_object({"data": data})
+    except ArgumentError as err:  # re-raised as the ValueError every bad input gives
+        raise ValueError(f"bad relearning data settings {sorted(data)}: {err}") from None
+    return dict(vars(instantiate(namespace).data))
+
+
+def data_kwargs_from_config(path: str) -> dict[str, Any]:
+    """:func:`data_kwargs` of the ``data:`` section of a stage YAML (e.g. ``configs/arithmetic/pretrain.yaml``).
+
+    Raises:
+        ValueError: the file has no ``data:`` section.
+    """
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config.get("data"), dict):
+        raise ValueError(f"config={path!r} has no 'data:' section to take the relearning data from")
+    return data_kwargs(config["data"])
+
+
+def _datamodule_factory(data: DataSpec, batch_size: int | None) -> Callable[[int], RetainForgetDataModule]:
+    """Seed -> data module; one per seed, reused by every model and LR of that seed."""
+    kwargs = None if callable(data) else data_kwargs(data or {})
+    cache: dict[int, RetainForgetDataModule] = {}
+
+    def make(seed: int) -> RetainForgetDataModule:
+        if seed not in cache:
+            dm = data(seed) if kwargs is None else RetainForgetDataModule(**{**kwargs, "seed": seed})
+            if batch_size is not None:
+                dm.batch_size = batch_size
+            cache[seed] = dm
+        return cache[seed]
+
+    return make
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# one run
+
+
+def _finished(folder: Path, lr: float, seed: int, attack: str, steps: list[int]) -> bool:
+    """Whether ``folder/curve.json`` is a finished run of exactly this configuration."""
+    path = folder / "curve.json"
+    if not path.is_file():
+        return False
+    try:
+        with open(path) as f:
+            curve = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (curve.get("attack") == attack and curve.get("seed") == seed and curve.get("steps") == steps
+            and math.isclose(float(curve.get("lr", math.nan)), lr, rel_tol=1e-12))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Hides Lightning's per-run banners and transformers' loading bars during a sweep of many short runs."""
+    from transformers.utils import logging as hf_logging
+
+    logger = logging.getLogger("lightning.pytorch")
+    level, bars = logger.level, hf_logging.is_progress_bar_enabled()
+    logger.setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+#: Trainer settings of every attack run (spec §7: gradient clip 1.0); ``trainer=`` may override them.
+ATTACK_TRAINER: dict[str, Any] = dict(accelerator="auto", devices=1, precision="32-true", gradient_clip_val=1.0,
+                                      num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False)
+#: Trainer settings the sweep fixes (a ``trainer=`` value for them must agree) and the ones it sets per run.
+_FIXED_TRAINER = {"check_val_every_n_epoch": None, "enable_checkpointing": False}
+_PER_RUN_TRAINER = ("max_steps", "val_check_interval", "default_root_dir", "logger")
+
+
+def run_attack(model: str, name: str, lr: float, seed: int, folder: str | Path, datamodule: RetainForgetDataModule,
+               steps: int, eval_every: int, attack: str = "forget", trainer: Mapping[str, Any] | None = None) -> dict:
+    """One attack run in ``folder`` (TensorBoard events in ``folder/tb``, ``folder/curve.json`` written last).
+
+    Args:
+        model: HF folder of the model under attack.
+        name: its name in ``curve.json``.
+        lr: constant learning rate (1-step warm-up, weight decay 0, spec §7).
+        seed: recorded with the curve; seeds Lightning's RNGs.
+        folder: the run folder (``default_root_dir``).
+        datamodule: serves ``attack`` training batches and the validation sets.
+        steps: optimizer steps.
+        eval_every: validation interval in steps (plus step 0 and the last step).
+        attack: ``forget`` or ``retain`` (retain-only attack, arXiv 2505.22310).
+        trainer: Lightning Trainer arguments over :data:`ATTACK_TRAINER`.
+
+    Returns:
+        The curve dict written to ``curve.json``.
+    """
+    L.seed_everything(seed, verbose=False)
+    module = RelearnAttackModule(model=model, attack=attack, name=name, lr=lr, seed=seed)
+    settings = {**ATTACK_TRAINER, "log_every_n_steps": min(eval_every, 50), **(trainer or {}), **_FIXED_TRAINER}
+    logger = TensorBoardLogger(str(folder), name="tb", version="", default_hp_metric=False)
+    L.Trainer(max_steps=steps, val_check_interval=eval_every, default_root_dir=str(folder), logger=logger,
+              **settings).fit(module, datamodule=datamodule)
+    return module.curve()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the sweep
+
+
+def _check_sweep_args(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[int], steps: int,
+                      eval_every: int, attack: str, batch_size: int | None, trainer: Mapping[str, Any]) -> None:
+    if not models:
+        raise ValueError("models={}: nothing to attack")
+    if not lrs:
+        raise ValueError("lrs=[]: the LR grid is empty; give at least one learning rate (paper grid: "
+                         f"{list(PAPER_LRS)})")
+    bad = [lr for lr in lrs if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0)]
+    if bad:
+        raise ValueError(f"lrs={list(lrs)}: learning rates must be positive finite numbers, got {bad}")
+    if len({format_lr(lr) for lr in lrs}) != len(lrs):
+        raise ValueError(f"lrs={list(lrs)}: duplicate learning rates")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={list(seeds)}: expected a non-empty list of distinct integers")
+    if steps < 1 or eval_every < 1:
+        raise ValueError(f"steps={steps}, eval_every={eval_every}: expected positive integers")
+    if attack not in ATTACKS:
+        raise ValueError(f"attack={attack!r}: expected 'forget' or 'retain' (retain-only attack, arXiv 2505.22310)")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected a positive integer")
+    managed = [k for k in trainer if k in _PER_RUN_TRAINER or (k in _FIXED_TRAINER and trainer[k] != _FIXED_TRAINER[k])]
+    if managed:
+        raise ValueError(f"trainer settings {managed} are set by the relearning sweep (steps, eval_every, run folders, "
+                         f"TensorBoard logger, {_FIXED_TRAINER}); remove them")
+    for name, path in models.items():
+        if not is_hf_folder(path):
+            raise ValueError(f"model {name!r}: {path!r} is not a Hugging Face model folder (no config.json there); "
+                             "has its stage finished?")
+
+
+def _check_vocabularies(models: Mapping[str, str], n_tokens: int) -> None:
+    """Fails before any run when a model's embedding cannot hold the data tokenizer's ids."""
+    for name, path in models.items():
+        with open(os.path.join(path, "config.json")) as f:
+            vocab = json.load(f).get("vocab_size")
+        if vocab is not None and vocab < n_tokens:
+            raise ValueError(f"model {name!r} ({path}) has vocab_size={vocab} but the data tokenizer has {n_tokens} "
+                             "tokens; attack it with the data/tokenizer it was trained on (config=...)")
+
+
+def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[int], out_dir: str | Path,
+              steps: int, eval_every: int, batch_size: int | None = None, data: DataSpec = None,
+              attack: Literal["forget", "retain"] = "forget", precision: str = "32-true",
+              trainer: Mapping[str, Any] | None = None, report_steps: Sequence[int] | None = None,
+              reference: str | None = "reference", recovery_fraction: float = 0.9) -> dict:
+    """Attack every model with every (LR, seed), then write ``relearn_summary.json`` (see :func:`summarize`).
+
+    Finished runs (``curve.json`` of the same LR, seed, attack and evaluated steps) are skipped; a run folder without
+    one is deleted and redone. All arguments are checked, and the data built, before the first run starts.
+
+    Args:
+        models: ``{name: HF folder}``; the name is the folder under ``relearn/`` (use the stage name so
+            ``undo report`` finds it).
+        lrs: learning-rate grid (paper: :data:`PAPER_LRS`; CPU: :data:`CPU_LRS`).
+        seeds: attack seeds; each is the data module's seed (sample order and generated documents/prompts) and is
+            recorded in the curve.
+        out_dir: experiment folder (runs go to ``out_dir/relearn/``).
+        steps: attack steps per run (paper: 500).
+        eval_every: evaluation interval (paper: 5); step 0 and the last step are always evaluated.
+        batch_size: training batch size, overriding the data's (paper arithmetic: 15; CPU: 32).
+        data: ``RetainForgetDataModule`` keyword arguments (``seed`` is replaced by the run seed), or a factory
+            ``seed -> RetainForgetDataModule``; default: the arithmetic setting's defaults.
+        attack: ``forget`` (the paper's attack) or ``retain`` (retain-only attack, arXiv 2505.22310).
+        precision: Lightning precision (``32-true`` on CPU; ``bf16-mixed`` on GPU, spec §11.1.8).
+        trainer: further Lightning Trainer arguments of every run (e.g. ``accelerator``, ``devices``; a
+            ``precision`` here wins over ``precision``); see :data:`ATTACK_TRAINER`.
+        report_steps: steps at which the summary reports the worst-case values (default: ``eval_every``, ``steps/2``,
+            ``steps``).
+        reference: model name whose step-0 forget accuracy defines "recovered" (``steps_to_reach``); ignored if absent.
+        recovery_fraction: fraction of the reference's forget accuracy that counts as recovered.
+
+    Returns:
+        The summary dict (also written to :func:`summary_path`).
+    """
+    trainer = {"precision": precision, **(trainer or {})}
+    _check_sweep_args(models, lrs, seeds, steps, eval_every, attack, batch_size, trainer)
+    make_data = _datamodule_factory(data, batch_size)
+    datamodule = make_data(seeds[0])
+    datamodule.setup()
+    datamodule.train_blocks(attack)  # raises, naming the split, when the attack's training split is empty
+    _check_vocabularies(models, len(datamodule.tokenizer))
+    grid = expected_steps(steps, eval_every)
+    total = len(models) * len(lrs) * len(seeds)
+    log.info("%s: %d models x %d LRs x %d seeds = %d runs of %d steps in %s", ATTACK_DESCRIPTIONS[attack],
+             len(models), len(lrs), len(seeds), total, steps, Path(out_dir) / "relearn")
+    done = 0
+    for name, path in models.items():
+        for seed in seeds:
+            for lr in lrs:
+                done += 1
+                folder = run_folder(out_dir, name, lr, seed, attack)
+                if _finished(folder, lr, seed, attack, grid):
+                    log.info("[%d/%d] %s lr=%s seed=%d: finished earlier, skipped", done, total, name,
+                             format_lr(lr), seed)
+                    continue
+                if folder.exists():  # interrupted or another configuration: start clean
+                    log.info("[%d/%d] %s lr=%s seed=%d: removing unfinished run folder %s", done, total, name,
+                             format_lr(lr), seed, folder)
+                    shutil.rmtree(folder)
+                started = time.perf_counter()
+                with _quiet():
+                    curve = run_attack(path, name, lr, seed, folder, make_data(seed), steps, eval_every, attack,
+                                       trainer)
+                metrics = curve["metrics"]
+                log.info("[%d/%d] %s lr=%s seed=%d: forget_acc %s -> %s, retain_acc %s -> %s (%.1f s)", done, total,
+                         name, format_lr(lr), seed, *_ends(metrics.get("val/forget_acc")),
+                         *_ends(metrics.get("val/retain_acc")), time.perf_counter() - started)
+    summary = summarize(out_dir, list(models), attack=attack, report_steps=report_steps or _default_report_steps(
+        steps, eval_every), reference=reference, recovery_fraction=recovery_fraction,
+        runs=[(float(lr), int(seed)) for lr in lrs for seed in seeds])
+    summary.update({"paths": dict(models), "lrs": [float(lr) for lr in lrs], "seeds": list(seeds),
+                    "attack_steps": steps, "eval_every": eval_every, "precision": trainer["precision"],
+                    "batch_size": make_data(seeds[0]).batch_size})
+    write_json_atomic(str(summary_path(out_dir, attack)), _json_safe(summary))
+    return summary
+
+
+def _ends(values: list | None) -> tuple[str, str]:
+    if not values:
+        return "n/a", "n/a"
+    return tuple("n/a" if v is None else f"{v:.3f}" for v in (values[0], values[-1]))
+
+
+def _default_report_steps(steps: int, eval_every: int) -> list[int]:
+    return sorted({min(eval_every, steps), steps // 2, steps})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# aggregation
+
+
+def _metric_names(out_dir: str | Path, model: str, attack: str, runs: Sequence[tuple[float, int]] | None) -> set[str]:
+    """Metrics present in every curve of ``model``'s runs of ``attack`` (those in ``runs`` if given)."""
+    names: set[str] | None = None
+    for path in sorted((Path(out_dir) / "relearn" / model).glob("*/curve.json")):
+        with open(path) as f:
+            curve = json.load(f)
+        if curve.get("attack", "forget") == attack and (runs is None or (curve["lr"], curve["seed"]) in set(runs)):
+            names = set(curve["metrics"]) if names is None else names & set(curve["metrics"])
+    return names or set()
+
+
+def _load(out_dir, model: str, metric: str, attack: str, runs: Sequence[tuple[float, int]] | None) -> dict:
+    curves = load_curves(out_dir, model, metric, attack)
+    return curves if runs is None else {key: c for key, c in curves.items() if key in set(runs)}
+
+
+def summarize(out_dir: str | Path, models: Sequence[str], attack: str = "forget",
+              report_steps: Sequence[int] = (25, 100, 200), reference: str | None = "reference",
+              recovery_fraction: float = 0.9, runs: Sequence[tuple[float, int]] | None = None) -> dict:
+    """Worst-case relearning summary of finished runs (the aggregation of :mod:`undo_lightning.robustness`).
+
+    Per model and forget metric (:data:`SUMMARY_METRICS`, those present): the worst-case curve over LRs (mean and std
+    over seeds), its value at ``report_steps`` (or the last evaluated step before) and its AUC (mean level). For
+    forget accuracy, also the first step at which the worst case reaches ``recovery_fraction`` of the ``reference``
+    model's step-0 forget accuracy (``None``: never within the attack). Per LR: the final values of
+    :data:`PER_LR_METRICS`, mean over seeds.
+
+    Args:
+        out_dir: the sweep's experiment folder.
+        models: model names under ``relearn/``.
+        attack: which attack's runs to aggregate.
+        report_steps: attack steps to report.
+        reference: model name defining the recovery threshold (skipped when not among ``models``).
+        recovery_fraction: fraction of the reference's step-0 forget accuracy that counts as recovered.
+        runs: the ``(lr, seed)`` runs to aggregate (default: every run found, e.g. also LRs of an earlier sweep).
+
+    Returns:
+        ``{"attack", "attack_description", "report_steps", "reference", "recovery_fraction", "recovery_threshold",
+        "models": {name: {"worst_case": {metric: {...}}, "steps_to_reach": int | None, "final_by_lr": {...}}}}``.
+    """
+    out: dict[str, Any] = {"attack": attack, "attack_description": ATTACK_DESCRIPTIONS[attack],
+                           "report_steps": list(report_steps), "reference": None,
+                           "recovery_fraction": recovery_fraction, "recovery_threshold": None, "models": {}}
+    for name in models:
+        available = _metric_names(out_dir, name, attack, runs)
+        entry: dict[str, Any] = {"worst_case": {}, "steps_to_reach": None, "final_by_lr": {}}
+        for metric, mode in SUMMARY_METRICS.items():
+            if metric not in available:
+                continue
+            wc = worst_case(_load(out_dir, name, metric, attack, runs), mode)
+            entry["worst_case"][metric] = {
+                "mode": mode, "steps": wc.steps.tolist(), "mean": wc.mean.tolist(), "std": wc.std.tolist(),
+                "at": {str(s): {"step": resolve_step(wc.steps, s), "mean": value_at(wc.steps, wc.mean, s),
+                                "std": value_at(wc.steps, wc.std, s)} for s in report_steps},
+                "auc": area_under_curve(wc.steps, wc.mean)}
+        for metric in PER_LR_METRICS:
+            if metric not in available:
+                continue
+            finals: dict[float, list[float]] = {}
+            for (lr, _), curve in _load(out_dir, name, metric, attack, runs).items():
+                finals.setdefault(lr, []).append(float(curve.values[-1]))
+            for lr, values in finals.items():
+                entry["final_by_lr"].setdefault(format_lr(lr), {})[metric] = float(np.mean(values))
+        out["models"][name] = entry
+    ref = out["models"].get(reference, {}).get("worst_case", {}).get("val/forget_acc") if reference else None
+    if ref is not None:
+        threshold = recovery_threshold(value_at(ref["steps"], ref["mean"], 0), recovery_fraction)
+        out["reference"], out["recovery_threshold"] = reference, threshold
+        for entry in out["models"].values():
+            wc = entry["worst_case"].get("val/forget_acc")
+            if wc is not None:
+                entry["steps_to_reach"] = steps_to_reach(wc["steps"], wc["mean"], threshold, "max")
+    return out
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN/inf -> None so the summary is strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def format_summary(summary: dict, metric: str = "val/forget_acc") -> str:
+    """Text table of the worst-case ``metric`` curve per model (rows: models, columns: evaluated steps, then AUC and,
+    for forget accuracy, the steps to reach the recovery threshold)."""
+    curves = {n: e["worst_case"][metric] for n, e in summary["models"].items() if metric in e["worst_case"]}
+    if not curves:
+        return f"no {metric} curves"
+    reach = metric == "val/forget_acc"
+    steps = next(iter(curves.values()))["steps"]
+    width = max(len(n) for n in curves)
+    lines = [f"{summary['attack_description']}", f"worst case over LRs of {metric} (mean over seeds) by attack step:",
+             f"{'model':<{width}} " + " ".join(f"{s:>6d}" for s in steps) + "    AUC" + ("  reached" if reach else "")]
+    for name, c in curves.items():
+        values = dict(zip(c["steps"], c["mean"]))
+        cells = " ".join(_cell(values.get(s)) for s in steps)
+        row = f"{name:<{width}} {cells} {_cell(c['auc'])}"
+        if reach:
+            step = summary["models"][name]["steps_to_reach"]
+            row += f"  {step if step is not None else '-':>7}"
+        lines.append(row)
+    if reach and summary.get("reference"):
+        lines.append(f"reached: first step with worst-case {metric} >= {summary['recovery_threshold']:.3f} "
+                     f"({summary['recovery_fraction']:.0%} of {summary['reference']}'s step-0 value)")
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return f"{'-':>6}" if value is None or not math.isfinite(value) else f"{value:6.3f}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def relearn_command(models: list[str], lrs: list[float] = list(CPU_LRS), seeds: list[int] = [0],  # noqa: B006
+                    steps: int = 200, eval_every: int = 25, out_dir: str = "runs/arithmetic",
+                    attack: Literal["forget", "retain"] = "forget", config: str | None = None,
+                    batch_size: int = 32, eval_prompts_per_set: int | None = 50, precision: str = "32-true",
+                    report_steps: list[int] | None = None, reference: str | None = "reference",
+                    recovery_fraction: float = 0.9, accelerator: str = "auto", devices: int = 1) -> None:
+    """Run the relearning attack (LR x seed sweep) on model folders and write relearn_summary.json.
+
+    Example (CPU arithmetic setting)::
+
+        undo relearn '[runs/arithmetic/reference/hf, runs/arithmetic/unlearn_maxent/hf]' --config \\
+            configs/arithmetic/pretrain.yaml
+
+    Paper setting (spec §10.4): ``--lrs '[1e-3,7e-4,4e-4,1e-4,7e-5,5e-5,1e-5,7e-6,4e-6,1e-6]' --steps 500
+    --eval_every 5 --batch_size 15 --precision bf16-mixed``.
+
+    Args:
+        models: model folders as a YAML list, e.g. ``'[runs/x/oracle/hf, teacher=runs/x/unlearn_maxent/hf]'``: each
+            ``name=path`` or a plain path (a path ending in ``/hf`` is named after its parent folder, i.e. its stage).
+        lrs: learning-rate grid; each LR is a separate run (CPU default 3e-4, 1e-3).
+        seeds: attack seeds (the data module's seed of each run).
+        steps: attack steps per run.
+        eval_every: evaluate forget/retain metrics every this many steps (and at step 0 and the end).
+        out_dir: experiment folder; runs go to ``<out_dir>/relearn/<model>/lr=<lr>_seed=<s>/``.
+        attack: ``forget`` fine-tunes on forget data (the paper's attack); ``retain`` fine-tunes on retain data only
+            (retain-only attack of "From Dormant to Deleted", arXiv 2505.22310) and still measures forget metrics.
+        config: a stage YAML whose ``data:`` section describes the data (default: the arithmetic setting).
+        batch_size: attack batch size (overrides the config's).
+        eval_prompts_per_set: evaluation prompts per answer-scored set (overrides the config's; ``null`` keeps it).
+            Evaluation dominates a CPU sweep's cost.
+        precision: Lightning precision of each run.
+        report_steps: attack steps reported in the summary (default: first evaluation, middle, end).
+        reference: model name defining "recovered" (``recovery_fraction`` of its step-0 forget accuracy).
+        recovery_fraction: see ``reference``.
+        accelerator: Lightning accelerator.
+        devices: devices per run.
+    """
+    if not logging.getLogger().handlers and not log.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.setLevel(logging.INFO)
+    data: dict[str, Any] = data_kwargs_from_config(config) if config else {}
+    if eval_prompts_per_set is not None:
+        data["eval_prompts_per_set"] = eval_prompts_per_set
+    summary = run_sweep(parse_models(models), lrs, seeds, out_dir, steps, eval_every, batch_size=batch_size,
+                        data=data, attack=attack, precision=precision,
+                        trainer={"accelerator": accelerator, "devices": devices}, report_steps=report_steps,
+                        reference=reference, recovery_fraction=recovery_fraction)
+    print(format_summary(summary))
+    if "val/forget_word_problem_acc" in next(iter(summary["models"].values()))["worst_case"]:
+        for form in ("equation", "word_problem"):
+            print()
+            print(format_summary(summary, f"val/forget_{form}_acc"))
+    print(f"\nwrote {summary_path(out_dir, attack)}")
