@@ -130,6 +130,7 @@ class _Empty(DocumentSource):
     (dict(models={"gone": "/nonexistent/stage/hf"}), r"model 'gone': '/nonexistent/stage/hf' is not a Hugging Face"),
     (dict(seeds=[]), r"seeds=\[\]"),
     (dict(attack="both"), "attack='both'"),
+    (dict(report_steps=[-1]), r"report_steps=\[-1\]"),
     (dict(trainer={"max_steps": 9}), r"\['max_steps'\] are set by the relearning sweep"),
     (dict(data={"forget": _Empty(), "retain": ArithmeticSource(train_documents=20, val_documents=20)}),
      "the forget source has an empty train split"),

@@ -238,7 +238,8 @@ def run_attack(model: str, name: str, lr: float, seed: int, folder: str | Path, 
 
 
 def _check_sweep_args(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[int], steps: int,
-                      eval_every: int, attack: str, batch_size: int | None, trainer: Mapping[str, Any]) -> None:
+                      eval_every: int, attack: str, batch_size: int | None, trainer: Mapping[str, Any],
+                      report_steps: Sequence[int] | None, recovery_fraction: float) -> None:
     if not models:
         raise ValueError("models={}: nothing to attack")
     if not lrs:
@@ -257,6 +258,10 @@ def _check_sweep_args(models: Mapping[str, str], lrs: Sequence[float], seeds: Se
         raise ValueError(f"attack={attack!r}: expected 'forget' or 'retain' (retain-only attack, arXiv 2505.22310)")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive integer")
+    if report_steps is not None and (not report_steps or min(report_steps) < 0):
+        raise ValueError(f"report_steps={report_steps}: expected a non-empty list of attack steps >= 0")
+    if not 0 < recovery_fraction <= 1:
+        raise ValueError(f"recovery_fraction={recovery_fraction}: expected a fraction in (0, 1]")
     managed = [k for k in trainer if k in _PER_RUN_TRAINER or (k in _FIXED_TRAINER and trainer[k] != _FIXED_TRAINER[k])]
     if managed:
         raise ValueError(f"trainer settings {managed} are set by the relearning sweep (steps, eval_every, run folders, "
@@ -312,7 +317,8 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
         The summary dict (also written to :func:`summary_path`).
     """
     trainer = {"precision": precision, **(trainer or {})}
-    _check_sweep_args(models, lrs, seeds, steps, eval_every, attack, batch_size, trainer)
+    _check_sweep_args(models, lrs, seeds, steps, eval_every, attack, batch_size, trainer, report_steps,
+                      recovery_fraction)
     make_data = _datamodule_factory(data, batch_size)
     datamodule = make_data(seeds[0])
     datamodule.setup()
