@@ -102,7 +102,8 @@ class UndoModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # idempotent: Lightning may call it once per trainer entry point
             return
-        self.model = self.build(self.model_name)
+        # from_pretrained returns eval mode; a stage trains its model (Lightning keeps submodule modes as found)
+        self.model = self.build(self.model_name).train()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
