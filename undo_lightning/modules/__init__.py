@@ -1,6 +1,9 @@
 """One LightningModule per stage on a shared base (DESIGN §5)."""
 
 from undo_lightning.modules.base import UndoModule
+from undo_lightning.modules.distill import DistillModule
 from undo_lightning.modules.pretrain import PretrainModule
+from undo_lightning.modules.relearn import RelearnAttackModule
+from undo_lightning.modules.unlearn import UnlearnModule
 
-__all__ = ["PretrainModule", "UndoModule"]
+__all__ = ["DistillModule", "PretrainModule", "RelearnAttackModule", "UndoModule", "UnlearnModule"]
