@@ -48,3 +48,15 @@ def test_print_config_round_trips(tmp_path):
                            os.path.join(ROOT, "configs", "arithmetic", "pretrain_oracle.yaml"), "--print_config"],
                           capture_output=True, text=True, check=True)
     assert "undo_lightning.PretrainModule" in proc.stdout and "retain: 1.0" in proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINE_CONFIGS))
+def test_pipeline_configs_validate(name):
+    """Experiment files: every stage's module and data module are built from them (models load lazily)."""
+    from undo_lightning.pipeline import load_config, validate
+
+    for path in [c for c in CONFIGS if os.path.basename(c) == name]:
+        stages = validate(load_config(path))
+        assert [s.name for s in stages][:3] == ["reference", "oracle", "unlearn"]
+        with open(path) as f:
+            assert f.readline().startswith("#")
