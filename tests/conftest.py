@@ -43,3 +43,15 @@ def tiny_trainer(root, max_steps: int = 4, **kwargs):
                     num_sanity_val_steps=0, accelerator="cpu", devices=1)
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The seconds-scale pipeline (configs/arithmetic/smoke.yaml), run once per session: ``(out_dir, report)``."""
+    from pathlib import Path
+
+    from undo_lightning.pipeline import run_pipeline
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "arithmetic" / "smoke.yaml"
+    out = tmp_path_factory.mktemp("smoke") / "arithmetic-smoke"
+    return out, run_pipeline(str(config), out_dir=str(out))

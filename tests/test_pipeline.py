@@ -18,13 +18,6 @@ SMOKE = ROOT / "configs" / "arithmetic" / "smoke.yaml"
 STAGES = ["reference", "oracle", "unlearn", "distill", "undo_a0.3", "undo_a0.7"]
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline") / "run"
-    report = run_pipeline(str(SMOKE), out_dir=str(out))
-    return out, report
-
-
 def test_every_artifact_is_written(smoke_run):
     out, report = smoke_run
     assert [s.name for s in plan(load_config(SMOKE))] == STAGES
