@@ -200,7 +200,7 @@ def test_stop_rule_fires_at_the_first_validation_within_the_gap(tokenizer, teach
 def test_stop_rule_decisions_on_a_sequence_of_validations(metric, teacher, students, fires_at):
     callback = RetainGapStop(threshold=0.05)
     module = SimpleNamespace(gap_metric=lambda: metric, last_val_metrics={}, last_val_step=0)
-    trainer = SimpleNamespace(sanity_checking=False, global_step=0, should_stop=False,
+    trainer = SimpleNamespace(sanity_checking=False, global_step=0, should_stop=False, datamodule=object(),
                               strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all: d))
     callback.on_fit_start(trainer, module)
     for i, value in enumerate(students):
@@ -219,8 +219,10 @@ def test_retain_gap_definitions_and_stop_rule_arguments():
     assert retain_gap({"val/retain_acc": 0.6}, teacher, "acc") == pytest.approx(0.2)
     assert retain_gap({"val/retain_acc": 0.9}, teacher, "acc") == pytest.approx(-0.1)  # better than the teacher
     assert retain_gap({"val/retain_ce": 2.5}, teacher, "ce") == pytest.approx(0.25)
-    with pytest.raises(ValueError, match="RetainGapStop needs"):
+    with pytest.raises(ValueError, match="RetainGapStop needs a module"):
         RetainGapStop().on_fit_start(None, SimpleNamespace())
+    with pytest.raises(ValueError, match="datamodule"):
+        RetainGapStop().on_fit_start(SimpleNamespace(datamodule=None), SimpleNamespace(gap_metric=None))
     with pytest.raises(ValueError, match="threshold=-1"):
         RetainGapStop(-1)
 

@@ -333,6 +333,9 @@ class RetainGapStop(L.Callback):
         if not hasattr(pl_module, "gap_metric"):
             raise ValueError(f"RetainGapStop needs a module that measures val/retain_gap against a teacher "
                              f"(DistillModule), got {type(pl_module).__name__}")
+        if getattr(trainer, "datamodule", None) is None:
+            raise ValueError("RetainGapStop needs trainer.fit(..., datamodule=...): the teacher is evaluated on the "
+                             "data module's validation loaders")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         # Runs after the module's on_validation_epoch_end, which computed this validation's gap.
