@@ -19,9 +19,10 @@ TRAINER_COMMANDS = ("fit", "validate", "test")
 
 def _tool_commands() -> dict:
     """Non-Trainer subcommands: name -> function whose signature and docstring are the CLI."""
+    from undo_lightning.eval_command import eval_command
     from undo_lightning.report import main as report
 
-    commands = {"report": report}
+    commands = {"report": report, "eval": eval_command}
     try:
         from undo_lightning.pipeline import run_pipeline
 

@@ -7,8 +7,17 @@ A stage states what it trains on through its ``train_data`` attribute and the da
 * ``"forget"`` / ``"retain"`` — one split only (relearning attack).
 
 Every training batch carries ``batch["split"]`` naming where it came from, so a stage can verify its data by
-construction. Validation loaders give token CE on held-out retain/forget blocks and, for sources with known answers,
-left-padded evaluation prompts scored by greedy exact match.
+construction. Validation loaders give token CE on held-out retain/forget blocks, for sources with known answers
+left-padded evaluation prompts scored by greedy exact match, and for the optional multiple-choice sets (WMDP, MMLU)
+lm-eval-format questions scored by log-likelihood (``val/<name>_mcq_acc``).
+
+Tokenizer ``"bpe"``: a byte-level BPE (:func:`undo_lightning.bpe.train_bpe_tokenizer`) trained offline, at first use,
+on the retain and forget TRAIN documents of the split made with seed 0. Training is deterministic and independent of the
+data module's ``seed``, so every stage of an experiment, and every seed of a relearning sweep, rebuilds the identical
+tokenizer from the same data settings; each exported ``hf/`` folder ships it. A stage that continues from a model folder
+therefore gets the tokenizer that model was trained with; if a later stage changes the corpora or caps, the rebuilt
+vocabulary would differ and loading the model fails with a "ships a tokenizer whose vocabulary differs" error: set
+``tokenizer`` to that model's ``hf/`` folder instead (the safe choice for any stage that starts from a trained model).
 """
 
 from __future__ import annotations
@@ -19,37 +28,46 @@ from functools import partial
 from typing import Callable
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from undo_lightning.bpe import MIN_VOCAB_SIZE, train_bpe_tokenizer
 from undo_lightning.data.arithmetic import ArithmeticSource
 from undo_lightning.data.sources import DocumentSource, EvalItem
+from undo_lightning.evaluation import MCQPrompt, MCQSpec, check_set_name
 from undo_lightning.tokenization import load_tokenizer
 
 SPLITS = ("retain", "forget")
 TRAIN_DATA_KINDS = ("mixture", "paired", "forget", "retain")
+#: seed of the train split the ``"bpe"`` tokenizer is trained on (fixed, so every data seed gets the same tokenizer)
+BPE_SPLIT_SEED = 0
+_TOKENIZE_CHUNK = 4096  # documents per tokenizer call: bounds the peak of Python int lists
 
 
-def pack_documents(docs: list[list[int]], block_size: int, separator_id: int) -> torch.Tensor:
+def pack_documents(docs, block_size: int, separator_id: int) -> torch.Tensor:
     """Concatenates documents, each preceded by ``separator_id``, and cuts the stream into full blocks.
 
     Long documents continue into the next block rather than being truncated away (the reference drops remainders,
     spec §2.4); the incomplete tail block is dropped.
 
     Args:
-        docs: token ids per document (without special tokens).
+        docs: token ids per document (lists or 1-D integer arrays, without special tokens).
         block_size: tokens per block ``T``.
         separator_id: token placed before every document (``<bos>`` by default, as the reference does).
 
     Returns:
         ``[num_blocks, block_size]`` int64 tensor.
     """
-    stream: list[int] = []
+    total = sum(len(doc) + 1 for doc in docs)
+    stream = np.empty(total, dtype=np.int64)  # filled in place: no Python-int list of the whole corpus
+    pos = 0
     for doc in docs:
-        stream.append(separator_id)
-        stream.extend(doc)
-    n = len(stream) // block_size
-    return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
+        stream[pos] = separator_id
+        stream[pos + 1:pos + 1 + len(doc)] = doc
+        pos += len(doc) + 1
+    n = total // block_size
+    return torch.from_numpy(stream[: n * block_size].reshape(n, block_size))
 
 
 class _Blocks(Dataset):
@@ -110,7 +128,9 @@ class RetainForgetDataModule(L.LightningDataModule):
     Args:
         retain: source of retain documents (default: arithmetic addition/subtraction).
         forget: source of forget documents (default: arithmetic multiplication/division).
-        tokenizer: ``"arithmetic"`` (offline), a local tokenizer folder or a hub id.
+        tokenizer: ``"arithmetic"`` (offline), ``"bpe"`` (a byte-level BPE trained offline on the retain + forget
+            training documents; see the module docstring), a local tokenizer folder (e.g. a stage's ``hf/``) or a hub
+            id (``google/gemma-2-2b``).
         block_size: tokens per packed training block.
         batch_size: blocks per training batch (per device); paired batches hold this many of each split.
         eval_batch_size: sequences per validation batch.
@@ -119,6 +139,11 @@ class RetainForgetDataModule(L.LightningDataModule):
         eval_prompts_per_set: evaluation prompts per answer-scored set (e.g. ``mul_word_problem``).
         seed: seed of document generation, mixing and sample order.
         num_workers: DataLoader worker processes.
+        bpe_vocab_size: vocabulary size of the ``"bpe"`` tokenizer (at least 260: 4 special + 256 byte tokens).
+        mcq: multiple-choice validation sets, ``{name: MCQSpec}`` (e.g. ``wmdp_cyber`` on the forget side, ``mmlu``
+            on the retain side); each logs ``val/<name>_mcq_acc`` at every validation. Use ``limit`` to keep them
+            cheap.
+        mcq_batch_size: questions per multiple-choice validation batch (one forward row each).
     """
 
     def __init__(
@@ -133,6 +158,9 @@ class RetainForgetDataModule(L.LightningDataModule):
         eval_prompts_per_set: int = 100,
         seed: int = 0,
         num_workers: int = 0,
+        bpe_vocab_size: int = 8192,
+        mcq: dict[str, MCQSpec] | None = None,
+        mcq_batch_size: int = 8,
     ) -> None:
         super().__init__()
         self.retain = retain if retain is not None else ArithmeticSource(operations=("add", "sub"))
@@ -140,29 +168,46 @@ class RetainForgetDataModule(L.LightningDataModule):
         self.mixture = dict(mixture) if mixture is not None else {"retain": 0.5, "forget": 0.5}
         _check_mixture(self.mixture)
         for name, value in (("block_size", block_size), ("batch_size", batch_size),
-                            ("eval_batch_size", eval_batch_size)):
+                            ("eval_batch_size", eval_batch_size), ("mcq_batch_size", mcq_batch_size)):
             if value < 1:
                 raise ValueError(f"{name}={value}: expected a positive integer")
         if block_size < 2:
             raise ValueError(f"block_size={block_size}: expected at least 2 tokens (input + next-token target)")
         if eval_prompts_per_set < 0:
             raise ValueError(f"eval_prompts_per_set={eval_prompts_per_set}: expected >= 0")
+        if tokenizer == "bpe" and (isinstance(bpe_vocab_size, bool) or not isinstance(bpe_vocab_size, int)
+                                   or bpe_vocab_size < MIN_VOCAB_SIZE):
+            raise ValueError(f"bpe_vocab_size={bpe_vocab_size!r}: expected an integer >= {MIN_VOCAB_SIZE}")
+        self.mcq = dict(mcq or {})
+        for name, spec in self.mcq.items():
+            check_set_name(name)
+            if not isinstance(spec, MCQSpec):
+                raise ValueError(f"mcq[{name!r}]={spec!r}: expected an MCQSpec (path, name, split, side, k_shot, "
+                                 "fewshot, limit, subject)")
+        self.bpe_vocab_size, self.mcq_batch_size = bpe_vocab_size, mcq_batch_size
         self.tokenizer_name = tokenizer
         self.block_size, self.batch_size, self.eval_batch_size = block_size, batch_size, eval_batch_size
         self.eval_prompts_per_set, self.seed, self.num_workers = eval_prompts_per_set, seed, num_workers
         self._tokenizer = None
-        self._docs: dict[tuple[str, str], list[list[int]]] = {}
+        self._docs: dict[tuple[str, str], list[np.ndarray]] = {}
         self._blocks: dict[str, torch.Tensor] = {}
         self.eval_sets: dict[str, list[EvalItem]] = {}
         self.eval_set_split: dict[str, str] = {}
+        self.mcq_sets: dict[str, list[MCQPrompt]] = {}
+        self.mcq_set_split: dict[str, str] = {name: spec.side for name, spec in self.mcq.items()}
 
     # ----------------------------------------------------------------------------------------------- set-up
     @property
     def tokenizer(self):
         """The tokenizer every stage shares (loaded on first use)."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
+            self._tokenizer = self._train_bpe() if self.tokenizer_name == "bpe" else load_tokenizer(self.tokenizer_name)
         return self._tokenizer
+
+    def _train_bpe(self):
+        """The ``"bpe"`` tokenizer: trained on the retain + forget training documents of the seed-0 split."""
+        texts = self.retain.documents("train", BPE_SPLIT_SEED) + self.forget.documents("train", BPE_SPLIT_SEED)
+        return train_bpe_tokenizer(texts, vocab_size=self.bpe_vocab_size)
 
     @property
     def separator_id(self) -> int:
@@ -176,20 +221,32 @@ class RetainForgetDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._docs:
             return
-        tok = self.tokenizer
         for split, source in (("retain", self.retain), ("forget", self.forget)):
             for part in ("train", "val"):
                 texts = source.documents(part, self.seed)
                 if not texts:
                     raise ValueError(f"the {split} source has an empty {part} split ({source!r}); give it documents")
-                self._docs[(split, part)] = tok(texts, add_special_tokens=False)["input_ids"]
+                self._docs[(split, part)] = self._tokenize(texts)
             for name, items in source.eval_sets(self.seed, self.eval_prompts_per_set).items():
                 if items:
                     self.eval_sets[name], self.eval_set_split[name] = items, split
         for split in SPLITS:
             self._blocks[f"{split}/val"] = self._pack(self._docs[(split, "val")], f"{split} val")
+        for name, spec in self.mcq.items():
+            try:
+                self.mcq_sets[name] = spec.prompts()
+            except ValueError as err:
+                raise ValueError(f"mcq[{name!r}]: {err}") from None
 
-    def _pack(self, docs: list[list[int]], what: str) -> torch.Tensor:
+    def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids per document as int32 arrays (4 bytes per token instead of ~36 in a list of Python ints)."""
+        tok, out = self.tokenizer, []
+        for start in range(0, len(texts), _TOKENIZE_CHUNK):
+            ids = tok(texts[start:start + _TOKENIZE_CHUNK], add_special_tokens=False)["input_ids"]
+            out.extend(np.asarray(doc, dtype=np.int32) for doc in ids)
+        return out
+
+    def _pack(self, docs: list[np.ndarray], what: str) -> torch.Tensor:
         blocks = pack_documents(docs, self.block_size, self.separator_id)
         if blocks.shape[0] == 0:
             n_tokens = sum(len(d) + 1 for d in docs)
@@ -207,7 +264,7 @@ class RetainForgetDataModule(L.LightningDataModule):
                 self._blocks[kind] = self._pack(self._docs[(kind, "train")], f"{kind} train")
         return self._blocks[kind]
 
-    def _mixture_docs(self) -> list[list[int]]:
+    def _mixture_docs(self) -> list[np.ndarray]:
         """Draws documents from the splits with ``mixture`` probabilities, each split's pool shuffled and cycled."""
         rng = random.Random(self.seed)
         pools = {s: self._docs[(s, "train")] for s, p in self.mixture.items() if p > 0}
@@ -266,6 +323,10 @@ class RetainForgetDataModule(L.LightningDataModule):
         if items:
             loaders.append(DataLoader(items, batch_size=self.eval_batch_size, shuffle=False,
                                       num_workers=self.num_workers, collate_fn=self._collate_prompts))
+        questions = [(name, prompt) for name, prompts in self.mcq_sets.items() for prompt in prompts]
+        if questions:
+            loaders.append(DataLoader(questions, batch_size=self.mcq_batch_size, shuffle=False,
+                                      num_workers=self.num_workers, collate_fn=_collate_mcq))
         return loaders
 
     def _collate_prompts(self, rows: list[tuple[str, EvalItem]]) -> dict:
@@ -290,6 +351,12 @@ class RetainForgetDataModule(L.LightningDataModule):
 
 
 _SPLIT_SEED = {"mixture": 0, "retain": 101, "forget": 202}
+
+
+def _collate_mcq(rows: list[tuple[str, MCQPrompt]]) -> dict:
+    """Multiple-choice questions as strings; the module scores them with ``evaluation.mcq_correct``."""
+    return {"contexts": [p.context for _, p in rows], "n_choices": [p.n_choices for _, p in rows],
+            "answers": [p.answer for _, p in rows], "sets": [name for name, _ in rows], "kind": "mcq"}
 
 
 def _check_mixture(mixture: dict[str, float]) -> None:

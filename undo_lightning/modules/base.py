@@ -13,8 +13,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from undo_lightning.evaluation import ValidationMetrics, answer_correct
-from undo_lightning.losses import token_nll
+from undo_lightning.evaluation import ValidationMetrics, answer_correct, lm_nll, mcq_correct
 from undo_lightning.models import build_model, count_parameters, is_hf_folder
 from undo_lightning.tokenization import load_tokenizer
 
@@ -137,7 +136,8 @@ class UndoModule(L.LightningModule):
     def _metrics(self) -> ValidationMetrics:
         if self.metrics is None:
             datamodule = getattr(self.trainer, "datamodule", None)
-            self.metrics = ValidationMetrics(getattr(datamodule, "eval_set_split", {}))
+            self.metrics = ValidationMetrics(getattr(datamodule, "eval_set_split", {}),
+                                             getattr(datamodule, "mcq_set_split", {}))
         return self.metrics
 
     def on_validation_epoch_start(self) -> None:
@@ -146,8 +146,10 @@ class UndoModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         metrics = self._metrics()
         if batch["kind"] == "lm":
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            metrics.update_lm(batch["split"], *token_nll(logits, batch["labels"]))
+            metrics.update_lm(batch["split"], *lm_nll(self.model, batch["input_ids"], batch["attention_mask"],
+                                                      batch["labels"]))
+        elif batch["kind"] == "mcq":
+            metrics.update_mcq(batch["sets"], mcq_correct(self.model, self.tokenizer, batch))
         else:
             metrics.update_answers(batch["sets"], answer_correct(self.model, self.tokenizer, batch))
 

@@ -15,12 +15,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from undo_lightning.losses import (causal_lm_loss, graddiff_loss, maxent_loss, repnoise_loss, rmu_control_vector,
+from undo_lightning.losses import (causal_lm_loss, forward_kl, maxent_loss, repnoise_loss, rmu_control_vector,
                                    rmu_forget_loss, rmu_retain_loss)
 from undo_lightning.models import count_parameters
 from undo_lightning.modules.base import UndoModule
 
 METHODS = ("graddiff", "maxent", "rmu")
+RETAIN_LOSSES = ("ce", "kl")
 
 
 class _Recorder:
@@ -92,6 +93,13 @@ class UnlearnModule(UndoModule):
       parameters matching ``rmu_params`` train. With ``w > 0`` a frozen copy of the starting model (``eval()``,
       no gradients, never in checkpoints) gives the retain target; ``w = 0`` is the reference's arithmetic and
       language setting and builds no copy.
+    * ``retain_loss="kl"`` (GradDiff, MaxEnt) replaces ``CE(retain)`` by the forward KL from the frozen starting model
+      to the trained one on the retain batch, ``KL(p_frozen || p)`` per position averaged over scored positions (the
+      reference's WMDP retain term, spec §9.2; computed in float32 chunks of ``kl_chunk_size`` positions). The frozen
+      copy is built as for RMU (``eval()``, no gradients, never in checkpoints).
+    * ``convex=True`` weighs the two terms ``(1 - w) L_forget + w L_retain`` with ``0 < w < 1`` (the reference's WMDP
+      weighting, spec §9.2) instead of ``L_forget + w L_retain``; with RepNoise the forget part includes it:
+      ``(1 - w)(L_forget + RepNoise) + w L_retain``.
     * ``repnoise=True`` adds RepNoise to any method: ``CE(retain) + beta N - alpha log H`` with ``N`` the MMD
       between every block's MLP output on forget inputs and Gaussian noise, ``H`` the forget CE of the logit lens
       of the embeddings and every block output, plus 1 (spec §4.4).
@@ -115,7 +123,11 @@ class UnlearnModule(UndoModule):
             preset or a hub id.
         method: ``graddiff``, ``maxent`` or ``rmu``.
         retain_weight: weight ``w`` of the retain term (reference: GradDiff 15 arithmetic / 1 language, MaxEnt 1,
-            RMU off). RMU with 0 skips the retain batch.
+            RMU off; WMDP, convex: MaxEnt 0.2 cyber / 0.3 bio, RMU 0.5). RMU with 0 skips the retain batch.
+        retain_loss: the retain term of GradDiff and MaxEnt: ``ce`` (next-token CE) or ``kl`` (forward KL from the
+            frozen starting model, the reference's WMDP setting). RMU's retain term is always its MSE.
+        convex: weigh the terms ``(1 - w)`` / ``w`` (WMDP, spec §9.2) instead of ``1`` / ``w``; needs ``0 < w < 1``.
+        kl_chunk_size: positions per float32 chunk of the ``kl`` retain term (lower it for large vocabularies).
         max_forget_ce: GradDiff divergence guard (see above); ``None`` turns it off.
         rmu_layer: 0-based decoder block whose output RMU steers.
         rmu_train_layers: blocks whose ``rmu_params`` train, each ``<= rmu_layer`` (later blocks cannot change
@@ -147,6 +159,9 @@ class UnlearnModule(UndoModule):
         model: str = "runs/arithmetic/reference/hf",
         method: Literal["graddiff", "maxent", "rmu"] = "maxent",
         retain_weight: float = 1.0,
+        retain_loss: Literal["ce", "kl"] = "ce",
+        convex: bool = False,
+        kl_chunk_size: int = 1024,
         max_forget_ce: float | None = None,
         rmu_layer: int = 1,
         rmu_train_layers: list[int] | None = None,
@@ -176,6 +191,16 @@ class UnlearnModule(UndoModule):
                             ("repnoise_beta", repnoise_beta), ("sam_rho", sam_rho), ("sam_clip_val", sam_clip_val)):
             if value < 0:
                 raise ValueError(f"{name}={value}: expected a value >= 0")
+        if retain_loss not in RETAIN_LOSSES:
+            raise ValueError(f"retain_loss={retain_loss!r}: expected one of {RETAIN_LOSSES}")
+        if retain_loss == "kl" and method == "rmu":
+            raise ValueError("retain_loss='kl' with method='rmu': RMU's retain term is the MSE between the trained and "
+                             "the frozen model's block output; use retain_loss='ce' (ignored by RMU)")
+        if convex and not 0 < retain_weight < 1:
+            raise ValueError(f"convex=True with retain_weight={retain_weight}: the convex weights (1 - w, w) need "
+                             "0 < w < 1")
+        if kl_chunk_size < 1:
+            raise ValueError(f"kl_chunk_size={kl_chunk_size}: expected a positive integer")
         if max_forget_ce is not None and max_forget_ce <= 0:
             raise ValueError(f"max_forget_ce={max_forget_ce}: expected a positive CE ceiling, or None for no guard")
         if rmu_coefficient <= 0:
@@ -192,7 +217,8 @@ class UnlearnModule(UndoModule):
         self.rmu_params = list(rmu_params) if rmu_params is not None else ["model.layers.{i}.mlp.down_proj.weight"]
         if not self.rmu_params:
             raise ValueError("rmu_params=[]: expected at least one parameter-name pattern")
-        self.uses_frozen = method == "rmu" and retain_weight > 0
+        # A frozen copy of the starting model gives RMU's retain target and the KL retain term's teacher.
+        self.uses_frozen = (method == "rmu" and retain_weight > 0) or retain_loss == "kl"
         self.uses_retain = method != "rmu" or repnoise or self.uses_frozen  # RMU alone may ignore the retain batch
         # The frozen copy is rebuilt from `model` in configure_model and never saved, so checkpoints lack its keys.
         self.strict_loading = not self.uses_frozen
@@ -318,7 +344,8 @@ class UnlearnModule(UndoModule):
 
         Returns:
             float32 scalars: ``loss`` (the objective to minimise), ``forget_loss``, and where computed
-            ``retain_loss``, ``guard_active`` (GradDiff with a guard), ``repnoise_noise``, ``repnoise_harmful``.
+            ``retain_loss`` (retain CE, KL to the frozen model, or RMU's MSE), ``guard_active`` (GradDiff with a
+            guard), ``repnoise_noise``, ``repnoise_harmful``.
         """
         hp, method = self.hparams, self.method
         mask_f = forget["attention_mask"]
@@ -337,49 +364,65 @@ class UnlearnModule(UndoModule):
             terms["forget_loss"] = maxent_loss(out.logits, forget["labels"])
         else:
             terms["forget_loss"] = rmu_forget_loss(block["block"], self.control_vector(), mask_f)
-        # --- retain pass: CE for GradDiff/MaxEnt/RepNoise, the target block's output for RMU's retain term
+        # --- retain pass: CE or KL for GradDiff/MaxEnt (CE also for RepNoise), the target block's output for RMU
         retain_ce = None
         if self.uses_retain:
-            with _record([self._block if self.uses_frozen else None]) as (block,):
+            with _record([self._block if method == "rmu" and self.uses_frozen else None]) as (block,):
                 if method == "rmu" and not hp.repnoise:
                     self.model.base_model(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"])
                 else:
                     logits = self.model(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits
-                    retain_ce = causal_lm_loss(logits, retain["labels"])
-            if self.uses_frozen:
+                    if hp.retain_loss == "ce" or hp.repnoise:
+                        retain_ce = causal_lm_loss(logits, retain["labels"])
+            if method == "rmu" and self.uses_frozen:
                 terms["retain_loss"] = rmu_retain_loss(block["block"], self._frozen_block_output(retain),
                                                        retain["attention_mask"])
+            elif hp.retain_loss == "kl":
+                terms["retain_loss"] = forward_kl(logits, self._frozen_logits(retain), retain["labels"],
+                                                  chunk_size=hp.kl_chunk_size)
             else:
                 terms["retain_loss"] = retain_ce
-        # --- the method's objective
+        # --- the method's objective: forget part (with RepNoise) and retain part, weighted 1/w or convex (1-w)/w
         w = hp.retain_weight
-        if method == "graddiff":
-            loss = graddiff_loss(terms["forget_loss"], retain_ce, w)
-            if hp.max_forget_ce is not None:
-                # torch.where instead of a Python branch: no host sync, and every parameter stays in the graph (DDP)
-                active = terms["forget_loss"].detach() > hp.max_forget_ce
-                loss = torch.where(active, w * retain_ce, loss)
-                terms["guard_active"] = active.float()
-        elif method == "maxent":
-            loss = terms["forget_loss"] + w * retain_ce
-        else:
-            loss = terms["forget_loss"] + (w * terms["retain_loss"] if self.uses_frozen else 0.0)
+        forget_part = -terms["forget_loss"] if method == "graddiff" else terms["forget_loss"]
+        if method == "graddiff" and hp.max_forget_ce is not None:
+            # torch.where instead of a Python branch: no host sync, and every parameter stays in the graph (DDP)
+            active = terms["forget_loss"].detach() > hp.max_forget_ce
+            forget_part = torch.where(active, torch.zeros_like(forget_part), forget_part)
+            terms["guard_active"] = active.float()
         if hp.repnoise:
             lens = [self._logit_lens(h) for h in out.hidden_states[:-1]]  # embeddings and blocks 0..L-2
             rep = repnoise_loss(list(mlps.values()), lens + [out.logits], forget["labels"],
                                 self._noise_generator(), alpha=hp.repnoise_alpha, beta=hp.repnoise_beta, mask=mask_f)
-            loss = loss + retain_ce + rep.loss  # spec §4.4 step 6: RepNoise is added to the method's loss
+            forget_part = forget_part + retain_ce + rep.loss  # spec §4.4 step 6: RepNoise joins the method's loss
             terms.update(repnoise_noise=rep.noise, repnoise_harmful=rep.harmful)
+        if method == "rmu" and not self.uses_frozen:  # the reference's RMU without a retain term (w = 0)
+            loss = forget_part
+        elif hp.convex:
+            loss = (1.0 - w) * forget_part + w * terms["retain_loss"]
+        else:
+            loss = forget_part + w * terms["retain_loss"]
         terms["loss"] = loss
         return terms
+
+    def _count_frozen(self, batch: dict) -> None:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        self.frozen_tokens_seen += int(batch["attention_mask"].sum()) * world
 
     @torch.no_grad()
     def _frozen_block_output(self, batch: dict) -> torch.Tensor:
         with _record([self._frozen_block]) as (block,):
             self.frozen.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        world = self.trainer.world_size if self._trainer is not None else 1
-        self.frozen_tokens_seen += int(batch["attention_mask"].sum()) * world
+        self._count_frozen(batch)
         return block["block"]
+
+    @torch.no_grad()
+    def _frozen_logits(self, batch: dict) -> torch.Tensor:
+        """The frozen starting model's logits ``[B, T, V]`` (the KL retain term's target)."""
+        logits = self.frozen(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             use_cache=False).logits
+        self._count_frozen(batch)
+        return logits
 
     def _check_finite(self, terms: dict[str, torch.Tensor], what: str) -> None:
         if not torch.isfinite(terms["loss"]):
@@ -439,7 +482,9 @@ class UnlearnModule(UndoModule):
 
     def summary(self) -> dict:
         hp = self.hparams
-        method = {"retain_weight": hp.retain_weight}
+        method = {"retain_weight": hp.retain_weight, "convex": hp.convex}
+        if self.method != "rmu":
+            method["retain_loss"] = hp.retain_loss
         if self.method == "graddiff":
             method["max_forget_ce"] = hp.max_forget_ce
         if self.method == "rmu":
