@@ -11,7 +11,7 @@ from undo_lightning.cli import _lightning_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
-PIPELINE_CONFIGS = {"quick.yaml", "paper.yaml", "smoke.yaml"}  # experiment files read by `undo pipeline`
+PIPELINE_CONFIGS = {"quick.yaml", "paper.yaml", "smoke.yaml", "local.yaml"}  # experiment files read by `undo pipeline`
 STAGE_CONFIGS = [c for c in CONFIGS if os.path.basename(c) not in PIPELINE_CONFIGS]
 
 
