@@ -85,7 +85,7 @@ def test_maxent_raises_forget_entropy_and_exports(reference, tokenizer, tmp_path
     assert before < 0.5 * log_v and after > before + 1.0 and after > 0.8 * log_v, (before, after, log_v)
 
     record = json.loads((root / "metrics.json").read_text())
-    assert record["method"] == "maxent" and record["method_hparams"] == {"retain_weight": 1.0}
+    assert record["method"] == "maxent" and record["method_hparams"] == {"retain_weight": 1.0, "retain_loss": "ce", "convex": False}
     assert not record["repnoise"] and not record["sam"]
     assert record["compute"]["tokens"] == 12 * 2 * 16 * 32  # forget + retain tokens
     assert record["compute"]["flops"] == 6 * record["parameters"] * record["compute"]["tokens"]
