@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import lightning as L
@@ -48,7 +49,7 @@ class _Timer(L.Callback):
 def lightning_loop(dm, model_name: str, steps: int) -> float:
     module = PretrainModule(model=model_name, lr=2e-3, weight_decay=0.01, warmup_steps=10, export=False)
     timer = _Timer()
-    trainer = L.Trainer(max_steps=steps + 5, limit_val_batches=0, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=steps + 5, limit_val_batches=0, logger=False, default_root_dir=tempfile.mkdtemp(),
                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
                         callbacks=[timer], accelerator="cpu", devices=1)
     trainer.fit(module, datamodule=dm)
