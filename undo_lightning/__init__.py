@@ -1,12 +1,39 @@
-"""undo-lightning: robust LLM unlearning with UNDO (Unlearn, Noise, Distill-on-Outputs) on PyTorch Lightning."""
+"""undo-lightning: robust LLM unlearning with UNDO (Unlearn, Noise, Distill-on-Outputs) on PyTorch Lightning.
 
-from undo_lightning.data import ArithmeticSource, DocumentSource, MixtureSource, RetainForgetDataModule, TextSource
-from undo_lightning.models import build_model, export_model
-from undo_lightning.modules import DistillModule, PretrainModule, RelearnAttackModule, UndoModule, UnlearnModule
-from undo_lightning.modules.distill import RetainGapStop
-from undo_lightning.noise import shrink_and_perturb
+The public names are imported on first use (PEP 562), so ``undo --help`` and light tools do not pay for importing
+torch, Lightning and transformers.
+"""
 
-__all__ = ["ArithmeticSource", "DistillModule", "DocumentSource", "MixtureSource", "PretrainModule",
-           "RelearnAttackModule", "RetainForgetDataModule", "RetainGapStop", "TextSource", "UndoModule",
-           "UnlearnModule", "build_model", "export_model", "shrink_and_perturb"]
+from importlib import import_module
+
+_EXPORTS = {
+    "ArithmeticSource": "undo_lightning.data",
+    "DocumentSource": "undo_lightning.data",
+    "MixtureSource": "undo_lightning.data",
+    "RetainForgetDataModule": "undo_lightning.data",
+    "TextSource": "undo_lightning.data",
+    "build_model": "undo_lightning.models",
+    "export_model": "undo_lightning.models",
+    "DistillModule": "undo_lightning.modules",
+    "PretrainModule": "undo_lightning.modules",
+    "RelearnAttackModule": "undo_lightning.modules",
+    "UndoModule": "undo_lightning.modules",
+    "UnlearnModule": "undo_lightning.modules",
+    "RetainGapStop": "undo_lightning.modules.distill",
+    "shrink_and_perturb": "undo_lightning.noise",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'undo_lightning' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -17,25 +17,21 @@ _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_":
 TRAINER_COMMANDS = ("fit", "validate", "test")
 
 
-def _tool_commands() -> dict:
-    """Non-Trainer subcommands: name -> function whose signature and docstring are the CLI."""
-    from undo_lightning.eval_command import eval_command
-    from undo_lightning.report import main as report
+# Non-Trainer subcommands: name -> (module, function, one-line summary). Imported only when chosen, so `undo --help`
+# and an unknown subcommand answer without importing torch, Lightning and transformers.
+TOOLS = {
+    "pipeline": ("undo_lightning.pipeline", "run_pipeline",
+                 "Run the whole UNDO experiment (pretrain, unlearn, distill, UNDO, relearn, report); resumable."),
+    "relearn": ("undo_lightning.attack", "relearn_command", "Relearning-attack sweep over models x LRs x seeds."),
+    "report": ("undo_lightning.report", "main", "Write report.md, report.json and plots for a finished run folder."),
+    "eval": ("undo_lightning.eval_command", "eval_command",
+             "Multiple-choice accuracy (WMDP/MMLU format) and retain/forget CE of any HF model folder."),
+}
 
-    commands = {"report": report, "eval": eval_command}
-    try:
-        from undo_lightning.pipeline import run_pipeline
 
-        commands["pipeline"] = run_pipeline
-    except ImportError:  # pragma: no cover - the pipeline lands with its own issue
-        pass
-    try:
-        from undo_lightning.attack import relearn_command
-
-        commands["relearn"] = relearn_command
-    except ImportError:  # pragma: no cover
-        pass
-    return commands
+def _tool(name: str):
+    module, function, _ = TOOLS[name]
+    return getattr(__import__(module, fromlist=[function]), function)
 
 
 def _lightning_cli(args: list[str] | None, run: bool = True):
@@ -76,14 +72,14 @@ def _pipeline_cli(run_pipeline, args: list[str]) -> None:
         raise SystemExit(f"undo pipeline: error: {err}") from None
 
 
-def _usage(commands: dict) -> str:
-    lines = ["usage: undo {" + ",".join(TRAINER_COMMANDS + tuple(commands)) + "} ...", "",
+def _usage() -> str:
+    lines = ["usage: undo {" + ",".join(TRAINER_COMMANDS + tuple(TOOLS)) + "} ...", "",
              "UNDO (Unlearn, Noise, Distill-on-Outputs) on PyTorch Lightning.", "",
              "Trainer subcommands (LightningCLI; see `undo fit --help`):"]
     lines += [f"  {c:10s} runs Trainer.{c} on the stage module and data of -c CONFIG" for c in TRAINER_COMMANDS]
     lines += ["", "Tools (see `undo <tool> --help`):"]
-    for name, fn in commands.items():
-        lines.append(f"  {name:10s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+    for name, (_, _, summary) in TOOLS.items():
+        lines.append(f"  {name:10s} {summary}")
     return "\n".join(lines)
 
 
@@ -96,21 +92,20 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.update(_MALLOC_ENV)
         os.environ["UNDO_NO_REEXEC"] = "1"
         os.execv(sys.executable, [sys.executable, "-m", "undo_lightning.cli", *argv])
-    commands = _tool_commands()
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage(commands))
+        print(_usage())
         return
-    if argv[0] == "pipeline" and "pipeline" in commands:
-        _pipeline_cli(commands["pipeline"], argv[1:])
+    if argv[0] == "pipeline":
+        _pipeline_cli(_tool("pipeline"), argv[1:])
         return
-    if argv[0] in commands:
+    if argv[0] in TOOLS:
         from jsonargparse import CLI
 
-        CLI(commands[argv[0]], args=argv[1:], prog=f"undo {argv[0]}")
+        CLI(_tool(argv[0]), args=argv[1:], prog=f"undo {argv[0]}")
         return
     if argv[0] not in TRAINER_COMMANDS:
         raise SystemExit(f"undo: unknown subcommand {argv[0]!r}; expected one of "
-                         f"{', '.join(TRAINER_COMMANDS + tuple(commands))}")
+                         f"{', '.join(TRAINER_COMMANDS + tuple(TOOLS))}")
     _lightning_cli(argv if explicit else None)
 
 

@@ -1,9 +1,28 @@
-"""Data: sources (arithmetic generator, text files / hub datasets) and the shared ``RetainForgetDataModule``."""
+"""Data: sources (arithmetic generator, text files / hub datasets) and the shared ``RetainForgetDataModule``.
 
-from undo_lightning.data.arithmetic import ArithmeticSource, Problem, make_problem
-from undo_lightning.data.module import RetainForgetDataModule
-from undo_lightning.data.sources import DocumentSource, EvalItem
-from undo_lightning.data.text import MixtureSource, TextSource
+Names are imported on first use (PEP 562): ``undo_lightning.evaluation`` imports ``data.text`` while
+``data.module`` imports ``evaluation``, and an eager package import here would make that a cycle.
+"""
 
-__all__ = ["ArithmeticSource", "DocumentSource", "EvalItem", "MixtureSource", "Problem", "RetainForgetDataModule",
-           "TextSource", "make_problem"]
+from importlib import import_module
+
+_EXPORTS = {
+    "ArithmeticSource": "undo_lightning.data.arithmetic",
+    "Problem": "undo_lightning.data.arithmetic",
+    "make_problem": "undo_lightning.data.arithmetic",
+    "RetainForgetDataModule": "undo_lightning.data.module",
+    "DocumentSource": "undo_lightning.data.sources",
+    "EvalItem": "undo_lightning.data.sources",
+    "MixtureSource": "undo_lightning.data.text",
+    "TextSource": "undo_lightning.data.text",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'undo_lightning.data' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
