@@ -4,7 +4,7 @@ The public names are imported on first use (PEP 562), so ``undo --help`` and lig
 torch, Lightning and transformers.
 """
 
-from importlib import import_module
+from undo_lightning._lazy import lazy_getattr
 
 _EXPORTS = {
     "ArithmeticSource": "undo_lightning.data",
@@ -27,12 +27,7 @@ __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'undo_lightning' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("undo_lightning", _EXPORTS, globals())
 
 
 def __dir__() -> list[str]:

@@ -4,7 +4,7 @@ Names are imported on first use (PEP 562): ``undo_lightning.evaluation`` imports
 ``data.module`` imports ``evaluation``, and an eager package import here would make that a cycle.
 """
 
-from importlib import import_module
+from undo_lightning._lazy import lazy_getattr
 
 _EXPORTS = {
     "ArithmeticSource": "undo_lightning.data.arithmetic",
@@ -20,9 +20,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'undo_lightning.data' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("undo_lightning.data", _EXPORTS, globals())
