@@ -23,9 +23,8 @@ import warnings
 
 import torch
 
-from undo_lightning import PretrainModule, RetainForgetDataModule
+from undo_lightning import DistillModule, PretrainModule, RetainForgetDataModule
 from undo_lightning.models import build_model, count_parameters, export_model
-from undo_lightning.modules.distill import DistillModule
 
 
 def _sync(device: torch.device) -> None:
