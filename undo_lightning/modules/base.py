@@ -69,7 +69,7 @@ class UndoModule(L.LightningModule):
         self.model = None
         self._tokenizer = None
         self.metrics: ValidationMetrics | None = None
-        self.tokens_seen = 0
+        self._counts: dict[str, int | torch.Tensor] = {}  # token counters, see count_tokens
         self.wall_time_s = 0.0
         self.last_val_metrics: dict[str, float] = {}
         self.last_val_step = -1
@@ -124,10 +124,30 @@ class UndoModule(L.LightningModule):
             optimizer, lambda step: lr_factor(step, hp.warmup_steps, total, hp.schedule, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def count_tokens(self, *batches: dict) -> None:
-        """Adds the scored tokens of this step's batches (all ranks) to the compute meter."""
-        n = sum(int(b["attention_mask"].sum()) for b in batches)
-        self.tokens_seen += n * (self.trainer.world_size if self._trainer is not None else 1)
+    def count_tokens(self, *batches: dict, counter: str = "tokens") -> None:
+        """Adds the scored tokens of this step's batches (all ranks) to a compute counter.
+
+        The sum stays a device tensor until it is read (:meth:`counted`), so counting never forces a host sync in the
+        training step.
+        """
+        world = self.trainer.world_size if self._trainer is not None else 1
+        n = sum(b["attention_mask"].sum() for b in batches) * world
+        self._counts[counter] = self._counts.get(counter, 0) + n
+
+    def counted(self, counter: str = "tokens") -> int:
+        """The value of a token counter (read on the host)."""
+        value = int(self._counts.get(counter, 0))
+        self._counts[counter] = value
+        return value
+
+    @property
+    def tokens_seen(self) -> int:
+        """Training tokens of the trained model so far, all ranks, accumulated across resumes."""
+        return self.counted("tokens")
+
+    @tokens_seen.setter
+    def tokens_seen(self, value: int) -> None:
+        self._counts["tokens"] = value
 
     def compute_summary(self) -> dict[str, float]:
         return {"tokens": self.tokens_seen, "flops": self.tokens_seen * self.flops_per_token()}
@@ -183,11 +203,12 @@ class UndoModule(L.LightningModule):
         return self.wall_time_s + (time.perf_counter() - self._fit_started if self._fit_started else 0.0)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["undo_state"] = {"tokens_seen": self.tokens_seen, "wall_time_s": self.elapsed_s()}
+        checkpoint["undo_state"] = {"wall_time_s": self.elapsed_s(),
+                                    **{f"{name}_seen": self.counted(name) for name in ("tokens", *self._counts)}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("undo_state", {})
-        self.tokens_seen = state.get("tokens_seen", 0)
+        self._counts = {key[: -len("_seen")]: value for key, value in state.items() if key.endswith("_seen")}
         self.wall_time_s = state.get("wall_time_s", 0.0)
 
     def summary(self) -> dict:

@@ -224,7 +224,6 @@ class UnlearnModule(UndoModule):
         self.strict_loading = not self.uses_frozen
         self.automatic_optimization = sam_rho == 0
         self.frozen: nn.Module | None = None
-        self.frozen_tokens_seen = 0
         self._block: _Recorder | None = None  # RMU target block of the trained model
         self._frozen_block: _Recorder | None = None
         self._mlps: _Recorder | None = None  # RepNoise: every block's MLP output
@@ -406,8 +405,12 @@ class UnlearnModule(UndoModule):
         return terms
 
     def _count_frozen(self, batch: dict) -> None:
-        world = self.trainer.world_size if self._trainer is not None else 1
-        self.frozen_tokens_seen += int(batch["attention_mask"].sum()) * world
+        self.count_tokens(batch, counter="frozen_tokens")
+
+    @property
+    def frozen_tokens_seen(self) -> int:
+        """Tokens the frozen copy has run forward on (2N FLOPs each)."""
+        return self.counted("frozen_tokens")
 
     @torch.no_grad()
     def _frozen_block_output(self, batch: dict) -> torch.Tensor:
@@ -502,12 +505,10 @@ class UnlearnModule(UndoModule):
         super().on_save_checkpoint(checkpoint)
         for key in [k for k in checkpoint["state_dict"] if k.startswith("frozen.")]:
             del checkpoint["state_dict"][key]
-        checkpoint["undo_state"]["frozen_tokens_seen"] = self.frozen_tokens_seen
         if self._noise is not None:
             checkpoint["undo_state"]["repnoise_generator"] = self._noise.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("undo_state", {})
-        self.frozen_tokens_seen = state.get("frozen_tokens_seen", 0)
         self._noise_state = state.get("repnoise_generator")
