@@ -95,3 +95,46 @@ def test_sigkill_during_a_stage_then_resume_gives_the_same_report(smoke_run, tmp
     proc.wait()
     assert ckpt.exists() and not (out / "reference" / "DONE").exists(), "the kill must land inside the stage"
     assert run_pipeline(str(SMOKE), out_dir=str(out)) == report
+
+
+def test_existing_reference_model_and_no_oracle(smoke_run, tmp_path):
+    """`reference: {model: PATH}` evaluates that model instead of pretraining; `oracle: null` leaves the oracle out."""
+    smoke_out, _ = smoke_run
+    existing = smoke_out / "reference" / "hf"
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg.update(reference={"model": str(existing)}, oracle=None, undo={**cfg["undo"], "alphas": [0.5]})
+    path = tmp_path / "existing.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    report = run_pipeline(str(path), out_dir=str(out))
+
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["distill", "reference", "relearn", "undo_a0.5",
+                                                                   "unlearn"]
+    assert not (out / "reference" / "hf").exists() and (out / "reference" / "DONE").is_file()
+    # same model, same data and prompts: its evaluation equals the metrics the smoke run's reference stage wrote
+    before = json.loads((smoke_out / "reference" / "metrics.json").read_text())["val"]
+    evaluated = json.loads((out / "reference" / "metrics.json").read_text())
+    assert evaluated["role"] == "reference" and evaluated["model"] == str(existing)
+    for key in ("val/retain_acc", "val/forget_acc", "val/retain_ce", "val/forget_ce"):
+        assert evaluated["val"][key] == pytest.approx(before[key], abs=1e-6), key
+    assert json.loads((out / "unlearn" / "metrics.json").read_text())["model"] == str(existing)
+    assert (out / "relearn" / "reference" / "lr=0.001_seed=0" / "curve.json").is_file()
+
+    assert report["anchors"]["oracle"] is None and "oracle = none" in (out / "report.md").read_text()
+    rows = {m["name"]: m for m in report["models"]}
+    assert set(rows) == {"reference", "unlearn", "distill", "undo_a0.5"}
+    assert all(m["relative_robustness"] is None and m["relative_compute"] is None for m in rows.values())  # no oracle
+    assert rows["reference"]["retain_before"] == pytest.approx(before["val/retain_acc"], abs=1e-6)
+    for name in ("report.md", "relearn_curves.png", "robustness_vs_compute.png", "retain_vs_forget.png"):
+        assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("section, match", [
+    ({"reference": None}, "every experiment needs a reference"),
+    ({"reference": {"model": "runs/x/hf", "module": {"lr": 0.1}}}, r"\['module'\] cannot be combined"),
+    ({"oracle": {"model": ""}}, "an existing model is given as"),
+])
+def test_bad_reference_or_oracle_section(section, match):
+    cfg = {**load_config(SMOKE), **section}
+    with pytest.raises(ValueError, match=match):
+        plan(cfg)

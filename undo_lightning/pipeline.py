@@ -3,7 +3,8 @@
 Stages run in order, each in ``<out_dir>/<stage>/`` and each reading its inputs from earlier stages' exported
 ``hf/`` folders::
 
-    reference, oracle          PretrainModule (retain+forget / retain only)
+    reference, oracle          PretrainModule (retain+forget / retain only); or ``{model: PATH}``: an existing model,
+                               only evaluated; ``oracle: null`` leaves the oracle out
     unlearn                    UnlearnModule on the reference (the teacher; MaxEnt by default)
     <baseline>                 optional further UnlearnModule runs (e.g. MaxEnt+SAM, RepNoise, RMU)
     distill                    DistillModule: the teacher into a random student (full distillation)
@@ -50,6 +51,8 @@ class Stage:
     trainer: dict[str, Any]
     data: dict[str, Any]
     record: dict[str, Any] = field(default_factory=dict)  # extra fields for metrics.json (role, alpha, beta)
+    hf: str = ""  # the model folder (or hub id) later stages and the attack read
+    evaluate_only: bool = False  # an existing model: validated once, not trained
 
 
 def deep_merge(base: dict, override: dict | None) -> dict:
@@ -80,38 +83,63 @@ def load_config(path: str | os.PathLike | None) -> dict:
 
 
 def plan(cfg: dict) -> list[Stage]:
-    """The ordered training stages of an experiment config (the relearning sweep and the report come after)."""
+    """The ordered training stages of an experiment config (the relearning sweep and the report come after).
+
+    ``reference`` / ``oracle`` are pretrained (with the ``pretrain`` settings overridden by their own section) unless
+    their section is ``{model: PATH}`` — an existing model folder or hub id that is only evaluated, e.g. the
+    pretrained LLM to unlearn — or, for the oracle, ``null``: no oracle (relative robustness and compute become –).
+    """
     out = Path(cfg["out_dir"])
-    hf = lambda stage: str(out / stage / "hf")  # noqa: E731 - the hand-off convention of DESIGN §2
     seed = cfg["seed"]
     pre = cfg.get("pretrain", {})
     stages = []
     for name, mixture in (("reference", {"retain": 0.5, "forget": 0.5}), ("oracle", {"retain": 1.0})):
-        spec = deep_merge(pre, cfg.get(name))
+        if name in cfg and cfg[name] is None:
+            if name == "reference":
+                raise ValueError("reference: null: every experiment needs a reference (the model to unlearn); give "
+                                 "`reference: {model: PATH}` to use an existing model instead of pretraining one")
+            continue
+        own = cfg.get(name) or {}
+        if "model" in own:
+            extra = sorted(set(own) - {"model", "data"})
+            if extra or not isinstance(own["model"], str) or not own["model"]:
+                raise ValueError(f"{name}: {own}: an existing model is given as `{name}: {{model: PATH_OR_HUB_ID}}` "
+                                 f"(optionally with `data:` overrides for its evaluation); {extra or 'model'} cannot "
+                                 "be combined with it — drop `model` to pretrain this stage instead")
+            stages.append(Stage(name, name, "undo_lightning.PretrainModule", {"model": own["model"], "seed": seed}, {},
+                                deep_merge({"mixture": mixture}, own.get("data")), hf=own["model"],
+                                evaluate_only=True))
+            continue
+        spec = deep_merge(pre, own)
         stages.append(Stage(name, name, "undo_lightning.PretrainModule", {"seed": seed, **spec.get("module", {})},
-                            spec.get("trainer", {}), deep_merge({"mixture": mixture}, spec.get("data"))))
+                            spec.get("trainer", {}), deep_merge({"mixture": mixture}, spec.get("data")),
+                            hf=str(out / name / "hf")))
+    reference = stages[0].hf
+    hf = lambda stage: str(out / stage / "hf")  # noqa: E731 - the hand-off convention of DESIGN §2
     unlearn = cfg.get("unlearn", {})
     stages.append(Stage("unlearn", "teacher", "undo_lightning.UnlearnModule",
-                        {"model": hf("reference"), "seed": seed, **unlearn.get("module", {})},
-                        unlearn.get("trainer", {}), unlearn.get("data", {})))
+                        {"model": reference, "seed": seed, **unlearn.get("module", {})},
+                        unlearn.get("trainer", {}), unlearn.get("data", {}), hf=hf("unlearn")))
     for name, spec in (cfg.get("baselines") or {}).items():
         spec = deep_merge(unlearn, spec)
         stages.append(Stage(name, "baseline", "undo_lightning.UnlearnModule",
-                            {"model": hf("reference"), "seed": seed, **spec.get("module", {})},
-                            spec.get("trainer", {}), spec.get("data", {})))
+                            {"model": reference, "seed": seed, **spec.get("module", {})},
+                            spec.get("trainer", {}), spec.get("data", {}), hf=hf(name)))
     distill = cfg.get("distill", {})
     if distill is not None:
         stages.append(Stage("distill", "student", "undo_lightning.DistillModule",
                             {"teacher": hf("unlearn"), "student_init": "random", "seed": seed,
                              **distill.get("module", {})},
-                            distill.get("trainer", {}), distill.get("data", {}), {"alpha": None, "beta": None}))
+                            distill.get("trainer", {}), distill.get("data", {}), {"alpha": None, "beta": None},
+                            hf=hf("distill")))
     undo = cfg.get("undo") or {}
     for alpha in undo.get("alphas", []):
         module = {"teacher": hf("unlearn"), "student_init": "teacher", "seed": seed, "noise_seed": seed,
                   **undo.get("module", {}), "alpha": float(alpha)}
-        stages.append(Stage(f"undo_a{alpha:g}", "student", "undo_lightning.DistillModule", module,
+        name = f"undo_a{alpha:g}"
+        stages.append(Stage(name, "student", "undo_lightning.DistillModule", module,
                             undo.get("trainer", {}), undo.get("data", {}),
-                            {"alpha": float(alpha), "beta": module.get("beta")}))
+                            {"alpha": float(alpha), "beta": module.get("beta")}, hf=hf(name)))
     return stages
 
 
@@ -172,7 +200,11 @@ def _log(msg: str) -> None:
 
 
 def run_stage(stage: Stage, cfg: dict, out: Path) -> dict:
-    """Trains one stage (resuming from its last checkpoint if one exists) and marks it done."""
+    """Trains one stage (resuming from its last checkpoint if one exists) and marks it done.
+
+    A stage of an existing model (``evaluate_only``) is validated once instead: its ``metrics.json`` holds the
+    "before" numbers of the report and no model is exported (later stages read ``stage.hf`` directly).
+    """
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -183,7 +215,8 @@ def run_stage(stage: Stage, cfg: dict, out: Path) -> dict:
         _log(f"{stage.name}: done already, skipped")
         return json.loads((root / "metrics.json").read_text())
     ckpt = root / "checkpoints" / "last.ckpt"
-    _log(f"{stage.name}: start" + (f" (resuming from {ckpt})" if ckpt.is_file() else ""))
+    _log(f"{stage.name}: " + (f"evaluating the existing model {stage.hf}" if stage.evaluate_only else "start")
+         + (f" (resuming from {ckpt})" if ckpt.is_file() else ""))
     started = time.perf_counter()
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     trainer_kwargs = deep_merge(deep_merge(_DEFAULT_TRAINER, cfg.get("trainer")), stage.trainer)
@@ -192,9 +225,17 @@ def run_stage(stage: Stage, cfg: dict, out: Path) -> dict:
                         logger=TensorBoardLogger(str(root), name="tb", version="", default_hp_metric=False),
                         **trainer_kwargs)
     module = _instantiate(stage)
-    trainer.fit(module, datamodule=_datamodule(cfg, stage.data), ckpt_path=str(ckpt) if ckpt.is_file() else None)
-    if trainer.interrupted:
-        raise RuntimeError(f"stage {stage.name!r} was interrupted; re-run the same command to resume it")
+    datamodule = _datamodule(cfg, stage.data)
+    if stage.evaluate_only:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        if trainer.global_rank == 0:
+            write_json_atomic(str(root / "metrics.json"), {
+                "stage": stage.name, "global_step": 0, "val": module.last_val_metrics,
+                "wall_time_s": round(time.perf_counter() - started, 3), **module.summary()})
+    else:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.is_file() else None)
+        if trainer.interrupted:
+            raise RuntimeError(f"stage {stage.name!r} was interrupted; re-run the same command to resume it")
     metrics = json.loads((root / "metrics.json").read_text())
     metrics.update({"role": stage.role, **stage.record})
     write_json_atomic(str(root / "metrics.json"), metrics)
@@ -209,7 +250,7 @@ def run_relearn(cfg: dict, out: Path, stages: list[Stage]) -> None:
     from undo_lightning.attack import run_sweep
 
     spec = dict(cfg.get("relearn") or {})
-    models = {s.name: str(out / s.name / "hf") for s in stages}
+    models = {s.name: s.hf for s in stages}
     data = deep_merge(cfg.get("data", {}), spec.pop("data", {}))
     _log(f"relearn: attacking {len(models)} models")
     started = time.perf_counter()

@@ -94,6 +94,10 @@ def _is_full_distill(role: str | None, alpha: float | None, beta: float | None) 
     return role == "student" and (alpha is None or (alpha == 1 and beta == 1))
 
 
+def _anchor(name: str | None) -> str:
+    return f"`{name}`" if name is not None else "none (relative robustness and compute need both anchors)"
+
+
 def _find_anchor(stages: dict[str, dict], role: str, explicit: str | None) -> str | None:
     if explicit is not None:
         if explicit not in stages:
@@ -323,8 +327,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# UNDO report", "",
         (f"- forget metric: `{report['metric']}` ({better} = better for the attacker); retain metric: "
          f"`{report['retain_metric']}`"),
-        (f"- attack: `{report['attack']}`; anchors: oracle = `{anchors['oracle']}`, unlearn-only = "
-         f"`{anchors['teacher']}`"),
+        (f"- attack: `{report['attack']}`; anchors: oracle = {_anchor(anchors['oracle'])}, unlearn-only = "
+         f"{_anchor(anchors['teacher'])}"),
         f"- utility bound: {bound}",
         f"- compute basis: {report['compute_basis']}", "",
         "| " + " | ".join(head) + " |",
