@@ -11,7 +11,7 @@ from undo_lightning.cli import _lightning_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
-PIPELINE_CONFIGS = {"quick.yaml", "paper.yaml", "smoke.yaml", "local.yaml"}  # experiment files read by `undo pipeline`
+PIPELINE_CONFIGS = {"quick.yaml", "paper.yaml", "smoke.yaml", "local.yaml", "pipeline.yaml"}  # experiment files read by `undo pipeline`
 STAGE_CONFIGS = [c for c in CONFIGS if os.path.basename(c) not in PIPELINE_CONFIGS]
 
 
@@ -56,7 +56,7 @@ def test_pipeline_configs_validate(name):
     from undo_lightning.pipeline import load_config, validate
 
     for path in [c for c in CONFIGS if os.path.basename(c) == name]:
-        stages = validate(load_config(path))
-        assert [s.name for s in stages][:3] == ["reference", "oracle", "unlearn"]
+        names = [s.name for s in validate(load_config(path))]
+        assert names[0] == "reference" and "unlearn" in names and any(n.startswith("undo_a") for n in names)
         with open(path) as f:
             assert f.readline().startswith("#")

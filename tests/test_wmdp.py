@@ -264,3 +264,45 @@ def test_side_accuracy_prefers_answer_sets_and_falls_back_to_multiple_choice():
     assert out["val/mmlu_mcq_acc"] == 0.5 and out["val/mmlu2_mcq_acc"] == 1.0
     assert out["val/forget_acc"] == 0.5  # the arithmetic set, not WMDP: one kind of metric per side
     assert out["val/retain_acc"] == 0.75  # no answer-scored retain set: the mean of the multiple-choice sets
+
+
+def test_wmdp_pipeline_config_runs_on_a_micro_model(tok, original, tmp_path):
+    """configs/wmdp/pipeline.yaml, shrunk and with local stand-ins: an existing model evaluated (not pretrained), no
+    oracle, no full distillation; the report's forget metric is the WMDP multiple-choice accuracy."""
+    from undo_lightning.pipeline import load_config, plan, run_pipeline
+
+    cfg = load_config(ROOT / "configs" / "wmdp" / "pipeline.yaml")
+    assert [s.name for s in plan(cfg)] == ["reference", "unlearn", "undo_a0.25"]
+    responses = tmp_path / "responses.jsonl"  # Magpie records hold their text in "response"
+    responses.write_text("".join(json.dumps({"response": r["text"]}) + "\n" for r in _jsonl(ENGLISH)))
+    small = dict(block_size=32, batch_size=4, eval_batch_size=8)
+    for section in ("reference", "unlearn", "undo", "relearn"):
+        cfg[section]["data"] = {**_localize(cfg[section]["data"], str(responses)), **small}
+    cfg["data"].update(tokenizer=original, mcq_batch_size=4)
+    cfg["reference"]["model"] = original
+    cfg["trainer"].update(precision="32-true", accelerator="cpu", enable_progress_bar=False)
+    for section in ("unlearn", "undo"):
+        cfg[section]["trainer"] = {"max_steps": 2, "accumulate_grad_batches": 2, "val_check_interval": 4}
+    cfg["undo"]["module"].pop("checkpoint_every")
+    cfg["relearn"].update(lrs=[1e-3, 1e-4], seeds=[42], steps=2, eval_every=1, batch_size=4)
+    cfg["report"] = {"steps": [1, 2]}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    report = run_pipeline(str(path), out_dir=str(out))
+
+    rows = {m["name"]: m for m in report["models"]}
+    assert set(rows) == {"reference", "unlearn", "undo_a0.25"} and report["anchors"]["oracle"] is None
+    original_val = json.loads((out / "reference" / "metrics.json").read_text())["val"]
+    assert rows["reference"]["forget_before"] == original_val["val/wmdp_cyber_mcq_acc"]
+    assert rows["reference"]["retain_before"] == original_val["val/mmlu_mcq_acc"]
+    # the evaluated original scores what mcq_accuracy gives on the whole stand-in WMDP set (no limit, 0-shot)
+    expected = mcq_accuracy(build_model(original, tok), tok, load_mcq(CYBER))
+    assert expected["n"] == 8 and original_val["val/wmdp_cyber_mcq_acc"] == pytest.approx(expected["accuracy"])
+    teacher = json.loads((out / "unlearn" / "metrics.json").read_text())
+    assert teacher["model"] == original and teacher["method_hparams"]["retain_loss"] == "kl"
+    student = json.loads((out / "undo_a0.25" / "metrics.json").read_text())
+    assert student["alpha"] == 0.25 and student["beta"] == 0.0 and student["global_step"] == 2
+    for name in rows:
+        curve = json.loads((out / "relearn" / name / "lr=0.001_seed=42" / "curve.json").read_text())
+        assert curve["steps"] == [0, 1, 2] and "val/mmlu_mcq_acc" not in curve["metrics"]
