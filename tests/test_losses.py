@@ -7,6 +7,7 @@ import torch
 
 from undo_lightning.losses import (
     IGNORE_INDEX,
+    auto_chunk_size,
     forward_kl,
     graddiff_loss,
     maxent_loss,
@@ -32,6 +33,14 @@ def _batch(seed=0, dtype=torch.float32):
     return student, teacher, labels
 
 
+def test_auto_chunk_size_keeps_one_fp32_chunk_within_the_budget():
+    assert auto_chunk_size(256_000) == 65  # 64 MiB / (4 B x 256,000) = 65.5 positions
+    assert auto_chunk_size(V, budget_bytes=4 * V * 3) == 3 and auto_chunk_size(V, budget_bytes=4 * V * 3 + 1) == 3
+    assert auto_chunk_size(10**9) == 1  # never zero
+    with pytest.raises(ValueError, match="vocab_size"):
+        auto_chunk_size(0)
+
+
 def _scored_mask(labels):
     """[B, T] float64, 1 where position t predicts labels[:, t + 1] != -100; written without the library helper."""
     mask = torch.zeros(labels.shape, dtype=torch.float64)
@@ -50,7 +59,7 @@ def _naive_kl(student, teacher, labels):
     return (kl * mask).sum() / mask.sum()
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 7, 16, 1024])
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 16, 1024, None])
 def test_forward_kl_matches_naive_value_and_gradient(chunk_size):
     student, teacher, labels = _batch()
     student.requires_grad_(True)

@@ -67,7 +67,8 @@ class DistillModule(UndoModule):
         beta: noise scale in [0, 1] for ``student_init: teacher``; unused for other inits.
         noise_seed: seed of the noise draw (independent of ``seed``).
         noise_include: regex of parameter names to noise (``re.search``; e.g. ``layers\\.[01]\\.``); ``None`` = all.
-        kl_chunk_size: positions per float32 chunk of the forward KL (lower it for large vocabularies).
+        kl_chunk_size: positions per float32 chunk of the forward KL; ``None``: 64 MiB per chunk
+            (:func:`~undo_lightning.losses.auto_chunk_size`, 65 positions at a 256k vocabulary).
         stop_threshold: stop at the first validation where ``val/retain_gap`` is within this threshold
             (:class:`RetainGapStop`, spec §6.4); ``None`` trains for ``trainer.max_steps``. Validation cadence is the
             trainer's ``val_check_interval``.
@@ -89,7 +90,7 @@ class DistillModule(UndoModule):
         beta: float = 0.1,
         noise_seed: int = 0,
         noise_include: str | None = None,
-        kl_chunk_size: int = 1024,
+        kl_chunk_size: int | None = None,
         stop_threshold: float | None = None,
         gap_metric: Literal["auto", "acc", "ce"] = "auto",
         lr: float = 1e-3,
@@ -114,8 +115,9 @@ class DistillModule(UndoModule):
                 re.compile(noise_include)
             except re.error as err:
                 raise ValueError(f"noise_include={noise_include!r} is not a valid regex ({err})") from None
-        if kl_chunk_size < 1:
-            raise ValueError(f"kl_chunk_size={kl_chunk_size}: expected a positive integer")
+        if kl_chunk_size is not None and kl_chunk_size < 1:
+            raise ValueError(f"kl_chunk_size={kl_chunk_size}: expected a positive integer, or null (chosen from the "
+                             "vocabulary size)")
         if stop_threshold is not None and stop_threshold < 0:
             raise ValueError(f"stop_threshold={stop_threshold}: expected >= 0 or None (no stop rule)")
         if gap_metric not in ("auto", "acc", "ce"):

@@ -127,7 +127,8 @@ class UnlearnModule(UndoModule):
         retain_loss: the retain term of GradDiff and MaxEnt: ``ce`` (next-token CE) or ``kl`` (forward KL from the
             frozen starting model, the reference's WMDP setting). RMU's retain term is always its MSE.
         convex: weigh the terms ``(1 - w)`` / ``w`` (WMDP, spec §9.2) instead of ``1`` / ``w``; needs ``0 < w < 1``.
-        kl_chunk_size: positions per float32 chunk of the ``kl`` retain term (lower it for large vocabularies).
+        kl_chunk_size: positions per float32 chunk of the ``kl`` retain term; ``None``: 64 MiB per chunk
+            (:func:`~undo_lightning.losses.auto_chunk_size`).
         max_forget_ce: GradDiff divergence guard (see above); ``None`` turns it off.
         rmu_layer: 0-based decoder block whose output RMU steers.
         rmu_train_layers: blocks whose ``rmu_params`` train, each ``<= rmu_layer`` (later blocks cannot change
@@ -161,7 +162,7 @@ class UnlearnModule(UndoModule):
         retain_weight: float = 1.0,
         retain_loss: Literal["ce", "kl"] = "ce",
         convex: bool = False,
-        kl_chunk_size: int = 1024,
+        kl_chunk_size: int | None = None,
         max_forget_ce: float | None = None,
         rmu_layer: int = 1,
         rmu_train_layers: list[int] | None = None,
@@ -199,8 +200,9 @@ class UnlearnModule(UndoModule):
         if convex and not 0 < retain_weight < 1:
             raise ValueError(f"convex=True with retain_weight={retain_weight}: the convex weights (1 - w, w) need "
                              "0 < w < 1")
-        if kl_chunk_size < 1:
-            raise ValueError(f"kl_chunk_size={kl_chunk_size}: expected a positive integer")
+        if kl_chunk_size is not None and kl_chunk_size < 1:
+            raise ValueError(f"kl_chunk_size={kl_chunk_size}: expected a positive integer, or null (chosen from the "
+                             "vocabulary size)")
         if max_forget_ce is not None and max_forget_ce <= 0:
             raise ValueError(f"max_forget_ce={max_forget_ce}: expected a positive CE ceiling, or None for no guard")
         if rmu_coefficient <= 0:
