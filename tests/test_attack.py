@@ -107,6 +107,22 @@ def test_same_seed_same_curve_other_seed_differs(tokenizer, models, tmp_path):
     assert wc["mean"][-1] == pytest.approx(np.mean(finals)) and wc["std"][-1] == pytest.approx(np.std(finals))
 
 
+def test_attack_seeds_share_documents_and_prompts(models, tmp_path):
+    """With data given as arguments, the attack seed changes the batch order only: step 0 (same model, same prompts)
+    is identical across seeds, the attacked curves are not."""
+    source = "undo_lightning.ArithmeticSource"
+    data = {"retain": {"class_path": source, "init_args": {"operations": ["add", "sub"], "train_documents": 300,
+                                                           "val_documents": 40, "add_sub_range": [1, 50]}},
+            "forget": {"class_path": source, "init_args": {"operations": ["mul", "div"], "train_documents": 300,
+                                                           "val_documents": 40, "mul_div_range": [1, 20]}},
+            "block_size": 32, "batch_size": 8, "eval_prompts_per_set": 4, "seed": 5}
+    run_sweep({"teacher": models["teacher"]}, [3e-3], [0, 1], tmp_path, steps=3, eval_every=3, data=data)
+    s0, s1 = (_curve(tmp_path, "teacher", 3e-3, s)["metrics"] for s in (0, 1))
+    for key in ("val/forget_ce", "val/retain_ce", "val/forget_acc"):
+        assert s0[key][0] == s1[key][0], key
+    assert s0["val/forget_ce"][-1] != s1["val/forget_ce"][-1]
+
+
 def test_retain_only_attack_is_kept_apart(tokenizer, models, tmp_path):
     run_sweep({"teacher": models["teacher"]}, [1e-3], [0], tmp_path, steps=2, eval_every=2, data=_data(tokenizer),
               attack="retain")

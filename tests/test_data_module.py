@@ -113,3 +113,25 @@ def test_same_seed_same_blocks(tokenizer):
     a, b = small_datamodule(tokenizer, seed=1), small_datamodule(tokenizer, seed=1)
     assert torch.equal(a.train_blocks("mixture"), b.train_blocks("mixture"))
     assert not torch.equal(a.train_blocks("mixture"), small_datamodule(tokenizer, seed=2).train_blocks("mixture"))
+
+
+def test_order_seed_reorders_the_same_documents_and_keeps_the_prompts(tokenizer):
+    base, other = small_datamodule(tokenizer, seed=1), small_datamodule(tokenizer, seed=1, order_seed=7)
+    for dm in (base, other):
+        dm.setup()
+    assert base.eval_sets == other.eval_sets
+    assert all(base._docs[key] is not None and [d.tolist() for d in base._docs[key]] ==
+               [d.tolist() for d in other._docs[key]] for key in base._docs)
+    assert torch.equal(base.train_blocks("forget"), other.train_blocks("forget"))  # the attack's blocks
+    a, b = base.train_blocks("mixture"), other.train_blocks("mixture")  # the same documents, mixed otherwise
+    assert not torch.equal(a, b)
+    assert torch.equal(a, small_datamodule(tokenizer, seed=1, order_seed=1).train_blocks("mixture"))
+
+
+def test_resuming_with_another_data_order_is_refused(tokenizer):
+    state = small_datamodule(tokenizer, seed=1).state_dict()
+    small_datamodule(tokenizer, seed=1, order_seed=1).load_state_dict(state)  # the same order: accepted
+    with pytest.raises(ValueError, match="order_seed=2"):
+        small_datamodule(tokenizer, seed=1, order_seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed=3"):
+        small_datamodule(tokenizer, seed=3).load_state_dict(state)

@@ -153,7 +153,8 @@ def _datamodule_factory(data: DataSpec, batch_size: int | None) -> Callable[[int
 
     def make(seed: int) -> RetainForgetDataModule:
         if seed not in cache:
-            dm = data(seed) if kwargs is None else RetainForgetDataModule(**{**kwargs, "seed": seed})
+            # the attack seed varies the sample order only: every seed evaluates the same prompts
+            dm = data(seed) if kwargs is None else RetainForgetDataModule(**{**kwargs, "order_seed": seed})
             if batch_size is not None:
                 dm.batch_size = batch_size
             cache[seed] = dm
@@ -296,13 +297,14 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
         models: ``{name: HF folder}``; the name is the folder under ``relearn/`` (use the stage name so
             ``undo report`` finds it).
         lrs: learning-rate grid (paper: :data:`PAPER_LRS`; CPU: :data:`CPU_LRS`).
-        seeds: attack seeds; each is the data module's seed (sample order and generated documents/prompts) and is
-            recorded in the curve.
+        seeds: attack seeds; each is the data module's ``order_seed`` (the order of the attack's training batches;
+            documents and evaluation prompts stay those of the data's ``seed``) and is recorded in the curve. A
+            factory ``data`` receives the seed and decides itself.
         out_dir: experiment folder (runs go to ``out_dir/relearn/``).
         steps: attack steps per run (paper: 500).
         eval_every: evaluation interval (paper: 5); step 0 and the last step are always evaluated.
         batch_size: training batch size, overriding the data's (paper arithmetic: 15; CPU: 32).
-        data: ``RetainForgetDataModule`` keyword arguments (``seed`` is replaced by the run seed), or a factory
+        data: ``RetainForgetDataModule`` keyword arguments (``order_seed`` is set to the run seed), or a factory
             ``seed -> RetainForgetDataModule``; default: the arithmetic setting's defaults.
         attack: ``forget`` (the paper's attack) or ``retain`` (retain-only attack, arXiv 2505.22310).
         precision: Lightning precision (``32-true`` on CPU; ``bf16-mixed`` on GPU, spec §11.1.8).

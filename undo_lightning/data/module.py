@@ -138,6 +138,8 @@ class RetainForgetDataModule(L.LightningDataModule):
             (``{"retain": 1.0}`` trains the oracle).
         eval_prompts_per_set: evaluation prompts per answer-scored set (e.g. ``mul_word_problem``).
         seed: seed of document generation, mixing and sample order.
+        order_seed: seed of mixing and sample order only (default: ``seed``): runs that differ in it see the same
+            documents and evaluation prompts in a different order — the relearning sweep's attack seeds.
         num_workers: DataLoader worker processes.
         bpe_vocab_size: vocabulary size of the ``"bpe"`` tokenizer (at least 260: 4 special + 256 byte tokens).
         mcq: multiple-choice validation sets, ``{name: MCQSpec}`` (e.g. ``wmdp_cyber`` on the forget side, ``mmlu``
@@ -157,6 +159,7 @@ class RetainForgetDataModule(L.LightningDataModule):
         mixture: dict[str, float] | None = None,
         eval_prompts_per_set: int = 100,
         seed: int = 0,
+        order_seed: int | None = None,
         num_workers: int = 0,
         bpe_vocab_size: int = 8192,
         mcq: dict[str, MCQSpec] | None = None,
@@ -188,6 +191,7 @@ class RetainForgetDataModule(L.LightningDataModule):
         self.tokenizer_name = tokenizer
         self.block_size, self.batch_size, self.eval_batch_size = block_size, batch_size, eval_batch_size
         self.eval_prompts_per_set, self.seed, self.num_workers = eval_prompts_per_set, seed, num_workers
+        self.order_seed = seed if order_seed is None else order_seed
         self._tokenizer = None
         self._docs: dict[tuple[str, str], list[np.ndarray]] = {}
         self._blocks: dict[str, torch.Tensor] = {}
@@ -266,7 +270,7 @@ class RetainForgetDataModule(L.LightningDataModule):
 
     def _mixture_docs(self) -> list[np.ndarray]:
         """Draws documents from the splits with ``mixture`` probabilities, each split's pool shuffled and cycled."""
-        rng = random.Random(self.seed)
+        rng = random.Random(self.order_seed)
         pools = {s: self._docs[(s, "train")] for s, p in self.mixture.items() if p > 0}
         orders = {s: rng.sample(range(len(pool)), len(pool)) for s, pool in pools.items()}
         # As many documents as the pools hold in total, so a pure retain mixture sees every retain document once.
@@ -295,7 +299,7 @@ class RetainForgetDataModule(L.LightningDataModule):
         return trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
 
     def _train_loader(self, blocks: torch.Tensor, split: str, batches_per_epoch: int) -> DataLoader:
-        sampler = StepSampler(blocks.shape[0], self.batch_size, batches_per_epoch, self.seed + _SPLIT_SEED[split],
+        sampler = StepSampler(blocks.shape[0], self.batch_size, batches_per_epoch, self.order_seed + _SPLIT_SEED[split],
                               self._start_batch, self._rank_world)
         return DataLoader(_Blocks(blocks), batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, collate_fn=partial(_collate_blocks, split=split))
@@ -341,13 +345,15 @@ class RetainForgetDataModule(L.LightningDataModule):
                 "answers": [item.answer for _, item in rows], "sets": [name for name, _ in rows], "kind": "answer"}
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "mixture": self.mixture, "block_size": self.block_size}
+        return {"seed": self.seed, "order_seed": self.order_seed, "mixture": self.mixture,
+                "block_size": self.block_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("seed", self.seed) != self.seed or state.get("block_size", self.block_size) != self.block_size:
-            raise ValueError(f"the checkpoint was written with data seed={state.get('seed')}, "
-                             f"block_size={state.get('block_size')}, but this run has seed={self.seed}, "
-                             f"block_size={self.block_size}; resuming would change the data order")
+        saved = {key: state.get(key, getattr(self, key)) for key in ("seed", "order_seed", "block_size")}
+        if saved != {key: getattr(self, key) for key in saved}:
+            raise ValueError(f"the checkpoint was written with data {saved}, but this run has seed={self.seed}, "
+                             f"order_seed={self.order_seed}, block_size={self.block_size}; resuming would change "
+                             "the data order")
 
 
 _SPLIT_SEED = {"mixture": 0, "retain": 101, "forget": 202}
