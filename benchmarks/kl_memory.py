@@ -1,7 +1,7 @@
 """Peak memory and time of the chunked ``forward_kl`` vs a naive fp32 full-vocabulary KL, forward + backward.
 
-    python benchmarks/kl_memory.py                            # V = 256000, 2 x 512 tokens, bf16 logits, chunk 128
-    python benchmarks/kl_memory.py --chunk-sizes 128,1024     # also forward_kl's default chunk (all 958 positions)
+    python benchmarks/kl_memory.py                            # V = 256000, 2 x 512 tokens, bf16 logits, default chunk
+    python benchmarks/kl_memory.py --chunk-sizes auto,128,1024   # "auto" = forward_kl's default (65 at V = 256000)
     python benchmarks/kl_memory.py --device cuda --dtype fp32
 
 Each variant runs in a fresh subprocess holding only its inputs (student logits requiring grad, teacher logits,
@@ -76,7 +76,8 @@ def _step(variant: str, student, teacher, labels) -> torch.Tensor:
     if variant == "naive":
         loss = naive_kl(student, teacher, labels)
     else:
-        loss = forward_kl(student, teacher, labels, chunk_size=int(variant.split("=")[1]))
+        size = variant.split("=")[1]
+        loss = forward_kl(student, teacher, labels, chunk_size=None if size == "auto" else int(size))
     loss.backward()
     return loss.detach()
 
@@ -131,7 +132,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of both logits tensors")
-    parser.add_argument("--chunk-sizes", default="128", help="comma-separated forward_kl chunk sizes")
+    parser.add_argument("--chunk-sizes", default="auto", help="comma-separated forward_kl chunk sizes; auto = None "
+                        "(forward_kl picks it from the vocabulary size)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
