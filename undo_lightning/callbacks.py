@@ -67,7 +67,9 @@ class HFExport(L.Callback):
 
 @torch.no_grad()
 def final_evaluation(pl_module, loaders) -> dict[str, float]:
-    """Runs the shared validation over ``loaders`` on this process (no cross-rank reduction).
+    """Runs the shared validation over ``loaders``: each rank scores its share, the counts are summed over ranks.
+
+    Call it on every rank (it is a collective under DDP), e.g. from ``on_train_start`` / ``on_train_end``.
 
     Args:
         pl_module: an ``UndoModule`` with its model built.
@@ -81,7 +83,9 @@ def final_evaluation(pl_module, loaders) -> dict[str, float]:
             batch = {k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             pl_module.validation_step(batch, 0)
     pl_module.model.train()
-    values = metrics.compute()
+    strategy = pl_module._trainer.strategy if pl_module._trainer is not None else None
+    values = metrics.compute(None if strategy is None else
+                             lambda t: strategy.reduce(t.to(pl_module.device), reduce_op="sum"))
     values.update({"compute/tokens": float(pl_module.tokens_seen),
                    "compute/flops": pl_module.compute_summary()["flops"]})
     return values

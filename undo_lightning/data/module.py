@@ -87,6 +87,49 @@ def _collate_blocks(rows: list[torch.Tensor], split: str) -> dict:
             "kind": "lm"}
 
 
+class EvalShard(DistributedSampler):
+    """Rank ``r``'s share of an evaluation set: items ``r, r + world, ...``, each item on exactly one rank.
+
+    Lightning's own ``DistributedSampler`` pads the set with repeated items, which would then count twice in the
+    metrics summed over ranks. Here the shorter ranks are padded with ``-1`` instead, which :class:`_Padded` turns
+    into ``None`` and :func:`_without_pads` drops, so every rank still runs the same number of batches (DDP forwards
+    must match across ranks) and every item counts once. Single process: all items in order.
+    """
+
+    def __init__(self, num_samples: int, rank_world: Callable[[], tuple[int, int]]) -> None:
+        self.n, self.rank_world = num_samples, rank_world
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.rank_world()[1])
+
+    def __iter__(self):
+        rank, world = self.rank_world()
+        for i in range(len(self)):
+            j = rank + i * world
+            yield j if j < self.n else -1
+
+    def set_epoch(self, epoch: int) -> None:  # evaluation order never changes
+        pass
+
+
+class _Padded(Dataset):
+    """``dataset[i]``, and ``None`` for the padding index ``-1`` of :class:`EvalShard`."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return None if i < 0 else self.dataset[i]
+
+
+def _without_pads(rows: list, collate: Callable[[list], dict]) -> dict:
+    rows = [row for row in rows if row is not None]
+    return collate(rows) if rows else {"kind": "empty"}  # a batch of padding only: validation skips it
+
+
 class StepSampler(DistributedSampler):
     """Seeded sample order addressed by training step, so a resumed run sees exactly the batches it would have seen.
 
@@ -320,18 +363,20 @@ class RetainForgetDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         self.setup()
-        loaders = [DataLoader(_Blocks(self._blocks[f"{s}/val"]), batch_size=self.eval_batch_size, shuffle=False,
-                              num_workers=self.num_workers, collate_fn=partial(_collate_blocks, split=s))
-                   for s in SPLITS]
+        loaders = [self._eval_loader(_Blocks(self._blocks[f"{s}/val"]), self.eval_batch_size,
+                                     partial(_collate_blocks, split=s)) for s in SPLITS]
         items = [(name, item) for name, set_items in self.eval_sets.items() for item in set_items]
         if items:
-            loaders.append(DataLoader(items, batch_size=self.eval_batch_size, shuffle=False,
-                                      num_workers=self.num_workers, collate_fn=self._collate_prompts))
+            loaders.append(self._eval_loader(items, self.eval_batch_size, self._collate_prompts))
         questions = [(name, prompt) for name, prompts in self.mcq_sets.items() for prompt in prompts]
         if questions:
-            loaders.append(DataLoader(questions, batch_size=self.mcq_batch_size, shuffle=False,
-                                      num_workers=self.num_workers, collate_fn=_collate_mcq))
+            loaders.append(self._eval_loader(questions, self.mcq_batch_size, _collate_mcq))
         return loaders
+
+    def _eval_loader(self, dataset, batch_size: int, collate: Callable[[list], dict]) -> DataLoader:
+        """Each evaluation item on exactly one rank (see :class:`EvalShard`)."""
+        return DataLoader(_Padded(dataset), batch_size=batch_size, sampler=EvalShard(len(dataset), self._rank_world),
+                          num_workers=self.num_workers, collate_fn=partial(_without_pads, collate=collate))
 
     def _collate_prompts(self, rows: list[tuple[str, EvalItem]]) -> dict:
         tok = self.tokenizer

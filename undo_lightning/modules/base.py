@@ -165,6 +165,8 @@ class UndoModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         metrics = self._metrics()
+        if batch["kind"] == "empty":  # this rank's share of the set ran out (DDP padding, see data.EvalShard)
+            return
         if batch["kind"] == "lm":
             metrics.update_lm(batch["split"], *lm_nll(self.model, batch["input_ids"], batch["attention_mask"],
                                                       batch["labels"]))
