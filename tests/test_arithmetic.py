@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from undo_lightning.data.arithmetic import ArithmeticSource, make_problem
+from undo_lightning.data.arithmetic import ArithmeticSource, Problem, make_problem
 from undo_lightning.data.templates import HELDOUT_TEMPLATES, TRAIN_TEMPLATES
 
 OPS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b, "div": lambda a, b: a // b}
@@ -88,6 +88,7 @@ def test_eval_sets_per_operation_and_form():
     (dict(operations=("add",), add_sub_range=(9, 3)), "add_sub_range"),
     (dict(operations=("add",), train_documents=0), "empty split"),
     (dict(operations=("add",), word_problem_fraction=1.5), "word_problem_fraction"),
+    (dict(operations=("mul",), eval_fact_fraction=1.0), "eval_fact_fraction=1.0"),
 ])
 def test_bad_input_names_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -108,3 +109,32 @@ def test_eval_forms_selects_the_evaluated_sets():
     assert sorted(sets) == ["div_equation", "mul_equation"]
     with pytest.raises(ValueError, match="eval_forms"):
         ArithmeticSource(("mul",), eval_forms=["essay"])
+
+
+SYMBOL_OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
+
+
+def test_eval_fact_fraction_keeps_evaluated_facts_out_of_every_document():
+    source = ArithmeticSource(("mul", "div"), train_documents=3000, val_documents=300, eval_fact_fraction=0.5,
+                              mul_div_range=(1, 20))
+    evaluated = set()
+    for name, items in source.eval_sets(seed=3, n_per_set=60).items():
+        for item in items:
+            if name.endswith("equation"):
+                a, symbol, b = re.fullmatch(r"(\d+) (\S) (\d+) =", item.prompt).groups()
+                evaluated.add((SYMBOL_OPS[symbol], (int(a), int(b))))
+    assert len(evaluated) > 60
+    seen = {(p.op, p.operands) for split in ("train", "val") for p in source.problems(split, seed=3)}
+    assert len(seen) > 300 and not seen & evaluated  # word problems included: the fact, not the wording, is held out
+    # the split is a fixed function of the fact: another seed holds out the same facts
+    facts = [(op, (a * b, b) if op == "div" else (a, b)) for op in ("mul", "div") for a in range(1, 21)
+             for b in range(1, 21)]
+    held = {(op, ops) for op, ops in facts if source.is_eval_fact(Problem(op, "equation", "", 0, operands=ops))}
+    assert evaluated <= held and not {(p.op, p.operands) for p in source.problems("train", seed=4)} & held
+    assert 0.4 < len(held) / 800 < 0.6
+    # without the option nothing is held out and the documents are those of a plain source
+    plain = ArithmeticSource(("mul", "div"), train_documents=3000, val_documents=300, mul_div_range=(1, 20))
+    assert plain.documents("train", 3) != source.documents("train", 3)
+    assert plain.documents("train", 3) == ArithmeticSource(("mul", "div"), train_documents=3000, val_documents=300,
+                                                           mul_div_range=(1, 20), eval_fact_fraction=None
+                                                           ).documents("train", 3)

@@ -89,6 +89,11 @@ class ArithmeticSource(DocumentSource):
         mul_div_range: inclusive operand range for multiplication/division (paper: 1-20).
         eval_forms: which forms get evaluation prompt sets. Word problems use held-out templates, which a CPU-scale
             model does not generalise to; a CPU demo may evaluate equations only.
+        eval_fact_fraction: hold out this share of the facts (operation + operands, e.g. ``7 * 8``) for
+            evaluation: documents never contain them and evaluation prompts use only them. Which facts are held out
+            is a fixed function of the fact, not of the seed. Give it to the relearning attack's forget data to
+            measure whether the capability returns on facts the attacker never trains on, not only the memorised
+            ones. ``None``: every fact anywhere.
     """
 
     operations: Sequence[Operation] = ("add", "sub")
@@ -98,6 +103,7 @@ class ArithmeticSource(DocumentSource):
     add_sub_range: tuple[int, int] = (1, 50)
     mul_div_range: tuple[int, int] = (1, 20)
     eval_forms: Sequence[Literal["equation", "word_problem"]] = FORMS
+    eval_fact_fraction: float | None = None
 
     def __post_init__(self) -> None:
         self.operations = tuple(self.operations)
@@ -116,15 +122,29 @@ class ArithmeticSource(DocumentSource):
             raise ValueError(f"eval_forms={list(self.eval_forms)!r}: expected a subset of {FORMS}")
         if not 0.0 <= self.word_problem_fraction <= 1.0:
             raise ValueError(f"word_problem_fraction={self.word_problem_fraction}: expected a value in [0, 1]")
+        if self.eval_fact_fraction is not None and not 0.0 < self.eval_fact_fraction < 1.0:
+            raise ValueError(f"eval_fact_fraction={self.eval_fact_fraction}: expected a share strictly between 0 and 1 "
+                             "(or null: no held-out facts)")
         if self.train_documents < 1 or self.val_documents < 1:
             raise ValueError(f"train_documents={self.train_documents}, val_documents={self.val_documents}: "
                              "expected at least 1 of each (an empty split cannot be trained or validated)")
 
     def _problem(self, rng: random.Random, op: str | None = None, form: str | None = None, heldout: bool = False):
-        op = op or self.operations[rng.randrange(len(self.operations))]
-        form = form or ("word_problem" if rng.random() < self.word_problem_fraction else "equation")
-        return make_problem(op, form, rng, heldout=heldout, add_sub_range=tuple(self.add_sub_range),
-                            mul_div_range=tuple(self.mul_div_range))
+        """One problem; with ``eval_fact_fraction``, redrawn until its fact is on the side the caller asks for
+        (evaluation prompts: ``heldout``; documents: the rest)."""
+        while True:
+            chosen_op = op or self.operations[rng.randrange(len(self.operations))]
+            chosen_form = form or ("word_problem" if rng.random() < self.word_problem_fraction else "equation")
+            problem = make_problem(chosen_op, chosen_form, rng, heldout=heldout,
+                                   add_sub_range=tuple(self.add_sub_range), mul_div_range=tuple(self.mul_div_range))
+            if self.eval_fact_fraction is None or self.is_eval_fact(problem) == heldout:
+                return problem
+
+    def is_eval_fact(self, problem: Problem) -> bool:
+        """Whether ``problem``'s fact is held out for evaluation (always False without ``eval_fact_fraction``)."""
+        if self.eval_fact_fraction is None:
+            return False
+        return random.Random(f"fact-{problem.op}-{problem.operands}").random() < self.eval_fact_fraction
 
     def problems(self, split: str, seed: int) -> list[Problem]:
         """The problems behind :meth:`documents` (with operands, for checking)."""
