@@ -181,7 +181,15 @@ class UndoModule(L.LightningModule):
             return
         values.update({"compute/tokens": float(self.tokens_seen), "compute/flops": self.compute_summary()["flops"]})
         self.last_val_metrics, self.last_val_step = values, self.global_step
-        self.log_dict(values, sync_dist=False, add_dataloader_idx=False)
+        self.log_reduced(values)
+
+    def log_reduced(self, values: dict[str, float]) -> None:
+        """Logs validation values that are already reduced over ranks (identical on every rank).
+
+        ``sync_dist=True`` costs one small all-reduce per value and averages identical numbers, which leaves them
+        unchanged; with ``False`` Lightning warns under DDP for every epoch-level value.
+        """
+        self.log_dict(values, sync_dist=True, add_dataloader_idx=False)
 
     # --------------------------------------------------------------------------------- callbacks / checkpoints
     def configure_callbacks(self):

@@ -254,7 +254,7 @@ class DistillModule(UndoModule):
             return
         gap = retain_gap(self.last_val_metrics, self._teacher_metrics, self.gap_metric())
         self.last_val_metrics["val/retain_gap"] = gap
-        self.log("val/retain_gap", gap, sync_dist=False)  # metrics are already reduced over ranks
+        self.log_reduced({"val/retain_gap": gap})
 
     # --------------------------------------------------------------------------------- callbacks / checkpoints
     def configure_callbacks(self):

@@ -164,7 +164,7 @@ class RelearnAttackModule(UndoModule):
         if self.trainer.sanity_checking:
             return
         per_form = self._per_form(self.last_val_metrics)
-        self.log_dict(per_form, sync_dist=False, add_dataloader_idx=False)
+        self.log_reduced(per_form)
         self.last_val_metrics.update(per_form)
         self._record(self.global_step, self.last_val_metrics)
 
