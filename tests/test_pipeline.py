@@ -133,6 +133,7 @@ def test_existing_reference_model_and_no_oracle(smoke_run, tmp_path):
     ({"reference": None}, "every experiment needs a reference"),
     ({"reference": {"model": "runs/x/hf", "module": {"lr": 0.1}}}, r"\['module'\] cannot be combined"),
     ({"oracle": {"model": ""}}, "an existing model is given as"),
+    ({"reference": "runs/x/hf"}, r"'runs/x/hf': expected a section"),
 ])
 def test_bad_reference_or_oracle_section(section, match):
     cfg = {**load_config(SMOKE), **section}

@@ -100,6 +100,10 @@ def plan(cfg: dict) -> list[Stage]:
                                  "`reference: {model: PATH}` to use an existing model instead of pretraining one")
             continue
         own = cfg.get(name) or {}
+        if not isinstance(own, dict):
+            raise ValueError(f"{name}: {own!r}: expected a section (pretrain overrides such as `module:`/`trainer:`, "
+                             f"or `{{model: PATH_OR_HUB_ID}}` for an existing model)"
+                             + (" or null" if name == "oracle" else ""))
         if "model" in own:
             extra = sorted(set(own) - {"model", "data"})
             if extra or not isinstance(own["model"], str) or not own["model"]:
