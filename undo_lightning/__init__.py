@@ -19,7 +19,7 @@ _EXPORTS = {
     "RelearnAttackModule": "undo_lightning.modules",
     "UndoModule": "undo_lightning.modules",
     "UnlearnModule": "undo_lightning.modules",
-    "RetainGapStop": "undo_lightning.modules.distill",
+    "RetainGapStop": "undo_lightning.callbacks",
     "shrink_and_perturb": "undo_lightning.noise",
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Literal
 
 import lightning as L
 import torch
@@ -89,3 +90,63 @@ def final_evaluation(pl_module, loaders) -> dict[str, float]:
     values.update({"compute/tokens": float(pl_module.tokens_seen),
                    "compute/flops": pl_module.compute_summary()["flops"]})
     return values
+
+
+def retain_gap(student: dict[str, float], teacher: dict[str, float], metric: Literal["acc", "ce"]) -> float:
+    """How far the student's retain performance is behind the teacher's (spec §6.4); <= 0 means caught up.
+
+    Args:
+        student: the student's validation metrics.
+        teacher: the teacher's validation metrics.
+        metric: ``acc``: ``acc_teacher − acc_student`` on ``val/retain_acc`` (absolute); ``ce``:
+            ``(ce_student − ce_teacher) / max(ce_teacher, 1e-6)`` on ``val/retain_ce`` (relative).
+    """
+    if metric == "acc":
+        return teacher["val/retain_acc"] - student["val/retain_acc"]
+    return (student["val/retain_ce"] - teacher["val/retain_ce"]) / max(teacher["val/retain_ce"], 1e-6)
+
+
+class RetainGapStop(L.Callback):
+    """Stops distillation once the student's retain performance is within ``threshold`` of the teacher's (spec §6.4).
+
+    Reads ``val/retain_gap``, which :class:`DistillModule` computes at every validation against the teacher's metrics
+    (evaluated once at fit start): with ``gap_metric: acc`` (arithmetic) training stops when
+    ``acc_teacher − acc_student <= threshold`` (the reference's ``mean(acc_s − acc_t) > −0.05``, with the boundary
+    counted as caught up); with ``gap_metric: ce`` (language) when ``(ce_s − ce_t) / ce_t < threshold``. The rule is
+    checked after every validation, so its cadence is the trainer's ``val_check_interval`` and the budget
+    ``trainer.max_steps``. The decision is reduced over ranks (any rank stopping stops all); the metrics are already
+    all-reduced, so ranks agree.
+
+    Use it through ``DistillModule(stop_threshold=...)`` (LightningCLI configs, the pipeline) or pass it to
+    ``Trainer(callbacks=[...])`` yourself.
+
+    Args:
+        threshold: gap at which training stops (0.05 in the paper for both settings).
+    """
+
+    def __init__(self, threshold: float = 0.05) -> None:
+        if not threshold >= 0:
+            raise ValueError(f"threshold={threshold}: expected >= 0")
+        self.threshold = threshold
+        self.stopped_at_step: int | None = None
+
+    def within(self, gap: float, metric: Literal["acc", "ce"]) -> bool:
+        """The stop condition for a gap (see the class docstring)."""
+        return gap <= self.threshold + 1e-12 if metric == "acc" else gap < self.threshold
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        if not hasattr(pl_module, "gap_metric"):
+            raise ValueError(f"RetainGapStop needs a module that measures val/retain_gap against a teacher "
+                             f"(DistillModule), got {type(pl_module).__name__}")
+        if getattr(trainer, "datamodule", None) is None:
+            raise ValueError("RetainGapStop needs trainer.fit(..., datamodule=...): the teacher is evaluated on the "
+                             "data module's validation loaders")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        # Runs after the module's on_validation_epoch_end, which computed this validation's gap.
+        gap = pl_module.last_val_metrics.get("val/retain_gap")
+        if trainer.sanity_checking or gap is None or pl_module.last_val_step != trainer.global_step:
+            return
+        if trainer.strategy.reduce_boolean_decision(self.within(gap, pl_module.gap_metric()), all=False):
+            self.stopped_at_step = trainer.global_step
+            trainer.should_stop = True
