@@ -139,3 +139,25 @@ def test_bad_reference_or_oracle_section(section, match):
     cfg = {**load_config(SMOKE), **section}
     with pytest.raises(ValueError, match=match):
         plan(cfg)
+
+
+def test_relearn_data_overrides_reach_the_attack(monkeypatch, tmp_path):
+    """README's held-out-facts attack: `relearn: {data: ...}` is merged into the shared data for the sweep only."""
+    import undo_lightning.attack as attack
+    from undo_lightning.pipeline import run_relearn
+
+    cfg = load_config(SMOKE)
+    cfg["relearn"] = {**cfg["relearn"], "data": {"forget": {"init_args": {"eval_fact_fraction": 0.5}}}}
+    seen = {}
+    monkeypatch.setattr(attack, "run_sweep", lambda **kwargs: seen.update(kwargs))
+    run_relearn(cfg, tmp_path, plan(cfg))
+    kwargs = attack.data_kwargs(seen["data"])
+    forget, retain = kwargs["forget"], kwargs["retain"]
+    assert forget.eval_fact_fraction == 0.5 and forget.operations == ("mul", "div")
+    assert forget.mul_div_range == (1, 5) and forget.train_documents == 2000  # the shared settings stay
+    assert retain.eval_fact_fraction is None
+    assert seen["lrs"] == [0.001, 0.003] and set(seen["models"]) == set(STAGES)
+    from undo_lightning.pipeline import _datamodule
+
+    for stage in plan(cfg):  # the training stages never see the attack's override
+        assert _datamodule(cfg, stage.data).forget.eval_fact_fraction is None, stage.name
