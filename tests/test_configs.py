@@ -60,3 +60,19 @@ def test_pipeline_configs_validate(name):
         assert names[0] == "reference" and "unlearn" in names and any(n.startswith("undo_a") for n in names)
         with open(path) as f:
             assert f.readline().startswith("#")
+
+
+def test_cli_console_drops_lightning_install_tips(tmp_path):
+    env = {**os.environ, "UNDO_NO_REEXEC": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "undo_lightning.cli", "fit", "-c",
+                           os.path.join(ROOT, "configs", "arithmetic", "pretrain.yaml"),
+                           "--model.init_args.model=gemma2-micro", "--trainer.max_steps=2",
+                           "--trainer.val_check_interval=2", "--data.eval_prompts_per_set=2",
+                           "--data.retain.init_args.train_documents=200", "--data.forget.init_args.train_documents=200",
+                           f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "GPU available" in out  # Lightning's other messages stay
+    assert "Tip:" not in out and "litlogger" not in out
+    assert (tmp_path / "hf" / "model.safetensors").is_file()

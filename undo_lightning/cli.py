@@ -7,6 +7,7 @@ through jsonargparse, because LightningCLI subcommands must map to Trainer metho
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -83,6 +84,12 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _not_an_install_tip(record: logging.LogRecord) -> bool:
+    """Logging filter: Lightning prints two "💡 Tip: ... try installing ..." adverts for every Trainer, i.e. every
+    pipeline stage and attack run; the console keeps everything else."""
+    return not str(record.msg).startswith("💡 Tip")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``undo`` console script."""
     explicit = argv is not None  # LightningCLI reads sys.argv itself unless called from Python with arguments
@@ -95,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_install_tip)
     if argv[0] == "pipeline":
         _pipeline_cli(_tool("pipeline"), argv[1:])
         return
