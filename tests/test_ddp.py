@@ -28,6 +28,7 @@ SCRIPT = textwrap.dedent("""
     from conftest import small_datamodule
     from undo_lightning import PretrainModule
     from undo_lightning.callbacks import final_evaluation
+    from undo_lightning.cli import close_process_group
 
     torch.set_num_threads(1)
     devices, batch_size, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -42,6 +43,7 @@ SCRIPT = textwrap.dedent("""
     values = final_evaluation(module, dm.val_dataloader())  # the path of step-0 / teacher / end-of-training evaluations
     if trainer.global_rank == 0:
         json.dump(values, open(root + "/final_evaluation.json", "w"))
+    close_process_group()  # as `undo fit` does: a gloo group left to interpreter exit can abort the process
 """)
 
 

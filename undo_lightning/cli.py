@@ -57,6 +57,16 @@ def _lightning_cli(args: list[str] | None, run: bool = True):
                    save_config_kwargs={"overwrite": True}, parser_kwargs={"default_env": False})
 
 
+def close_process_group() -> None:
+    """Tears torch.distributed down after a DDP run. A gloo process group left to interpreter exit can abort the
+    process ("terminate called without an active exception"), turning a finished run into a failed exit code."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank is done: none tears its connections down under another
+        dist.destroy_process_group()
+
+
 def _pipeline_cli(run_pipeline, args: list[str]) -> None:
     """``undo pipeline [-c CONFIG] [--out_dir DIR] [--overwrite] [--only STAGE ...]``."""
     import argparse
@@ -115,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"undo: unknown subcommand {argv[0]!r}; expected one of "
                          f"{', '.join(TRAINER_COMMANDS + tuple(TOOLS))}")
     _lightning_cli(argv if explicit else None)
+    close_process_group()
 
 
 if __name__ == "__main__":
