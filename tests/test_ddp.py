@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -47,10 +48,20 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
 def _run(script: Path, devices: int, batch_size: int, root: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UNDO_NO_REEXEC": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(devices), str(batch_size), str(root)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    for attempt in range(2):
+        proc = subprocess.run([sys.executable, str(script), str(devices), str(batch_size), str(root)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        # Once in about 20 CI runs gloo aborted at interpreter exit after a finished run (before the script tore the
+        # process group down explicitly); that torch-level exit race earns one rerun (runs are deterministic), any
+        # other failure fails at once.
+        if proc.returncode == 0 or GLOO_EXIT_ABORT not in proc.stderr or attempt == 1:
+            break
+        shutil.rmtree(root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((root / "metrics.json").read_text())
 
