@@ -84,9 +84,7 @@ def final_evaluation(pl_module, loaders) -> dict[str, float]:
             batch = {k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             pl_module.validation_step(batch, 0)
     pl_module.model.train()
-    strategy = pl_module._trainer.strategy if pl_module._trainer is not None else None
-    values = metrics.compute(None if strategy is None else
-                             lambda t: strategy.reduce(t.to(pl_module.device), reduce_op="sum"))
+    values = metrics.compute(pl_module.sum_over_ranks)
     values.update({"compute/tokens": float(pl_module.tokens_seen),
                    "compute/flops": pl_module.compute_summary()["flops"]})
     return values

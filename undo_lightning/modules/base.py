@@ -163,6 +163,12 @@ class UndoModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._metrics().reset()
 
+    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the DDP ranks (unchanged on one process or without a trainer)."""
+        if self._trainer is None:
+            return t
+        return self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum")
+
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         metrics = self._metrics()
         if batch["kind"] == "empty":  # this rank's share of the set ran out (DDP padding, see data.EvalShard)
@@ -176,7 +182,7 @@ class UndoModule(L.LightningModule):
             metrics.update_answers(batch["sets"], answer_correct(self.model, self.tokenizer, batch))
 
     def on_validation_epoch_end(self) -> None:
-        values = self._metrics().compute(lambda t: self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum"))
+        values = self._metrics().compute(self.sum_over_ranks)
         if self.trainer.sanity_checking:
             return
         values.update({"compute/tokens": float(self.tokens_seen), "compute/flops": self.compute_summary()["flops"]})
