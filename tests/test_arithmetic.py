@@ -138,3 +138,11 @@ def test_eval_fact_fraction_keeps_evaluated_facts_out_of_every_document():
     assert plain.documents("train", 3) == ArithmeticSource(("mul", "div"), train_documents=3000, val_documents=300,
                                                            mul_div_range=(1, 20), eval_fact_fraction=None
                                                            ).documents("train", 3)
+
+
+def test_an_empty_side_of_the_fact_split_is_a_clear_error():
+    # one multiplication fact (1 * 1): it is either held out or not, so one side of the split has no fact at all
+    source = ArithmeticSource(("mul",), mul_div_range=(1, 1), eval_fact_fraction=0.5, train_documents=5)
+    side = "training" if source.is_eval_fact(Problem("mul", "equation", "", 1, operands=(1, 1))) else "held-out"
+    with pytest.raises(ValueError, match=f"no {side} .*fact in 10000 draws"):
+        source.documents("train", 0) if side == "training" else source.eval_sets(0, 2)

@@ -28,6 +28,7 @@ FORMS: tuple[str, ...] = ("equation", "word_problem")
 
 # Distinct seed offsets per use so train documents, validation documents and evaluation prompts never share a stream.
 _SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "eval": 2_000_029}
+_MAX_DRAWS = 10_000  # eval_fact_fraction: redraws before a side of the fact split counts as empty
 
 
 @dataclass(frozen=True)
@@ -132,13 +133,16 @@ class ArithmeticSource(DocumentSource):
     def _problem(self, rng: random.Random, op: str | None = None, form: str | None = None, heldout: bool = False):
         """One problem; with ``eval_fact_fraction``, redrawn until its fact is on the side the caller asks for
         (evaluation prompts: ``heldout``; documents: the rest)."""
-        while True:
+        for _ in range(_MAX_DRAWS):
             chosen_op = op or self.operations[rng.randrange(len(self.operations))]
             chosen_form = form or ("word_problem" if rng.random() < self.word_problem_fraction else "equation")
             problem = make_problem(chosen_op, chosen_form, rng, heldout=heldout,
                                    add_sub_range=tuple(self.add_sub_range), mul_div_range=tuple(self.mul_div_range))
             if self.eval_fact_fraction is None or self.is_eval_fact(problem) == heldout:
                 return problem
+        raise ValueError(f"eval_fact_fraction={self.eval_fact_fraction}: no {'held-out' if heldout else 'training'} "
+                         f"{op or 'any'} fact in {_MAX_DRAWS} draws from add_sub_range={tuple(self.add_sub_range)}, "
+                         f"mul_div_range={tuple(self.mul_div_range)}; widen the ranges or change the fraction")
 
     def is_eval_fact(self, problem: Problem) -> bool:
         """Whether ``problem``'s fact is held out for evaluation (always False without ``eval_fact_fraction``)."""
