@@ -56,9 +56,9 @@ def _run(script: Path, devices: int, batch_size: int, root: Path) -> dict:
     for attempt in range(2):
         proc = subprocess.run([sys.executable, str(script), str(devices), str(batch_size), str(root)], env=env,
                               capture_output=True, text=True, timeout=600)
-        # Once in about 20 CI runs gloo aborted at interpreter exit after a finished run (before the script tore the
-        # process group down explicitly); that torch-level exit race earns one rerun (runs are deterministic), any
-        # other failure fails at once.
+        # Once (in about 30 runs of this test) gloo aborted at interpreter exit after a finished run, before the
+        # script tore the process group down explicitly; that torch-level exit race earns one rerun (runs are
+        # deterministic), any other failure fails at once.
         if proc.returncode == 0 or GLOO_EXIT_ABORT not in proc.stderr or attempt == 1:
             break
         shutil.rmtree(root)
