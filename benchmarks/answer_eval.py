@@ -14,7 +14,7 @@ import time
 import torch
 
 from undo_lightning import RetainForgetDataModule
-from undo_lightning.evaluation import answer_correct, answer_matches, parse_answer
+from undo_lightning.eval.metrics import answer_correct, answer_matches, parse_answer
 from undo_lightning.models import build_model
 
 

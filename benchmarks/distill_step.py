@@ -1,4 +1,4 @@
-"""Distill training step vs pretrain training step on the same student and batch (DESIGN §8).
+"""Distill training step vs pretrain training step on the same student and batch.
 
     python benchmarks/distill_step.py                                  # gemma2-tiny (32 x 64) and gemma2-0.1b (8 x 64)
     python benchmarks/distill_step.py --presets gemma2-tiny --reps 50

@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from undo_lightning.tokenization import build_arithmetic_tokenizer
+    from undo_lightning.data.tokenizers import build_arithmetic_tokenizer
 
     return build_arithmetic_tokenizer()
 
@@ -50,7 +50,7 @@ def smoke_run(tmp_path_factory):
     """The seconds-scale pipeline (configs/arithmetic/smoke.yaml), run once per session: ``(out_dir, report)``."""
     from pathlib import Path
 
-    from undo_lightning.pipeline import run_pipeline
+    from undo_lightning.experiment.pipeline import run_pipeline
 
     config = Path(__file__).resolve().parents[1] / "configs" / "arithmetic" / "smoke.yaml"
     out = tmp_path_factory.mktemp("smoke") / "arithmetic-smoke"

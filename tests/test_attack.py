@@ -3,11 +3,11 @@ import os
 
 import numpy as np
 import pytest
-
-import undo_lightning.attack as attack
 from conftest import small_datamodule
-from undo_lightning.attack import format_lr, parse_models, run_folder, run_sweep
+
+import undo_lightning.experiment.sweep as attack
 from undo_lightning.data import ArithmeticSource, DocumentSource
+from undo_lightning.experiment.sweep import format_lr, parse_models, run_folder, run_sweep
 from undo_lightning.models import build_model, export_model
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from undo_lightning.bpe import train_bpe_tokenizer
+from undo_lightning.data.bpe import train_bpe_tokenizer
 from undo_lightning.data.text import TextSource
-from undo_lightning.tokenization import load_tokenizer
+from undo_lightning.data.tokenizers import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ENGLISH = (FIXTURES / "english.txt").read_text(encoding="utf-8")

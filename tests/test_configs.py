@@ -43,6 +43,7 @@ def test_unknown_subcommand_is_a_clear_error():
     assert proc.returncode != 0 and "unknown subcommand 'frobnicate'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_print_config_round_trips(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "undo_lightning.cli", "fit", "-c",
                            os.path.join(ROOT, "configs", "arithmetic", "pretrain_oracle.yaml"), "--print_config"],
@@ -53,7 +54,7 @@ def test_print_config_round_trips(tmp_path):
 @pytest.mark.parametrize("name", sorted(PIPELINE_CONFIGS))
 def test_pipeline_configs_validate(name):
     """Experiment files: every stage's module and data module are built from them (models load lazily)."""
-    from undo_lightning.pipeline import load_config, validate
+    from undo_lightning.experiment.pipeline import load_config, validate
 
     for path in [c for c in CONFIGS if os.path.basename(c) == name]:
         names = [s.name for s in validate(load_config(path))]
@@ -62,6 +63,7 @@ def test_pipeline_configs_validate(name):
             assert f.readline().startswith("#")
 
 
+@pytest.mark.slow
 def test_cli_console_drops_lightning_install_tips(tmp_path):
     env = {**os.environ, "UNDO_NO_REEXEC": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "undo_lightning.cli", "fit", "-c",

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import small_datamodule
+
 from undo_lightning import ArithmeticSource, RetainForgetDataModule
 from undo_lightning.data.module import StepSampler, pack_documents
 

@@ -66,6 +66,7 @@ def _run(script: Path, devices: int, batch_size: int, root: Path) -> dict:
     return json.loads((root / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 def test_two_rank_ddp_equals_one_process_with_the_combined_batch(tmp_path):
     from safetensors.torch import load_file

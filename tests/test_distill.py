@@ -9,15 +9,15 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import small_datamodule, tiny_trainer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Gemma2ForCausalLM
 
-from conftest import small_datamodule, tiny_trainer
-from undo_lightning.models import build_model, export_model, preset_config
 from undo_lightning.callbacks import RetainGapStop, retain_gap
+from undo_lightning.data.tokenizers import build_arithmetic_tokenizer
+from undo_lightning.models import build_model, export_model, preset_config
 from undo_lightning.modules.distill import DistillModule
 from undo_lightning.noise import shrink_and_perturb
-from undo_lightning.tokenization import build_arithmetic_tokenizer
 
 
 @pytest.fixture(scope="module")

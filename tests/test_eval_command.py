@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from undo_lightning.bpe import train_bpe_tokenizer
+from undo_lightning.data.bpe import train_bpe_tokenizer
+from undo_lightning.data.mcq import build_prompt, load_mcq
 from undo_lightning.data.text import TextSource
-from undo_lightning.eval_command import MCQ_PRESETS, eval_command, evaluate_model, parse_mcq
-from undo_lightning.mcq import build_prompt, load_mcq, mcq_accuracy
+from undo_lightning.data.tokenizers import load_tokenizer
+from undo_lightning.eval.command import MCQ_PRESETS, eval_command, evaluate_model, parse_mcq
+from undo_lightning.eval.mcq import mcq_accuracy
 from undo_lightning.models import build_model, export_model
-from undo_lightning.tokenization import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CYBER, MMLU = str(FIXTURES / "wmdp" / "wmdp_cyber.jsonl"), str(FIXTURES / "wmdp" / "mmlu_test.jsonl")
@@ -129,7 +130,7 @@ def test_undo_eval_command_line(folder, tmp_path, monkeypatch, capsys):
 
 
 def test_lm_nll_in_row_chunks_equals_one_pass(folder, monkeypatch):
-    import undo_lightning.evaluation as evaluation
+    import undo_lightning.eval.metrics as evaluation
     from undo_lightning.losses import token_nll
 
     model = build_model(folder)

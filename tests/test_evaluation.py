@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
-
 from conftest import small_datamodule
-from undo_lightning.evaluation import ValidationMetrics, answer_correct, answer_matches, parse_answer
+
+from undo_lightning.eval.metrics import ValidationMetrics, answer_correct, answer_matches, parse_answer
 from undo_lightning.models import build_model
 
 

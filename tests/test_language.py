@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from undo_lightning import RetainForgetDataModule, TextSource
-from undo_lightning.bpe import train_bpe_tokenizer
+from undo_lightning.data.bpe import train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "language"
@@ -76,8 +76,9 @@ def local_variant(out_dir: Path) -> dict:
     return cfg
 
 
+@pytest.mark.slow
 def test_language_pipeline_end_to_end(tmp_path):
-    from undo_lightning.pipeline import run_pipeline
+    from undo_lightning.experiment.pipeline import run_pipeline
 
     out = tmp_path / "run"
     config = tmp_path / "language.yaml"

@@ -10,18 +10,11 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-import undo_lightning.mcq as mcq
-from undo_lightning.bpe import train_bpe_tokenizer
+import undo_lightning.eval.mcq as mcq
+from undo_lightning.data.bpe import train_bpe_tokenizer
+from undo_lightning.data.mcq import MCQRecord, build_prompt, load_mcq, select_fewshot, validate_record
 from undo_lightning.data.text import TextSource
-from undo_lightning.mcq import (
-    MCQRecord,
-    build_prompt,
-    load_mcq,
-    loglikelihoods,
-    mcq_accuracy,
-    select_fewshot,
-    validate_record,
-)
+from undo_lightning.eval.mcq import loglikelihoods, mcq_accuracy
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MCQ_FILE = FIXTURES / "mcq_wmdp.jsonl"

@@ -1,4 +1,4 @@
-"""Shrink-and-perturb against the §5 formula with a regenerated noise draw, on a tiny Gemma-2 and plain modules."""
+"""Shrink-and-perturb against docs/reference.md §6 with a regenerated noise draw on a tiny Gemma-2 and plain modules."""
 
 import math
 

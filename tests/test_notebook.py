@@ -1,14 +1,15 @@
 """The quickstart notebook executes top to bottom and shows the report and the plots."""
 
-import os
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs(smoke_run, monkeypatch):
     out, _ = smoke_run
     # The notebook runs the smoke pipeline into $UNDO_NOTEBOOK_RUN_DIR/arithmetic-smoke; pointing it at the session's

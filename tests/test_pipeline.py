@@ -1,4 +1,4 @@
-"""End to end: the seconds-scale pipeline writes every artifact of DESIGN §2, resumes, and refuses mixed runs."""
+"""End to end: the seconds-scale pipeline writes every artifact of the run folder, resumes, and refuses mixed runs."""
 
 import json
 import os
@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from undo_lightning.pipeline import load_config, plan, run_pipeline
+from undo_lightning.experiment.pipeline import load_config, plan, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "arithmetic" / "smoke.yaml"
 STAGES = ["reference", "oracle", "unlearn", "distill", "undo_a0.3", "undo_a0.7"]
 
 
+@pytest.mark.slow
 def test_every_artifact_is_written(smoke_run):
     out, report = smoke_run
     assert [s.name for s in plan(load_config(SMOKE))] == STAGES
@@ -44,6 +45,7 @@ def test_every_artifact_is_written(smoke_run):
     assert {m["name"] for m in report["models"]} == set(STAGES)
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_stages(smoke_run):
     out, report = smoke_run
     stamps = {s: (out / s / "DONE").stat().st_mtime_ns for s in STAGES}
@@ -55,6 +57,7 @@ def test_rerun_skips_finished_stages(smoke_run):
     assert again == report
 
 
+@pytest.mark.slow
 def test_refuses_a_folder_holding_another_config(smoke_run, tmp_path):
     out, _ = smoke_run
     other = yaml.safe_load(SMOKE.read_text())
@@ -80,6 +83,7 @@ def test_bad_config_fails_before_training(tmp_path):
         run_pipeline(str(path), out_dir=str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_stage_then_resume_gives_the_same_report(smoke_run, tmp_path):
     """Kill -9 the pipeline once the reference stage has a checkpoint, re-run: same report as uninterrupted."""
     _, report = smoke_run
@@ -97,6 +101,7 @@ def test_sigkill_during_a_stage_then_resume_gives_the_same_report(smoke_run, tmp
     assert run_pipeline(str(SMOKE), out_dir=str(out)) == report
 
 
+@pytest.mark.slow
 def test_existing_reference_model_and_no_oracle(smoke_run, tmp_path):
     """`reference: {model: PATH}` evaluates that model instead of pretraining; `oracle: null` leaves the oracle out."""
     smoke_out, _ = smoke_run
@@ -143,8 +148,8 @@ def test_bad_reference_or_oracle_section(section, match):
 
 def test_relearn_data_overrides_reach_the_attack(monkeypatch, tmp_path):
     """README's held-out-facts attack: `relearn: {data: ...}` is merged into the shared data for the sweep only."""
-    import undo_lightning.attack as attack
-    from undo_lightning.pipeline import run_relearn
+    import undo_lightning.experiment.sweep as attack
+    from undo_lightning.experiment.pipeline import run_relearn
 
     cfg = load_config(SMOKE)
     cfg["relearn"] = {**cfg["relearn"], "data": {"forget": {"init_args": {"eval_fact_fraction": 0.5}}}}
@@ -157,7 +162,7 @@ def test_relearn_data_overrides_reach_the_attack(monkeypatch, tmp_path):
     assert forget.mul_div_range == (1, 5) and forget.train_documents == 2000  # the shared settings stay
     assert retain.eval_fact_fraction is None
     assert seen["lrs"] == [0.001, 0.003] and set(seen["models"]) == set(STAGES)
-    from undo_lightning.pipeline import _datamodule
+    from undo_lightning.experiment.pipeline import _datamodule
 
     for stage in plan(cfg):  # the training stages never see the attack's override
         assert _datamodule(cfg, stage.data).forget.eval_fact_fraction is None, stage.name

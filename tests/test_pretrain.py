@@ -3,9 +3,9 @@ import os
 
 import lightning as L
 import torch
+from conftest import small_datamodule, tiny_trainer
 from transformers import AutoModelForCausalLM
 
-from conftest import small_datamodule, tiny_trainer
 from undo_lightning import PretrainModule
 from undo_lightning.callbacks import final_evaluation
 
@@ -21,7 +21,7 @@ def test_short_pretraining_learns_and_exports(tokenizer, tmp_path):
     module.configure_model()
     dm.setup()
     module.metrics = None
-    from undo_lightning.evaluation import ValidationMetrics
+    from undo_lightning.eval.metrics import ValidationMetrics
 
     module.metrics = ValidationMetrics(dm.eval_set_split)
     before = final_evaluation(module, dm.val_dataloader())

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import small_datamodule, tiny_trainer
 from transformers import AutoModelForCausalLM
 
-from conftest import small_datamodule, tiny_trainer
+from undo_lightning.experiment.robustness import load_curves
 from undo_lightning.models import build_model, export_model
 from undo_lightning.modules.relearn import RelearnAttackModule, model_label
-from undo_lightning.robustness import load_curves
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def micro_folder(tmp_path_factory, tokenizer):
 
 
 def test_forget_attack_refuses_retain_batches(tokenizer, micro_folder, tmp_path):
-    """The reference's bug (spec §11.1.12): a 'forget' attack fed retain data must stop, not train."""
+    """The reference's bug (docs/reference.md §13): a 'forget' attack fed retain data must stop, not train."""
     module = RelearnAttackModule(model=micro_folder, attack="forget", export=False)
     module.train_data = "retain"  # the data module now serves retain batches to a forget attack
     with pytest.raises(ValueError, match=r"FORGET data only.*split 'retain'.*expected only 'forget'"):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from undo_lightning.report import build_report, main, write_report
+from undo_lightning.experiment.report import build_report, main, write_report
 
 STEPS = [0, 50, 100, 200]  # attack length 200: a requested step 300 must fall back to 200
 LRS = (0.001, 0.0001)

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from undo_lightning.robustness import (
+from undo_lightning.experiment.robustness import (
     Curve,
     area_under_curve,
     common_steps,

@@ -104,7 +104,7 @@ def test_split_is_disjoint_complete_and_seeded(tmp_path):
 
 
 def test_text_sources_feed_the_data_module(tmp_path):
-    from undo_lightning.bpe import train_bpe_tokenizer
+    from undo_lightning.data.bpe import train_bpe_tokenizer
     from undo_lightning.data.module import RetainForgetDataModule
 
     english, korean = TextSource(str(FIXTURES / "english.txt")), TextSource(str(FIXTURES / "korean.txt"))

@@ -2,7 +2,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from undo_lightning.data.arithmetic import ArithmeticSource
-from undo_lightning.tokenization import load_tokenizer
+from undo_lightning.data.tokenizers import load_tokenizer
 
 
 def test_covers_everything_the_generator_writes(tokenizer):

@@ -1,4 +1,4 @@
-"""The WMDP setting: the MaxEnt + KL-retain unlearning objective (spec §9.2) checked against independent computations,
+"""The WMDP setting: the MaxEnt + KL-retain loss (docs/reference.md §11.2) checked against independent computations,
 the frozen original model's handling, the multiple-choice validation metric, and the three shipped WMDP stage configs
 run end to end on a micro model with local stand-in corpus and multiple-choice files."""
 
@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from undo_lightning import RetainForgetDataModule, TextSource, UnlearnModule
-from undo_lightning.bpe import train_bpe_tokenizer
-from undo_lightning.evaluation import MCQSpec, limit_records
-from undo_lightning.mcq import build_prompt, load_mcq, mcq_accuracy
+from undo_lightning.data.bpe import train_bpe_tokenizer
+from undo_lightning.data.mcq import MCQSpec, build_prompt, limit_records, load_mcq
+from undo_lightning.eval.mcq import mcq_accuracy
 from undo_lightning.models import build_model, export_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,7 +254,7 @@ def test_wmdp_stage_configs_run_on_a_micro_model(original, tmp_path):
 
 
 def test_side_accuracy_prefers_answer_sets_and_falls_back_to_multiple_choice():
-    from undo_lightning.evaluation import ValidationMetrics
+    from undo_lightning.eval.metrics import ValidationMetrics
 
     m = ValidationMetrics({"mul_equation": "forget"}, {"wmdp": "forget", "mmlu": "retain", "mmlu2": "retain"})
     m.update_answers(["mul_equation", "mul_equation"], [True, False])
@@ -266,10 +266,11 @@ def test_side_accuracy_prefers_answer_sets_and_falls_back_to_multiple_choice():
     assert out["val/retain_acc"] == 0.75  # no answer-scored retain set: the mean of the multiple-choice sets
 
 
+@pytest.mark.slow
 def test_wmdp_pipeline_config_runs_on_a_micro_model(tok, original, tmp_path):
     """configs/wmdp/pipeline.yaml, shrunk and with local stand-ins: an existing model evaluated (not pretrained), no
     oracle, no full distillation; the report's forget metric is the WMDP multiple-choice accuracy."""
-    from undo_lightning.pipeline import load_config, plan, run_pipeline
+    from undo_lightning.experiment.pipeline import load_config, plan, run_pipeline
 
     cfg = load_config(ROOT / "configs" / "wmdp" / "pipeline.yaml")
     assert [s.name for s in plan(cfg)] == ["reference", "unlearn", "undo_a0.25"]

@@ -4,7 +4,8 @@ The public names are imported on first use (PEP 562), so ``undo --help`` and lig
 torch, Lightning and transformers.
 """
 
-from undo_lightning._lazy import lazy_getattr
+from importlib import import_module
+from typing import Any
 
 _EXPORTS = {
     "ArithmeticSource": "undo_lightning.data",
@@ -20,6 +21,7 @@ _EXPORTS = {
     "UndoModule": "undo_lightning.modules",
     "UnlearnModule": "undo_lightning.modules",
     "RetainGapStop": "undo_lightning.callbacks",
+    "MCQSpec": "undo_lightning.data",
     "shrink_and_perturb": "undo_lightning.noise",
 }
 
@@ -27,7 +29,12 @@ __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
 
-__getattr__ = lazy_getattr("undo_lightning", _EXPORTS, globals())
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'undo_lightning' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # cached: the next access is a plain attribute lookup
+    return value
 
 
 def __dir__() -> list[str]:

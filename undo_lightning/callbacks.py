@@ -1,8 +1,7 @@
-"""Callbacks shared by the stages: the Hugging Face export hand-off (DESIGN §2) and the retain-gap stop rule."""
+"""Callbacks shared by the stages: the HF export hand-off (docs/architecture.md) and the retain-gap stop rule."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Literal
 
@@ -10,15 +9,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from undo_lightning.io import write_json_atomic
 from undo_lightning.models import export_model
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    """Writes ``data`` as JSON through a temporary file and a rename, so readers never see half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
@@ -91,7 +83,7 @@ def final_evaluation(pl_module, loaders) -> dict[str, float]:
 
 
 def retain_gap(student: dict[str, float], teacher: dict[str, float], metric: Literal["acc", "ce"]) -> float:
-    """How far the student's retain performance is behind the teacher's (spec §6.4); <= 0 means caught up.
+    """How far the student's retain performance is behind the teacher's (docs/reference.md §7.4); <= 0 means caught up.
 
     Args:
         student: the student's validation metrics.
@@ -105,7 +97,7 @@ def retain_gap(student: dict[str, float], teacher: dict[str, float], metric: Lit
 
 
 class RetainGapStop(L.Callback):
-    """Stops distillation once the student's retain performance is within ``threshold`` of the teacher's (spec §6.4).
+    """Stops distilling once the student's retain score is within ``threshold`` of its teacher (docs/reference.md §7.4).
 
     Reads ``val/retain_gap``, which :class:`DistillModule` computes at every validation against the teacher's metrics
     (evaluated once at fit start): with ``gap_metric: acc`` (arithmetic) training stops when

@@ -12,7 +12,7 @@ import os
 import sys
 
 # glibc's allocator returns freed blocks to the OS eagerly, which made 3-4x slow steps on small CPU models
-# (cpu-prototype.md); these thresholds must be set before the process starts, so the CLI re-executes itself once.
+# (docs/reference.md §14); these thresholds must be set before the process starts, so the CLI re-executes itself once.
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
 TRAINER_COMMANDS = ("fit", "validate", "test")
@@ -21,18 +21,20 @@ TRAINER_COMMANDS = ("fit", "validate", "test")
 # Non-Trainer subcommands: name -> (module, function, one-line summary). Imported only when chosen, so `undo --help`
 # and an unknown subcommand answer without importing torch, Lightning and transformers.
 TOOLS = {
-    "pipeline": ("undo_lightning.pipeline", "run_pipeline",
+    "pipeline": ("undo_lightning.experiment.pipeline", "run_pipeline",
                  "Run the whole UNDO experiment (pretrain, unlearn, distill, UNDO, relearn, report); resumable."),
-    "relearn": ("undo_lightning.attack", "relearn_command", "Relearning-attack sweep over models x LRs x seeds."),
-    "report": ("undo_lightning.report", "main", "Write report.md, report.json and plots for a finished run folder."),
-    "eval": ("undo_lightning.eval_command", "eval_command",
+    "relearn": ("undo_lightning.experiment.sweep", "relearn_command", "Relearning-attack sweep over models x LRs x seeds."),
+    "report": ("undo_lightning.experiment.report", "main", "Write report.md, report.json and plots for a finished run folder."),
+    "eval": ("undo_lightning.eval.command", "eval_command",
              "Multiple-choice accuracy (WMDP/MMLU format) and retain/forget CE of any HF model folder."),
 }
 
 
 def _tool(name: str):
+    from undo_lightning.io import import_object
+
     module, function, _ = TOOLS[name]
-    return getattr(__import__(module, fromlist=[function]), function)
+    return import_object(f"{module}.{function}")
 
 
 def _lightning_cli(args: list[str] | None, run: bool = True):

@@ -1,4 +1,4 @@
-"""Loss functions, each a small documented function on logits/hidden states (DESIGN §3).
+"""Loss functions, each a small documented function on logits/hidden states (docs/reference.md §5, §7).
 
 Conventions: ``logits`` are ``[B, T, V]`` as returned by the model for ``input_ids`` ``[B, T]``; ``labels`` are
 ``[B, T]`` aligned with ``input_ids`` (unshifted) with ``-100`` marking positions to ignore. Every function shifts
@@ -124,7 +124,7 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label
     """Distillation loss: forward KL(teacher || student) per position, temperature 1, mean over scored positions.
 
     ``L = (1/N) sum_{(b,t) in M} sum_v q(v|b,t) (log q(v|b,t) - log p(v|b,t))`` with ``q = softmax(teacher)``,
-    ``p = softmax(student)`` and ``M = {(b, t): labels[b, t + 1] != -100}``, ``N = |M|`` (spec §6.1).
+    ``p = softmax(student)`` and ``M = {(b, t): labels[b, t + 1] != -100}``, ``N = |M|`` (docs/reference.md §7.1).
 
     Memory: the positions of ``M`` are processed ``chunk_size`` at a time in float32, so full-vocabulary fp32
     tensors exist only for one chunk, in forward and in backward alike. The gradient w.r.t. the student logits is
@@ -158,7 +158,7 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label
 
 
 def maxent_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """MaxEnt forget loss: KL(uniform || model) per scored position, averaged (spec §4.2).
+    """MaxEnt forget loss: KL(uniform || model) per scored position, averaged (docs/reference.md §5.3).
 
     ``L = mean_{(b,t) in M} [-log V - (1/V) sum_v log p(v|b,t)]``, which is ``>= 0`` and ``0`` iff ``p`` is
     uniform. Uses ``-(1/V) sum_v log p(v) = logsumexp(s) - mean_v(s)``, so no ``[N, V]`` log-softmax is built.
@@ -177,7 +177,7 @@ def maxent_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def graddiff_loss(forget_ce: torch.Tensor, retain_ce: torch.Tensor, alpha: float) -> torch.Tensor:
-    """GradDiff objective ``-CE(forget) + alpha * CE(retain)`` (spec §4.1): ascend on forget, descend on retain.
+    """GradDiff objective ``-CE(forget) + alpha * CE(retain)`` (docs/reference.md §5.2): ascend forget, descend retain.
 
     Args:
         forget_ce: scalar mean CE on the forget batch (e.g. :func:`causal_lm_loss`).
@@ -203,7 +203,7 @@ def _masked_mean_square(diff: torch.Tensor, mask: torch.Tensor | None) -> torch.
 
 
 def rmu_forget_loss(hidden: torch.Tensor, control: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """RMU forget loss: push the target block's activations on forget inputs towards ``c * u`` (spec §4.3).
+    """RMU forget loss: push the target block's activations on forget inputs towards ``c * u`` (docs/reference.md §5.4).
 
     ``L_f = mean_{(b,t) unmasked, d} (h[b,t,d] - control[d])^2``. The reference averages over every position
     (padding included); pass the attention mask to leave padding out.
@@ -221,7 +221,7 @@ def rmu_forget_loss(hidden: torch.Tensor, control: torch.Tensor, mask: torch.Ten
 
 def rmu_retain_loss(hidden: torch.Tensor, frozen_hidden: torch.Tensor,
                     mask: torch.Tensor | None = None) -> torch.Tensor:
-    """RMU retain loss: keep the target block's activations on retain inputs at the frozen model's (spec §4.3).
+    """RMU retain loss: keep the target block's retain activations at the frozen model's (docs/reference.md §5.4).
 
     ``L_r = mean_{(b,t) unmasked, d} (h[b,t,d] - h_frozen[b,t,d])^2``; ``frozen_hidden`` is a target and is detached.
 
@@ -237,7 +237,7 @@ def rmu_retain_loss(hidden: torch.Tensor, frozen_hidden: torch.Tensor,
 
 
 def rmu_control_vector(hidden_size: int, coefficient: float, seed: int) -> torch.Tensor:
-    """RMU target ``c * u`` with ``u`` a uniformly random unit direction (a normalised Gaussian draw, spec §4.3).
+    """RMU target ``c * u`` with ``u`` a uniformly random unit direction (normalised Gaussian, docs/reference.md §5.4).
 
     Drawn on CPU from a dedicated ``torch.Generator`` seeded with ``seed``, so it depends on nothing but the
     arguments (the reference uses the global CUDA RNG after ``manual_seed``).
@@ -256,7 +256,7 @@ def rmu_control_vector(hidden_size: int, coefficient: float, seed: int) -> torch
 
 
 def mmd_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Squared maximum mean discrepancy between two samples under a sum of 5 Gaussian kernels (spec §4.4).
+    """Squared maximum mean discrepancy between two samples under a sum of 5 Gaussian kernels (docs/reference.md §5.5).
 
     ``MMD = mean(K_xx) + mean(K_yy) - mean(K_xy) - mean(K_yx)`` with
     ``K(a, b) = sum_{k=0..4} exp(-|a - b|^2 / sigma_k)``, ``sigma_k = sigma_0 * 2^(k - 2)``. The bandwidth is
@@ -302,7 +302,7 @@ class RepNoiseTerms(NamedTuple):
 def repnoise_loss(activations: Sequence[torch.Tensor], forget_logits: Sequence[torch.Tensor],
                   forget_labels: torch.Tensor, generator: torch.Generator, alpha: float = 1.0, beta: float = 0.001,
                   mask: torch.Tensor | None = None) -> RepNoiseTerms:
-    """RepNoise noise and harmful terms, from tensors the caller already computed on the forget batch (spec §4.4).
+    """RepNoise noise and harmful terms, from tensors already computed on the forget batch (docs/reference.md §5.5).
 
     * noise: ``N = (1/L) sum_i MMD(flatten(a_i * m), flatten(eps_i * m))`` with ``eps_i ~ N(0, I)`` drawn from
       ``generator``, each sample a ``T * H`` vector; ``m`` is the attention mask, not the reference's token

@@ -1,4 +1,4 @@
-"""Build, load and export Hugging Face causal LMs (DESIGN §3).
+"""Build, load and export Hugging Face causal LMs (docs/architecture.md).
 
 A model argument is one of: a preset name (``gemma2-tiny``, ``gemma2-0.1b``, ``gemma2-0.3b``: a Gemma-2 built from
 config with a seeded init), a local folder written by ``save_pretrained``, or a hub id (needs network access).
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, PreTrainedModel
 
-# Fields the paper's models inherit from gemma-2-2b (spec §1.1): soft-capping, GeGLU, tied embeddings, RoPE.
+from undo_lightning.io import atomic_folder, is_local_path
+
+# Fields the paper's models inherit from gemma-2-2b (docs/reference.md §2): soft-capping, GeGLU, tied embeddings, RoPE.
 _GEMMA2_COMMON = dict(
     attn_logit_softcapping=50.0,
     final_logit_softcapping=30.0,
@@ -33,7 +33,7 @@ PRESETS: dict[str, dict] = {
     # Seconds-scale model for tests and smoke runs (~0.15 M parameters).
     "gemma2-micro": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=256, num_attention_heads=2,
                          num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, max_position_embeddings=1024),
-    # The paper's sizes (spec §1.1), including the inherited query_pre_attn_scalar=256 and 4 KV heads.
+    # The paper's sizes (docs/reference.md §2), including the inherited query_pre_attn_scalar=256 and 4 KV heads.
     "gemma2-0.1b": dict(num_hidden_layers=14, hidden_size=320, intermediate_size=1280, num_attention_heads=8,
                         num_key_value_heads=4, head_dim=128, query_pre_attn_scalar=256, max_position_embeddings=8192),
     "gemma2-0.3b": dict(num_hidden_layers=14, hidden_size=768, intermediate_size=3072, num_attention_heads=8,
@@ -61,7 +61,7 @@ def build_model(model: str, tokenizer=None, seed: int = 0, attn_implementation: 
     Args:
         model: preset name, local ``save_pretrained`` folder, or hub id.
         tokenizer: tokenizer the data uses; sizes presets and is checked against loaded models.
-        seed: seed of a preset's random initialisation (the reference leaves it unseeded, spec §11.1.14).
+        seed: seed of a preset's random initialisation (the authors' code leaves it unseeded, docs/reference.md §13).
         attn_implementation: ``eager`` by default, which Gemma-2's soft-capping needs.
         trust_remote_code: only when the user asks for it.
         overrides: extra config fields for presets (e.g. ``num_hidden_layers=1`` in tests).
@@ -77,7 +77,7 @@ def build_model(model: str, tokenizer=None, seed: int = 0, attn_implementation: 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return Gemma2ForCausalLM(config)
-    if _looks_like_path(model) and not is_hf_folder(model):
+    if is_local_path(model) and not is_hf_folder(model):
         raise ValueError(f"model={model!r}: no Hugging Face model folder there (no config.json). Expected a preset "
                          f"{sorted(PRESETS)}, a folder written by save_pretrained, or a hub id")
     try:
@@ -86,8 +86,9 @@ def build_model(model: str, tokenizer=None, seed: int = 0, attn_implementation: 
         loaded = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code,
                                                       dtype=torch.float32, **kwargs)
     except OSError as err:
-        raise ValueError(f"model={model!r} could not be loaded ({err.__class__.__name__}: {str(err)[:200]}). "
-                         "Offline, pass a local folder instead of a hub id.") from None
+        raise ValueError(f"model={model!r} is neither a preset {sorted(PRESETS)} nor a local folder, and loading it as "
+                         f"a hub id failed ({err.__class__.__name__}: {str(err)[:200]}). Offline, pass a local folder "
+                         "instead of a hub id.") from None
     if tokenizer is not None:
         check_vocabulary(loaded, tokenizer, model)
     return loaded
@@ -105,10 +106,6 @@ def check_vocabulary(model: PreTrainedModel, tokenizer, name: str) -> None:
             raise ValueError(f"model={name!r} ships a tokenizer whose vocabulary differs from the data's tokenizer")
 
 
-def _looks_like_path(name: str) -> bool:
-    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1
-
-
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters, tied tensors counted once."""
     seen, total = set(), 0
@@ -123,27 +120,14 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 def export_model(model: PreTrainedModel, tokenizer, out_dir: str) -> str:
     """Writes ``save_pretrained`` (safetensors) + tokenizer to ``out_dir`` atomically.
 
-    The files go to a temporary sibling folder that is renamed into place last, so ``out_dir`` either holds a whole
-    export or does not exist: a later stage can never pick up a half-written model.
+    The files go to a temporary sibling folder that is renamed into place last (:func:`undo_lightning.io.atomic_folder`),
+    so ``out_dir`` either holds a whole export or does not exist: a later stage can never pick up a half-written model.
 
     Returns:
         ``out_dir``.
     """
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_folder(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if os.path.exists(out_dir):
-            old = f"{tmp}.old"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return os.path.abspath(out_dir)

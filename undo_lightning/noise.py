@@ -1,4 +1,4 @@
-"""Shrink-and-perturb: the "Noise" step of UNDO, applied once to the student before distillation (spec §5).
+"""Shrink-and-perturb: the "Noise" step of UNDO, applied once to the student before distillation (docs/reference.md §6).
 
 ``theta <- (1 - alpha) * theta + alpha * beta * N``: ``N`` is Xavier-uniform noise for 2-D parameters and 0 for 1-D
 ones (norm weights are only shrunk). Unlike the reference ``do_corruption``, the noise comes from a dedicated
@@ -75,7 +75,7 @@ def _selected_parameters(model: nn.Module, include: str | ParamFilter | None,
 def shrink_and_perturb(model: nn.Module, alpha: float, beta: float, seed: int,
                        include: str | ParamFilter | None = None,
                        mask: dict[str, torch.Tensor] | None = None) -> dict:
-    """Shrink every selected parameter towards 0 and add Xavier-uniform noise, in place (spec §5).
+    """Shrink every selected parameter towards 0 and add Xavier-uniform noise, in place (docs/reference.md §6).
 
     For each selected parameter ``theta``:
 

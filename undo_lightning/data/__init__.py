@@ -1,23 +1,11 @@
-"""Data: sources (arithmetic generator, text files / hub datasets) and the shared ``RetainForgetDataModule``.
+"""Data: document sources (arithmetic generator, text files / hub datasets, mixtures), multiple-choice records,
+tokenizers, and the ``RetainForgetDataModule`` every stage shares."""
 
-Names are imported on first use (PEP 562): ``undo_lightning.evaluation`` imports ``data.text`` while
-``data.module`` imports ``evaluation``, and an eager package import here would make that a cycle.
-"""
+from undo_lightning.data.arithmetic import ArithmeticSource, Problem, make_problem
+from undo_lightning.data.mcq import MCQRecord, MCQSpec
+from undo_lightning.data.module import RetainForgetDataModule
+from undo_lightning.data.sources import DocumentSource, EvalItem
+from undo_lightning.data.text import MixtureSource, TextSource
 
-from undo_lightning._lazy import lazy_getattr
-
-_EXPORTS = {
-    "ArithmeticSource": "undo_lightning.data.arithmetic",
-    "Problem": "undo_lightning.data.arithmetic",
-    "make_problem": "undo_lightning.data.arithmetic",
-    "RetainForgetDataModule": "undo_lightning.data.module",
-    "DocumentSource": "undo_lightning.data.sources",
-    "EvalItem": "undo_lightning.data.sources",
-    "MixtureSource": "undo_lightning.data.text",
-    "TextSource": "undo_lightning.data.text",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__ = lazy_getattr("undo_lightning.data", _EXPORTS, globals())
+__all__ = ["ArithmeticSource", "DocumentSource", "EvalItem", "MCQRecord", "MCQSpec", "MixtureSource", "Problem",
+           "RetainForgetDataModule", "TextSource", "make_problem"]

@@ -1,6 +1,6 @@
 """Seeded generator of arithmetic equations and word problems (the embedded default setting).
 
-Retain = addition/subtraction, forget = multiplication/division (paper §4; spec §2.3). Every answer is an exact
+Retain = addition/subtraction, forget = multiplication/division (docs/reference.md §3.1). Every answer is an exact
 non-negative integer: subtraction swaps operands so the result is >= 0, division is generated as
 ``(answer * b) / b`` so it is always exact (the reference writes division answers as floats, ``17.0``; we do not).
 """
@@ -164,7 +164,7 @@ class ArithmeticSource(DocumentSource):
         for op in self.operations:
             for form in self.eval_forms:
                 # One stream per (op, form) so adding a set never changes the others (the reference reuses one seed
-                # for every op, so its add and sub prompts mirror each other; spec §2.3 quirk).
+                # for every op, so its add and sub prompts mirror each other; docs/reference.md §13).
                 rng = random.Random(f"{seed + _SPLIT_OFFSET['eval']}-{op}-{form}")
                 items = [self._problem(rng, op, form, heldout=True) for _ in range(n_per_set)]
                 out[f"{op}_{form}"] = [EvalItem(p.prompt, str(p.answer)) for p in items]

@@ -1,4 +1,4 @@
-"""``RetainForgetDataModule``: one data module for every stage (DESIGN §4).
+"""``RetainForgetDataModule``: one data module for every stage (docs/reference.md §3.3).
 
 A stage states what it trains on through its ``train_data`` attribute and the data module serves it:
 
@@ -11,7 +11,7 @@ construction. Validation loaders give token CE on held-out retain/forget blocks,
 left-padded evaluation prompts scored by greedy exact match, and for the optional multiple-choice sets (WMDP, MMLU)
 lm-eval-format questions scored by log-likelihood (``val/<name>_mcq_acc``).
 
-Tokenizer ``"bpe"``: a byte-level BPE (:func:`undo_lightning.bpe.train_bpe_tokenizer`) trained offline, at first use,
+Tokenizer ``"bpe"``: a byte-level BPE (:func:`undo_lightning.data.bpe.train_bpe_tokenizer`) trained offline, at first use,
 on the retain and forget TRAIN documents of the split made with seed 0. Training is deterministic and independent of the
 data module's ``seed``, so every stage of an experiment, and every seed of a relearning sweep, rebuilds the identical
 tokenizer from the same data settings; each exported ``hf/`` folder ships it. A stage that continues from a model folder
@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from undo_lightning.bpe import MIN_VOCAB_SIZE, train_bpe_tokenizer
 from undo_lightning.data.arithmetic import ArithmeticSource
+from undo_lightning.data.bpe import MIN_VOCAB_SIZE, train_bpe_tokenizer
+from undo_lightning.data.mcq import MCQPrompt, MCQSpec, check_set_name
 from undo_lightning.data.sources import DocumentSource, EvalItem
-from undo_lightning.evaluation import MCQPrompt, MCQSpec, check_set_name
-from undo_lightning.tokenization import load_tokenizer
+from undo_lightning.data.tokenizers import load_tokenizer
 
 SPLITS = ("retain", "forget")
 TRAIN_DATA_KINDS = ("mixture", "paired", "forget", "retain")
@@ -49,7 +49,7 @@ def pack_documents(docs, block_size: int, separator_id: int) -> torch.Tensor:
     """Concatenates documents, each preceded by ``separator_id``, and cuts the stream into full blocks.
 
     Long documents continue into the next block rather than being truncated away (the reference drops remainders,
-    spec §2.4); the incomplete tail block is dropped.
+    docs/reference.md §4); the incomplete tail block is dropped.
 
     Args:
         docs: token ids per document (lists or 1-D integer arrays, without special tokens).

@@ -5,7 +5,8 @@ evaluation prompt is ``prompt`` alone. Placeholders: ``{name}``, ``{name2}``, ``
 (plural noun), ``{box}`` / ``{boxes}`` (a container, singular/plural), ``{place}``.
 
 ``TRAIN_TEMPLATES`` are seen in training; ``HELDOUT_TEMPLATES`` are used only for evaluation prompts, so word-problem
-accuracy measures whether the operation transfers to unseen phrasings (the reference code does the same, spec §2.3).
+accuracy measures whether the operation transfers to unseen phrasings (as in the authors' code,
+docs/reference.md §3.1).
 """
 
 from __future__ import annotations

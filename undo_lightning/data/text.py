@@ -1,9 +1,9 @@
 """Text corpora as document sources: local files (JSONL, JSON, TXT, Parquet), folders of them, or Hugging Face datasets.
 
-The paper's language setting is English (retain) vs Korean (forget) web text (spec §2.1); any corpus with one text
-field per record works. ``TextSource`` reads a corpus once, skips empty documents, applies the caps, and splits it
-document-by-document into a seeded train/val split. Documents are returned whole: ``RetainForgetDataModule`` packs
-long documents across blocks instead of truncating them (the reference drops everything past ``T``, spec §2.4).
+The paper's language setting is English (retain) vs Korean (forget) web text (docs/reference.md §3.2); any corpus with
+one text field per record works. ``TextSource`` reads a corpus once, skips empty documents, applies the caps, and splits
+it document-by-document into a seeded train/val split. Documents are returned whole: ``RetainForgetDataModule`` packs
+long documents across blocks instead of truncating them (the reference drops all past ``T``, docs/reference.md §4).
 ``MixtureSource`` mixes several sources with per-document weights.
 
 Errors in the input (missing file, missing field, non-string text, unreachable hub id) are raised as ``ValueError``
@@ -12,178 +12,25 @@ naming the file, line and field, not as a deep ``datasets`` stack trace.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from undo_lightning.data.sources import DocumentSource, EvalItem
+from undo_lightning.io import (
+    corpus_files,
+    is_local_path,
+    load_hub_dataset,
+    preview,
+    read_records,
+    read_text_file,
+    record_field,
+)
 
-SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".txt", ".parquet")
-_RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")  # files whose records are dicts (not plain text)
 # One document per paragraph: paragraphs are separated by a line that is empty or holds only whitespace.
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\f\v]*\n\s*")
-
-
-# --------------------------------------------------------------------------------------------------- file reading
-def is_local_path(path: str) -> bool:
-    """Whether ``path`` names a local file/folder rather than a hub id (``name`` or ``owner/name``).
-
-    Anything that exists, starts like a path, has more than one ``/`` or ends in a supported suffix is local, so a
-    mistyped file name gets a "no such file" error instead of a hub lookup.
-    """
-    return (os.path.exists(os.path.expanduser(path)) or path.startswith((".", "/", "~")) or path.count("/") > 1
-            or path.lower().endswith(SUFFIXES) or os.sep != "/" and os.sep in path)
-
-
-def corpus_files(path: str, suffixes: Sequence[str] = SUFFIXES) -> list[str]:
-    """The files of a local corpus: ``path`` itself, or every supported file below the folder ``path``.
-
-    Args:
-        path: a file or a folder (searched recursively; hidden files and folders are skipped).
-        suffixes: the file endings accepted.
-
-    Returns:
-        File paths in sorted order (so the corpus order, and therefore the split, is reproducible).
-
-    Raises:
-        ValueError: if ``path`` does not exist, has an unsupported suffix, or is a folder without supported files.
-    """
-    full = os.path.expanduser(path)
-    if not os.path.exists(full):
-        raise ValueError(f"path={path!r}: no such file or folder")
-    if os.path.isfile(full):
-        if not full.lower().endswith(tuple(suffixes)):
-            raise ValueError(f"path={path!r}: unsupported file type; expected one of {', '.join(suffixes)} "
-                             "(or a folder of such files)")
-        return [full]
-    found = []
-    for root, dirs, files in os.walk(full):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.join(root, f) for f in files if not f.startswith(".") and f.lower().endswith(tuple(suffixes))]
-    if not found:
-        raise ValueError(f"path={path!r} is a folder without any {', '.join(suffixes)} files")
-    return sorted(found)
-
-
-def _read_text_file(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:  # universal newlines: "\r\n" files split like "\n" files
-            return f.read()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not valid UTF-8 text (byte {err.start}); re-encode the file as UTF-8") from None
-
-
-def _jsonl_records(path: str) -> Iterator[tuple[Any, str]]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line), f"{path}:{line_no}"
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})") from None
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: not valid UTF-8 text (byte {err.start}); re-encode the file as UTF-8") from None
-
-
-def _json_records(path: str) -> Iterator[tuple[Any, str]]:
-    text = _read_text_file(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        if err.msg == "Extra data":  # several top-level values: a JSON-lines file named .json (as HF's to_json writes)
-            yield from _jsonl_records(path)
-            return
-        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        key, data = next(iter(data.items()))  # {"data": [...]} wrapper
-        for i, record in enumerate(data):
-            yield record, f"{path}: {key}[{i}]"
-        return
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records (or one record per line), got a "
-                         f"{type(data).__name__}")
-    for i, record in enumerate(data):
-        yield record, f"{path}: record {i}"
-
-
-def _parquet_records(path: str, columns: Sequence[str] | None = None) -> Iterator[tuple[Any, str]]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as err:  # pyarrow raises ArrowInvalid & co. for files that are not parquet
-        raise ValueError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from None
-    names = pf.schema_arrow.names
-    if columns is not None:
-        missing = [c for c in columns if c not in names]
-        if missing:
-            raise ValueError(f"{path}: no column {missing[0]!r}; the file has columns {names}")
-    row = 0
-    for batch in pf.iter_batches(batch_size=4096, columns=list(columns) if columns is not None else None):
-        for record in batch.to_pylist():
-            yield record, f"{path}: row {row}"
-            row += 1
-
-
-def read_records(path: str, columns: Sequence[str] | None = None) -> Iterator[tuple[Any, str]]:
-    """Yields ``(record, location)`` for every record of a local ``.jsonl``/``.json``/``.parquet`` file or folder.
-
-    Args:
-        path: a file or a folder of such files.
-        columns: Parquet columns to read (all when ``None``); JSON records are always read whole.
-
-    Yields:
-        The record (normally a dict) and where it came from, e.g. ``"data/a.jsonl:12"`` or ``"b.parquet: row 3"``.
-    """
-    for file in corpus_files(path, _RECORD_SUFFIXES):
-        suffix = file.lower().rsplit(".", 1)[-1]
-        if suffix == "jsonl":
-            yield from _jsonl_records(file)
-        elif suffix == "json":
-            yield from _json_records(file)
-        else:
-            yield from _parquet_records(file, columns)
-
-
-def record_field(record: Any, name: str, where: str, kind: str = "field") -> Any:
-    """Returns ``record[name]``; raises a ``ValueError`` naming ``where`` and listing the fields that do exist."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object with a {name!r} {kind}, got {type(record).__name__} "
-                         f"{_preview(record)}")
-    if name not in record:
-        raise ValueError(f"{where}: no {kind} {name!r}; the record has {kind}s {sorted(record)}")
-    return record[name]
-
-
-def _preview(value: Any, n: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def load_hub_dataset(path: str, name: str | None, split: str, streaming: bool = False):
-    """``datasets.load_dataset(path, name, split=split, streaming=streaming)`` with errors as one clear ``ValueError``.
-
-    Raises:
-        ValueError: when the dataset cannot be loaded (offline, unknown id, unknown config or split); the message says
-            to pass a local path, which is the fix offline.
-    """
-    import datasets
-
-    try:
-        return datasets.load_dataset(path, name, split=split, streaming=streaming)
-    except Exception as err:  # ConnectionError, DatasetNotFoundError, ValueError for a bad config/split, ...
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(
-            f"path={path!r} is not a local file or folder, and loading it as a Hugging Face dataset "
-            f"(name={name!r}, split={split!r}) failed: {type(err).__name__}: {detail[:300]}. Offline (or with "
-            f"HF_HUB_OFFLINE=1), pass a local path instead: a {'/'.join(SUFFIXES)} file or a folder of them."
-        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------- TextSource
@@ -203,7 +50,7 @@ class TextSource(DocumentSource):
     * anything else — a Hugging Face dataset id loaded with ``datasets.load_dataset(path, name, split=split)``.
 
     Empty and whitespace-only documents are skipped (each would otherwise add a bare separator token to the packed
-    stream, the reference's wikitext quirk, spec §9.1). Documents are never truncated.
+    stream, the reference's wikitext quirk, docs/reference.md §11.1). Documents are never truncated.
 
     Args:
         path: a local file or folder (see above), or a hub dataset id such as ``"HuggingFaceFW/fineweb-2"``.
@@ -275,7 +122,7 @@ class TextSource(DocumentSource):
             for text, where in self._texts():
                 if not isinstance(text, str):
                     raise ValueError(f"{where}: field {self.text_field!r} holds {type(text).__name__} "
-                                     f"{_preview(text)}, expected a string")
+                                     f"{preview(text)}, expected a string")
                 if not text.strip():
                     continue
                 docs.append(text)
@@ -296,7 +143,7 @@ class TextSource(DocumentSource):
             return
         for file in corpus_files(self.path):
             if file.lower().endswith(".txt"):
-                text = _read_text_file(file)
+                text = read_text_file(file)
                 if self.txt_unit == "line":
                     for line_no, line in enumerate(text.split("\n"), 1):
                         yield line.strip(), f"{file}:{line_no}"

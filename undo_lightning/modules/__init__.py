@@ -1,4 +1,4 @@
-"""One LightningModule per stage on a shared base (DESIGN §5)."""
+"""One LightningModule per stage on a shared base (docs/architecture.md)."""
 
 from undo_lightning.modules.base import UndoModule
 from undo_lightning.modules.distill import DistillModule

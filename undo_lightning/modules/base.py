@@ -1,6 +1,6 @@
 """The shared base of every stage: model construction, optimizer/schedule, validation, compute accounting, export.
 
-Stages subclass :class:`UndoModule` and implement ``training_step`` only (DESIGN §5).
+Stages subclass :class:`UndoModule` and implement ``training_step`` only (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Literal
 import lightning as L
 import torch
 
-from undo_lightning.evaluation import ValidationMetrics, answer_correct, lm_nll, mcq_correct
+from undo_lightning.data.tokenizers import load_tokenizer
+from undo_lightning.eval.mcq import mcq_correct
+from undo_lightning.eval.metrics import ValidationMetrics, answer_correct, lm_nll
 from undo_lightning.models import build_model, count_parameters, is_hf_folder
-from undo_lightning.tokenization import load_tokenizer
 
 
 class UndoModule(L.LightningModule):
@@ -108,7 +109,7 @@ class UndoModule(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token: ``6 N`` for forward + backward of the trained model (DESIGN §6)."""
+        """Training FLOPs per token: ``6 N`` for forward + backward of the trained model (docs/reference.md §10)."""
         return 6.0 * count_parameters(self.model)
 
     # ------------------------------------------------------------------------------------------ optimization

@@ -1,11 +1,11 @@
-"""``DistillModule``: distil a frozen teacher's outputs into a student (the "Distill" of UNDO, spec §6); its stop rule
-is :class:`~undo_lightning.callbacks.RetainGapStop` (spec §6.4).
+"""``DistillModule``: distil a frozen teacher's outputs into a student (the "Distill" of UNDO,
+docs/reference.md §7); its stop rule is :class:`~undo_lightning.callbacks.RetainGapStop` (docs/reference.md §7.4).
 
-One module covers three experiments (DESIGN §2, §5), chosen by ``student_init``:
+One module covers three experiments (docs/reference.md §7), chosen by ``student_init``:
 
 * full distillation — ``student_init: random``: a freshly initialised copy of the teacher's architecture;
 * UNDO — ``student_init: teacher``: a copy of the (unlearned) teacher, shrunk and perturbed once (``alpha``,
-  ``beta``, spec §5) before training;
+  ``beta``, docs/reference.md §6) before training;
 * oracle matching — ``student_init: <folder or preset>``: e.g. the reference model distilled from the oracle.
 """
 
@@ -16,16 +16,15 @@ import os
 import re
 from typing import Literal
 
-import lightning as L
 import torch
 from transformers import AutoModelForCausalLM
 
 from undo_lightning.callbacks import RetainGapStop, final_evaluation, retain_gap
+from undo_lightning.data.tokenizers import load_tokenizer
 from undo_lightning.losses import forward_kl
 from undo_lightning.models import build_model, count_parameters, is_hf_folder
 from undo_lightning.modules.base import UndoModule
 from undo_lightning.noise import shrink_and_perturb
-from undo_lightning.tokenization import load_tokenizer
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -33,7 +32,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 class DistillModule(UndoModule):
     """Forward-KL distillation of a frozen teacher into a student on the retain + forget mixture.
 
-    The paper distils on retain **and** forget inputs (DESIGN §4): the teacher's outputs on forget inputs carry its
+    The paper distils on retain **and** forget inputs (docs/reference.md §3.3): the teacher's forget outputs carry its
     suppression, so the data module's ``mixture`` should include both splits.
 
     The base class's ``model`` argument is not an argument here: the student is fully described by ``student_init``
@@ -53,7 +52,7 @@ class DistillModule(UndoModule):
 
     Sharding: the noise is applied in ``configure_model``, on full tensors, before any strategy wraps the module. Under
     FSDP the teacher shares wrapping policy with the student; use ``use_orig_params=True`` (frozen and trainable
-    parameters in one unit, lightning-conventions B.3).
+    parameters in one unit).
 
     Args:
         teacher: the frozen teacher, a Hugging Face folder written by ``save_pretrained`` (e.g.
@@ -70,8 +69,8 @@ class DistillModule(UndoModule):
         kl_chunk_size: positions per float32 chunk of the forward KL; ``None``: 64 MiB per chunk
             (:func:`~undo_lightning.losses.auto_chunk_size`, 65 positions at a 256k vocabulary).
         stop_threshold: stop at the first validation where ``val/retain_gap`` is within this threshold
-            (:class:`RetainGapStop`, spec §6.4); ``None`` trains for ``trainer.max_steps``. Validation cadence is the
-            trainer's ``val_check_interval``.
+            (:class:`RetainGapStop`, docs/reference.md §7.4); ``None`` trains for ``trainer.max_steps``.
+            Validation cadence is the trainer's ``val_check_interval``.
         gap_metric: what ``val/retain_gap`` (logged at every validation of a fit) measures: ``acc`` = teacher −
             student ``val/retain_acc`` (absolute; arithmetic), ``ce`` = relative ``val/retain_ce`` gap (language),
             ``auto`` = ``acc`` when the data has answer-scored retain sets, else ``ce``.
@@ -189,7 +188,7 @@ class DistillModule(UndoModule):
         return self
 
     def flops_per_token(self) -> float:
-        """``6 N_student`` (forward + backward) ``+ 2 N_teacher`` (forward only) per training token (DESIGN §6)."""
+        """``6 N_student`` (forward + backward) ``+ 2 N_teacher`` (forward only) per token (docs/reference.md §10)."""
         return 6.0 * count_parameters(self.model) + 2.0 * count_parameters(self.teacher)
 
     # -------------------------------------------------------------------------------------------------- train

@@ -1,4 +1,4 @@
-"""``PretrainModule``: next-token cross-entropy (reference and oracle models, DESIGN §2)."""
+"""``PretrainModule``: next-token cross-entropy (reference and oracle models)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``RelearnAttackModule``: the relearning attack that tests whether unlearning is robust (DESIGN §2, spec §7).
+"""``RelearnAttackModule``: the relearning attack that tests whether unlearning is robust (docs/reference.md §8).
 
 The attacker fine-tunes the model under attack with plain next-token cross-entropy on **forget** data and watches
 whether the forget capability comes back. Forget and retain metrics are recorded at step 0 (before any update) and at
@@ -7,7 +7,7 @@ every validation (``trainer.val_check_interval``), and written to ``<default_roo
     {"model": name, "lr": lr, "seed": seed, "attack": "forget" | "retain", "steps": [0, k, 2k, ...],
      "metrics": {"val/forget_acc": [...], "val/retain_acc": [...], "val/forget_ce": [...], ...}, ...}
 
-which is the format :func:`undo_lightning.robustness.load_curves` reads. ``curve.json`` is written atomically after
+which is the format :func:`undo_lightning.experiment.robustness.load_curves` reads. ``curve.json`` is written atomically after
 training and after the loggers are flushed: its presence marks a finished attack run.
 
 ``attack="retain"`` is a different attack, the **retain-only** attack of "From Dormant to Deleted" (arXiv 2505.22310):
@@ -24,14 +24,15 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from undo_lightning.callbacks import final_evaluation, write_json_atomic
+from undo_lightning.callbacks import final_evaluation
 from undo_lightning.data.arithmetic import FORMS
+from undo_lightning.io import write_json_atomic
 from undo_lightning.losses import causal_lm_loss
 from undo_lightning.modules.base import UndoModule
 
 ATTACKS = ("forget", "retain")
 ATTACK_DESCRIPTIONS = {
-    "forget": "relearning attack: fine-tuning on FORGET data only (the paper's attack, spec §7)",
+    "forget": "relearning attack: fine-tuning on FORGET data only (the paper's attack, docs/reference.md §8)",
     "retain": "RETAIN-ONLY attack ('From Dormant to Deleted', arXiv 2505.22310): fine-tuning on RETAIN data only, "
               "measuring whether the forget capability returns",
 }
@@ -49,9 +50,9 @@ class RelearnAttackModule(UndoModule):
 
     The training data is verified by construction: every batch must carry ``batch["split"] == attack``, otherwise
     training stops with a ``ValueError`` (the reference's "forget-only" arithmetic attack silently trained on the
-    retain file, spec §11.1.12). Defaults follow the paper (spec §7, §10.4): constant LR after a 1-step warm-up,
-    weight decay 0; gradient clipping (1.0 in the paper) is the Trainer's ``gradient_clip_val``. Attacked models are
-    not kept: ``export=False`` and no checkpoint unless ``checkpoint_every > 0``.
+    retain file, docs/reference.md §13). Defaults follow the paper (docs/reference.md §8): constant LR after a
+    1-step warm-up, weight decay 0; gradient clipping (1.0 in the paper) is the Trainer's ``gradient_clip_val``.
+    Attacked models are not kept: ``export=False`` and no checkpoint unless ``checkpoint_every > 0``.
 
     Args:
         model: the model under attack: a local Hugging Face folder (e.g. ``runs/arithmetic/unlearn_maxent/hf``), a hub
@@ -92,7 +93,7 @@ class RelearnAttackModule(UndoModule):
                          schedule=schedule, min_lr_ratio=min_lr_ratio, seed=seed, checkpoint_every=checkpoint_every,
                          export=export)
         self.attack = attack
-        self.train_data = attack  # what RetainForgetDataModule serves (DESIGN §4)
+        self.train_data = attack  # what RetainForgetDataModule serves
         self.name = name or model_label(model)
         self.curve_steps: list[int] = []
         self.curve_metrics: dict[str, list[float]] = {}
@@ -129,7 +130,7 @@ class RelearnAttackModule(UndoModule):
         """Mean accuracy per split and problem form, e.g. ``val/forget_equation_acc`` (mul and div equations).
 
         Equations in the evaluation prompts overlap the training pool while word problems use held-out templates
-        (spec §11.1.7), so the two forms separate memorised answers from recovered capability.
+        (docs/reference.md §3.1), so the two forms separate memorised answers from recovered capability.
         """
         out = {}
         for split in ("retain", "forget"):
@@ -179,7 +180,7 @@ class RelearnAttackModule(UndoModule):
         self._record(self.global_step, self.last_val_metrics)
 
     def curve(self) -> dict:
-        """The relearning curve as written to ``curve.json`` (read by :func:`undo_lightning.robustness.load_curves`)."""
+        """The relearning curve as written to ``curve.json`` (read by :func:`undo_lightning.experiment.robustness.load_curves`)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         return {"model": self.name, "model_path": self.model_name, "lr": float(self.hparams.lr),
                 "seed": int(self.hparams.seed), "data_seed": getattr(datamodule, "seed", None),
@@ -203,7 +204,7 @@ class RelearnAttackModule(UndoModule):
     # -------------------------------------------------------------------------------- callbacks / checkpoints
     def configure_callbacks(self):
         callbacks = super().configure_callbacks()
-        if not self.hparams.checkpoint_every:  # attacked models are not kept (spec §7): no last.ckpt either
+        if not self.hparams.checkpoint_every:  # attacked models are not kept (docs/reference.md §8): no last.ckpt
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         return callbacks
 

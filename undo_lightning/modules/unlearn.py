@@ -1,8 +1,8 @@
-"""``UnlearnModule``: step 1 of UNDO, suppressing the forget capability (spec §4, DESIGN §5).
+"""``UnlearnModule``: step 1 of UNDO, suppressing the forget capability (docs/reference.md §5).
 
-Methods (``method=``): GradDiff (§4.1), MaxEnt (§4.2, the paper's recommended teacher) and RMU (§4.3); RepNoise
-(§4.4) and SAM (§4.5) are robustness baselines that combine with any of them. Each training batch is a pair
-``{"forget": batch, "retain": batch}`` from ``RetainForgetDataModule`` (``train_data = "paired"``).
+Methods (``method=``): GradDiff (§5.2), MaxEnt (§5.3, the paper's recommended teacher) and RMU (§5.4); RepNoise
+(§5.5) and SAM (§5.6) of docs/reference.md are robustness baselines that combine with any of them. Each training
+batch is a pair ``{"forget": batch, "retain": batch}`` from ``RetainForgetDataModule`` (``train_data = "paired"``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from undo_lightning.losses import (causal_lm_loss, forward_kl, maxent_loss, repnoise_loss, rmu_control_vector,
-                                   rmu_forget_loss, rmu_retain_loss)
+from undo_lightning.losses import (
+    causal_lm_loss,
+    forward_kl,
+    maxent_loss,
+    repnoise_loss,
+    rmu_control_vector,
+    rmu_forget_loss,
+    rmu_retain_loss,
+)
 from undo_lightning.models import count_parameters
 from undo_lightning.modules.base import UndoModule
 
@@ -28,7 +35,7 @@ class _Recorder:
     """Forward hooks, registered once, that keep the outputs of some modules while a ``record()`` block is open.
 
     Registering once and removing in ``remove()`` avoids the reference's leak, which added a hook per step
-    (spec §11.2, RepNoise). Outside ``record()`` the hooks only test a flag, so validation and export are unaffected.
+    (docs/reference.md §13). Outside ``record()`` the hooks only test a flag, so validation and export are unaffected.
 
     Args:
         modules: name -> module whose forward output is kept (the first element when the module returns a tuple).
@@ -68,7 +75,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The name and ``ModuleList`` of a Hugging Face causal LM's decoder blocks (``model.layers`` for Gemma/Llama).
 
     Found by name on the unwrapped HF model as the ``ModuleList`` with ``config.num_hidden_layers`` entries, so it is
-    resolved once, before any DDP/FSDP wrapping (conventions B.3).
+    resolved once, before any DDP/FSDP wrapping.
     """
     n = model.config.num_hidden_layers
     for name, module in model.named_modules():
@@ -89,23 +96,24 @@ class UnlearnModule(UndoModule):
     * ``maxent``: ``KL(uniform || p)(forget) + w CE(retain)``.
     * ``rmu``: ``mean (h_k(forget) - c u)^2 + w mean (h_k(retain) - h_k^frozen(retain))^2`` with ``h_k`` the
       output of decoder block ``k = rmu_layer`` (0-based, taken by a forward hook; the reference's
-      ``hidden_states[E]`` is block ``E - 1``, spec §11.1.3) and ``u`` a seeded random unit vector. Only the
+      ``hidden_states[E]`` is block ``E - 1``, docs/reference.md §5.4) and ``u`` a seeded random unit vector. Only the
       parameters matching ``rmu_params`` train. With ``w > 0`` a frozen copy of the starting model (``eval()``,
       no gradients, never in checkpoints) gives the retain target; ``w = 0`` is the reference's arithmetic and
       language setting and builds no copy.
     * ``retain_loss="kl"`` (GradDiff, MaxEnt) replaces ``CE(retain)`` by the forward KL from the frozen starting model
       to the trained one on the retain batch, ``KL(p_frozen || p)`` per position averaged over scored positions (the
-      reference's WMDP retain term, spec §9.2; computed in float32 chunks of ``kl_chunk_size`` positions). The frozen
-      copy is built as for RMU (``eval()``, no gradients, never in checkpoints).
+      reference's WMDP retain term, docs/reference.md §11.2; computed in float32 chunks of ``kl_chunk_size`` positions).
+      The frozen copy is built as for RMU (``eval()``, no gradients, never in checkpoints).
     * ``convex=True`` weighs the two terms ``(1 - w) L_forget + w L_retain`` with ``0 < w < 1`` (the reference's WMDP
-      weighting, spec §9.2) instead of ``L_forget + w L_retain``; with RepNoise the forget part includes it:
-      ``(1 - w)(L_forget + RepNoise) + w L_retain``.
+      weighting, docs/reference.md §11.2) instead of ``L_forget + w L_retain``; with RepNoise the forget part
+      includes it: ``(1 - w)(L_forget + RepNoise) + w L_retain``.
     * ``repnoise=True`` adds RepNoise to any method: ``CE(retain) + beta N - alpha log H`` with ``N`` the MMD
       between every block's MLP output on forget inputs and Gaussian noise, ``H`` the forget CE of the logit lens
-      of the embeddings and every block output, plus 1 (spec §4.4).
+      of the embeddings and every block output, plus 1 (docs/reference.md §5.5).
     * ``sam_rho > 0`` takes sharpness-aware steps: gradient ``g`` at ``θ``, ``ε = ρ g / ||g||``, the full loss
-      again at ``θ + ε``, ``θ`` restored exactly from a copy, clip, optimizer and scheduler step (spec §4.5). SAM
-      optimizes manually, so it clips with ``sam_clip_val`` and rejects ``Trainer(gradient_clip_val)`` and
+      again at ``θ + ε``, ``θ`` restored exactly from a copy, clip, optimizer and scheduler step
+      (docs/reference.md §5.6).
+      SAM optimizes manually, so it clips with ``sam_clip_val`` and rejects ``Trainer(gradient_clip_val)`` and
       ``accumulate_grad_batches > 1``.
 
     Losses are computed in float32 (also under ``bf16-mixed``). A non-finite loss raises ``FloatingPointError``
@@ -126,7 +134,7 @@ class UnlearnModule(UndoModule):
             RMU off; WMDP, convex: MaxEnt 0.2 cyber / 0.3 bio, RMU 0.5). RMU with 0 skips the retain batch.
         retain_loss: the retain term of GradDiff and MaxEnt: ``ce`` (next-token CE) or ``kl`` (forward KL from the
             frozen starting model, the reference's WMDP setting). RMU's retain term is always its MSE.
-        convex: weigh the terms ``(1 - w)`` / ``w`` (WMDP, spec §9.2) instead of ``1`` / ``w``; needs ``0 < w < 1``.
+        convex: weigh the terms ``(1 - w)`` / ``w`` (WMDP, docs/reference.md §11.2) instead of ``1`` / ``w``; ``0<w<1``.
         kl_chunk_size: positions per float32 chunk of the ``kl`` retain term; ``None``: 64 MiB per chunk
             (:func:`~undo_lightning.losses.auto_chunk_size`).
         max_forget_ce: GradDiff divergence guard (see above); ``None`` turns it off.
@@ -135,14 +143,14 @@ class UnlearnModule(UndoModule):
             the RMU loss); default the original RMU recipe ``rmu_layer - 2 .. rmu_layer``.
         rmu_params: ``fnmatch`` patterns of the parameter names (as in ``model.named_parameters()`` of the HF
             model) that RMU trains; ``{i}`` is replaced by each of ``rmu_train_layers``. Default
-            ``["model.layers.{i}.mlp.down_proj.weight"]`` (spec §4.3). Each pattern must match a parameter.
+            ``["model.layers.{i}.mlp.down_proj.weight"]`` (docs/reference.md §5.4). Each pattern must match a parameter.
         rmu_coefficient: norm ``c`` of the RMU control vector (reference: 6 arithmetic, 6.5 language).
         repnoise: add the RepNoise loss.
         repnoise_alpha: weight of RepNoise's ``-log H`` term.
         repnoise_beta: weight of RepNoise's noise (MMD) term.
         sam_rho: SAM neighbourhood radius ``ρ`` (0 = plain steps; the reference's default when on is 0.05).
         sam_clip_val: global gradient-norm clip of the SAM step (0 = no clipping).
-        lr: learning rate (the reference unlearns with a constant LR, no warm-up, no weight decay, spec §4.0).
+        lr: learning rate (the reference uses a constant LR, no warm-up, no weight decay, docs/reference.md §5.1).
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
         warmup_steps: linear warm-up steps.
@@ -302,7 +310,7 @@ class UnlearnModule(UndoModule):
             if trainer.accumulate_grad_batches != 1:
                 raise ValueError(f"sam_rho={self.hparams.sam_rho} with accumulate_grad_batches="
                                  f"{trainer.accumulate_grad_batches}: SAM perturbs with the gradient of one batch "
-                                 "(the reference silently dropped the accumulated ones, spec §4.5); use 1 and a "
+                                 "(the authors' code silently dropped the accumulated ones); use 1 and a "
                                  "larger batch_size")
             if trainer.gradient_clip_val:
                 raise ValueError(f"sam_rho={self.hparams.sam_rho} with Trainer(gradient_clip_val="
@@ -331,7 +339,7 @@ class UnlearnModule(UndoModule):
 
     def _logit_lens(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits read off an intermediate hidden state exactly like the final ones: final norm once, LM head,
-        soft-capping when the model has it (the reference normed twice and skipped the cap, spec §11.2)."""
+        soft-capping when the model has it (the authors' code normed twice and skipped the cap)."""
         logits = self.model.get_output_embeddings()(self.model.base_model.norm(hidden))
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
@@ -395,7 +403,7 @@ class UnlearnModule(UndoModule):
             lens = [self._logit_lens(h) for h in out.hidden_states[:-1]]  # embeddings and blocks 0..L-2
             rep = repnoise_loss(list(mlps.values()), lens + [out.logits], forget["labels"],
                                 self._noise_generator(), alpha=hp.repnoise_alpha, beta=hp.repnoise_beta, mask=mask_f)
-            forget_part = forget_part + retain_ce + rep.loss  # spec §4.4 step 6: RepNoise joins the method's loss
+            forget_part = forget_part + retain_ce + rep.loss  # docs/reference.md §5.5: RepNoise joins the method's loss
             terms.update(repnoise_noise=rep.noise, repnoise_harmful=rep.harmful)
         if method == "rmu" and not self.uses_frozen:  # the reference's RMU without a retain term (w = 0)
             loss = forget_part
@@ -453,7 +461,7 @@ class UnlearnModule(UndoModule):
         return None
 
     def _sam_step(self, loss: torch.Tensor, forget: dict, retain: dict) -> None:
-        """One SAM update from ``loss`` at the current weights (spec §4.5)."""
+        """One SAM update from ``loss`` at the current weights (docs/reference.md §5.6)."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         params = [p for group in optimizer.param_groups for p in group["params"]]
         optimizer.zero_grad()

@@ -1,10 +1,10 @@
 """``undo eval``: multiple-choice accuracy (WMDP / MMLU) and retain/forget CE of any Hugging Face model folder.
 
-Example (the paper's WMDP evaluation, spec §8.3: WMDP 0-shot, MMLU 5-shot from its dev split)::
+Example (the paper's WMDP evaluation, docs/reference.md §9.3: WMDP 0-shot, MMLU 5-shot from its dev split)::
 
     undo eval runs/wmdp/undo/hf --mcq '[wmdp-cyber, mmlu]' --dtype bfloat16 --output runs/wmdp/undo/eval.json
 
-Multiple-choice scoring is :func:`undo_lightning.mcq.mcq_accuracy` (lm-evaluation-harness's prompts and
+Multiple-choice scoring is :func:`undo_lightning.eval.mcq.mcq_accuracy` (lm-evaluation-harness's prompts and
 log-likelihood accuracy, batched); CE is the token-weighted next-token cross-entropy over packed blocks of every
 document of a text file, as the stages' ``val/retain_ce`` / ``val/forget_ce`` are computed.
 """
@@ -16,15 +16,16 @@ from typing import Literal
 
 import torch
 
-from undo_lightning.callbacks import write_json_atomic
+from undo_lightning.data.mcq import MCQSpec, check_set_name
 from undo_lightning.data.module import pack_documents
-from undo_lightning.data.text import TextSource, is_local_path
-from undo_lightning.evaluation import MCQSpec, check_set_name, lm_nll
-from undo_lightning.mcq import mcq_accuracy
+from undo_lightning.data.text import TextSource
+from undo_lightning.data.tokenizers import load_tokenizer
+from undo_lightning.eval.mcq import mcq_accuracy
+from undo_lightning.eval.metrics import lm_nll
+from undo_lightning.io import is_local_path, write_json_atomic
 from undo_lightning.models import build_model
-from undo_lightning.tokenization import load_tokenizer
 
-#: named multiple-choice sets: the paper's evaluation (spec §8.3)
+#: named multiple-choice sets: the paper's evaluation (docs/reference.md §9.3)
 MCQ_PRESETS: dict[str, MCQSpec] = {
     "wmdp-bio": MCQSpec("cais/wmdp", name="wmdp-bio", split="test", side="forget"),
     "wmdp-cyber": MCQSpec("cais/wmdp", name="wmdp-cyber", split="test", side="forget"),

@@ -1,6 +1,6 @@
 """Byte-level BPE tokenizers trained offline on a local corpus (for the language setting without hub access).
 
-The paper uses Gemma-2's 256k SentencePiece vocabulary (spec §1.2), which needs the hub. This trains a small
+The paper uses Gemma-2's 256k SentencePiece vocabulary (docs/reference.md §2), which needs the hub. This trains a small
 byte-level BPE with the ``tokenizers`` library instead: every byte sequence is representable, so English and Korean
 round-trip exactly (no ``<unk>``, no normalisation or lowercasing), and the special tokens keep Gemma's ids so the
 model presets and the data module's separator logic work unchanged.
@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-# Gemma's special-token ids: pad 0, eos 1, bos 2, unk 3 (same as the arithmetic tokenizer).
-SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<eos>", "<bos>", "<unk>")
+from undo_lightning.data.tokenizers import SPECIAL_TOKENS as SPECIAL_TOKEN_MAP
+from undo_lightning.data.tokenizers import bos_post_processor
+
+# Gemma's special-token ids, as the arithmetic tokenizer: pad 0, eos 1, bos 2, unk 3.
+SPECIAL_TOKENS: tuple[str, ...] = tuple(SPECIAL_TOKEN_MAP.values())
 _BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for the bytes
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(_BYTE_ALPHABET)
 
@@ -61,11 +64,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, save_dir: str | N
                                   special_tokens=list(SPECIAL_TOKENS),  # ids follow this order: 0, 1, 2, 3
                                   initial_alphabet=_BYTE_ALPHABET, show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    bos_id = tok.token_to_id("<bos>")
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
-                                                       special_tokens=[("<bos>", bos_id)])
+    tok.post_processor = bos_post_processor(tok.token_to_id("<bos>"))
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        tokenizer_object=tok, **SPECIAL_TOKEN_MAP,
         # transformers would otherwise "clean up" spaces before punctuation on decode and break the round trip.
         clean_up_tokenization_spaces=False, model_max_length=model_max_length,
         model_input_names=["input_ids", "attention_mask"])

@@ -1,13 +1,10 @@
-"""Multiple-choice (WMDP / MMLU) accuracy by log-likelihood, in the prompt format of lm-evaluation-harness.
+"""Multiple-choice (WMDP / MMLU) accuracy by log-likelihood, as lm-evaluation-harness scores its ``wmdp_*`` /
+``mmlu_*`` tasks (the paper used lm-eval 0.4.8; docs/reference.md §9.3), without depending on it.
 
-The paper scores WMDP and MMLU with lm-evaluation-harness 0.4.8 (spec §8.3). This module reproduces its
-``wmdp_*`` / ``mmlu_*`` tasks without depending on it:
+One scoring path serves validation during training (:func:`mcq_correct`), ``undo eval`` and the Python API
+(:func:`mcq_accuracy`): prompts come from :mod:`undo_lightning.data.mcq`, then
 
-* prompt: an optional description line ``"The following are multiple choice questions (with answers) about
-  {subject}.\\n\\n"``, then ``k`` solved examples ``"{question}\\nA. {c0}\\nB. {c1}\\n...\\nAnswer: {letter}\\n\\n"``
-  and the target question ending in ``"Answer:"`` (questions are ``strip()``-ed, choices are not, as in the task
-  YAMLs);
-* continuations ``" A"``, ``" B"``, ... scored by their summed token log-probability given the prompt; the
+* continuations ``" A"``, ``" B"``, ... are scored by their summed token log-probability given the prompt; the
   prediction is the argmax (first on ties), accuracy = share of predictions equal to the gold index (``acc``);
 * tokenisation as lm-eval's ``_encode_pair``: context and context+continuation are encoded separately and the
   continuation tokens are the tail of the joint encoding; ``<bos>`` is prepended when the tokenizer has one
@@ -21,157 +18,14 @@ materialises a ``[batch, seq, vocab]`` tensor.
 from __future__ import annotations
 
 import inspect
-import math
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from undo_lightning.data.text import is_local_path, load_hub_dataset, read_records, record_field
+from undo_lightning.data.mcq import LETTERS, MCQPrompt, MCQRecord, limit_records, mcq_prompts, validate_record
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-# lm-eval's descriptions of the WMDP tasks (its YAMLs), attached as the subject of hub records.
-WMDP_SUBJECTS = {"wmdp-bio": "biology", "wmdp-chem": "chemistry", "wmdp-cyber": "cybersecurity"}
 # fp32 elements per log-softmax chunk (64 MiB): bounds memory independently of batch size and vocabulary.
 _CHUNK_ELEMENTS = 1 << 24
-
-
-@dataclass(frozen=True)
-class MCQRecord:
-    """One multiple-choice question.
-
-    Args:
-        question: the question text.
-        choices: the answer options (at least 2, at most 26), shown as ``A.``, ``B.``, ...
-        answer: index of the correct choice.
-        subject: optional subject for the description line (MMLU's ``"abstract_algebra"`` style is fine: underscores
-            are shown as spaces).
-    """
-
-    question: str
-    choices: tuple[str, ...]
-    answer: int
-    subject: str | None = None
-
-
-def validate_record(record: Any, where: str) -> MCQRecord:
-    """Checks a raw ``{"question", "choices", "answer"[, "subject"]}`` record.
-
-    Args:
-        record: a dict (or an ``MCQRecord``, returned as is after the same checks).
-        where: where the record came from, e.g. ``"wmdp.jsonl:7"``; every error message starts with it.
-
-    Returns:
-        The record as an ``MCQRecord``.
-
-    Raises:
-        ValueError: for a missing field, a non-string question/choice, fewer than 2 (or more than 26) choices, or an
-            answer that is not an integer index into the choices.
-    """
-    if isinstance(record, MCQRecord):
-        record = {"question": record.question, "choices": list(record.choices), "answer": record.answer,
-                  "subject": record.subject}
-    question = record_field(record, "question", where)
-    choices = record_field(record, "choices", where)
-    answer = record_field(record, "answer", where)
-    if not isinstance(question, str):
-        raise ValueError(f"{where}: 'question' is {type(question).__name__}, expected a string")
-    if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
-        raise ValueError(f"{where}: 'choices' must be a list of strings, got {choices!r}"[:300])
-    if not 2 <= len(choices) <= len(LETTERS):
-        raise ValueError(f"{where}: {len(choices)} choice(s); a multiple-choice question needs 2 to {len(LETTERS)}")
-    if isinstance(answer, bool) or not isinstance(answer, int):
-        raise ValueError(f"{where}: 'answer' is {answer!r}; expected the integer index of the correct choice")
-    if not 0 <= answer < len(choices):
-        raise ValueError(f"{where}: answer index {answer} is out of range for {len(choices)} choices "
-                         f"(expected 0..{len(choices) - 1})")
-    subject = record.get("subject")
-    return MCQRecord(question, tuple(choices), answer, subject if isinstance(subject, str) and subject else None)
-
-
-def load_mcq(path: str, name: str | None = None, split: str = "test", subject: str | None = None) -> list[MCQRecord]:
-    """Loads and validates multiple-choice records.
-
-    Args:
-        path: a local ``.jsonl``/``.json``/``.parquet`` file or folder, or a hub id (``"cais/wmdp"`` with
-            ``name="wmdp-bio"``/``"wmdp-cyber"``, split ``"test"``; ``"cais/mmlu"`` with ``name="all"`` or a subject,
-            splits ``"test"``/``"dev"``).
-        name: hub configuration name.
-        split: hub split.
-        subject: subject given to records that have none (WMDP hub configs default to lm-eval's ``"biology"`` /
-            ``"cybersecurity"`` / ``"chemistry"``).
-
-    Returns:
-        The records in file order.
-
-    Raises:
-        ValueError: naming the file and line (or record index) of an invalid record, or for an unreachable hub id.
-    """
-    if is_local_path(path):
-        items = read_records(path)
-    else:
-        ds = load_hub_dataset(path, name, split)
-        subject = subject or WMDP_SUBJECTS.get(name or "")
-        items = ((r, f"{path} (name={name!r}, split={split!r}) record {i}") for i, r in enumerate(ds))
-    records = [validate_record(r, where) for r, where in items]
-    if not records:
-        raise ValueError(f"path={path!r}: no multiple-choice records")
-    if subject:
-        records = [r if r.subject else MCQRecord(r.question, r.choices, r.answer, subject) for r in records]
-    return records
-
-
-# ------------------------------------------------------------------------------------------------------ prompts
-def format_question(record: MCQRecord, with_answer: bool = False) -> str:
-    """``"{question}\\nA. {c0}\\nB. {c1}...\\nAnswer:"`` (plus ``" {letter}"`` for a solved few-shot example)."""
-    lines = [record.question.strip()] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(record.choices)]
-    text = "\n".join(lines) + "\nAnswer:"
-    return text + " " + LETTERS[record.answer] if with_answer else text
-
-
-def description(subject: str | None) -> str:
-    """lm-eval's description line for ``subject`` (``""`` when there is none)."""
-    if not subject:
-        return ""
-    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-
-
-def build_prompt(record: MCQRecord, fewshot: Sequence[MCQRecord] = (), subject: str | None = None) -> str:
-    """The full context for ``record``: description line, solved examples, then the question ending in ``"Answer:"``.
-
-    Args:
-        record: the question to ask.
-        fewshot: solved examples shown first, in order.
-        subject: the subject for the description line; ``None`` uses ``record.subject`` (MMLU records carry one)
-            and omits the line when that is empty too; ``""`` always omits it.
-    """
-    subject = record.subject if subject is None else subject
-    shots = "".join(format_question(s, with_answer=True) + "\n\n" for s in fewshot)
-    return description(subject) + shots + format_question(record)
-
-
-def select_fewshot(index: int, records: Sequence[MCQRecord], k: int,
-                   pool: Sequence[MCQRecord] | None = None) -> list[MCQRecord]:
-    """The ``k`` solved examples for ``records[index]``, chosen deterministically.
-
-    From ``pool`` when given (lm-eval's ``first_n`` sampler over MMLU's dev split), otherwise from ``records``
-    without the question itself. Candidates with the question's subject are preferred when there are any (MMLU
-    takes few-shot examples from the same subject); the first ``k`` candidates in order are taken.
-
-    Raises:
-        ValueError: if fewer than ``k`` candidates exist.
-    """
-    if k == 0:
-        return []
-    record = records[index]
-    candidates = list(pool) if pool is not None else [r for i, r in enumerate(records) if i != index]
-    if record.subject:
-        same = [r for r in candidates if r.subject == record.subject]
-        candidates = same or candidates
-    if len(candidates) < k:
-        raise ValueError(f"k_shot={k} but only {len(candidates)} few-shot example(s) are available for record "
-                         f"{index}; pass more fewshot_records or lower k_shot")
-    return candidates[:k]
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
@@ -306,11 +160,52 @@ def _gather_scores(logits: torch.Tensor, batch_rows: list[int], by_row: list[lis
                 scores[req] += logp[b - c0, pos, tok].double().sum().cpu()
 
 
+def mcq_scores(model, tokenizer, prompts: Sequence[MCQPrompt], batch_size: int = 16,
+               add_bos: bool | None = None) -> list[list[float]]:
+    """Log-likelihood of each choice letter (``" A"``, ``" B"``, ...) given each prompt.
+
+    Batched by :func:`loglikelihoods`: one forward row per question when every choice letter is one token; only the
+    scored positions' logits are materialised, chunked in float32.
+
+    Returns:
+        One list of ``prompt.n_choices`` floats per prompt.
+    """
+    requests = [(p.context, " " + LETTERS[j]) for p in prompts for j in range(p.n_choices)]
+    scores = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, add_bos=add_bos)
+    out, start = [], 0
+    for p in prompts:
+        out.append(scores[start:start + p.n_choices])
+        start += p.n_choices
+    return out
+
+
+def argmax_choice(scores: Sequence[float]) -> int:
+    """The predicted choice: highest log-likelihood, the first index on ties (lm-eval's ``acc``)."""
+    return max(range(len(scores)), key=lambda j: (scores[j], -j))
+
+
+def mcq_predictions(model, tokenizer, prompts: Sequence[MCQPrompt], batch_size: int = 16,
+                    add_bos: bool | None = None) -> list[int]:
+    """Predicted choice per prompt (:func:`argmax_choice` of :func:`mcq_scores`)."""
+    return [argmax_choice(s) for s in mcq_scores(model, tokenizer, prompts, batch_size, add_bos)]
+
+
+def mcq_correct(model, tokenizer, batch: dict) -> list[bool]:
+    """Whether each question of a validation batch (``contexts``, ``n_choices``, ``answers``) is answered correctly."""
+    prompts = [MCQPrompt(c, n, a) for c, n, a in zip(batch["contexts"], batch["n_choices"], batch["answers"])]
+    predictions = mcq_predictions(model, tokenizer, prompts, batch_size=max(1, len(prompts)))
+    return [p == q.answer for p, q in zip(predictions, prompts)]
+
+
+
 def mcq_accuracy(model: torch.nn.Module, tokenizer, records: Sequence[MCQRecord | Mapping[str, Any]],
                  k_shot: int = 0, fewshot_records: Sequence[MCQRecord | Mapping[str, Any]] | None = None,
                  batch_size: int = 16, limit: int | float | None = None, subject: str | None = None, *,
                  add_bos: bool | None = None, return_details: bool = False) -> dict:
     """Multiple-choice accuracy by continuation log-likelihood (lm-eval's ``acc`` for wmdp/mmlu tasks).
+
+    The same prompts (:func:`~undo_lightning.data.mcq.mcq_prompts`) and scores (:func:`mcq_scores`) as the
+    validation metric ``val/<name>_mcq_acc``.
 
     Args:
         model: a causal LM returning ``.logits`` (e.g. ``Gemma2ForCausalLM``).
@@ -318,10 +213,9 @@ def mcq_accuracy(model: torch.nn.Module, tokenizer, records: Sequence[MCQRecord 
         records: the questions (``MCQRecord`` or raw dicts, validated here).
         k_shot: solved examples before each question (WMDP: 0, MMLU: 5).
         fewshot_records: pool of solved examples (MMLU's dev split); ``None`` takes them from ``records`` (never the
-            question itself). See ``select_fewshot`` for the rule.
+            question itself). See :func:`~undo_lightning.data.mcq.select_fewshot` for the rule.
         batch_size: forward rows per batch (one row per question when all continuations are single tokens).
-        limit: evaluate only the first ``limit`` records, or ``ceil(limit * n)`` of them when ``limit < 1``
-            (lm-eval's convention).
+        limit: evaluate a subset, per subject as lm-eval does (:func:`~undo_lightning.data.mcq.limit_records`).
         subject: subject for the description line; ``None`` uses each record's own subject (omitted when absent),
             ``""`` omits it.
         add_bos: prepend ``<bos>`` (``None``: when the tokenizer has one).
@@ -333,23 +227,14 @@ def mcq_accuracy(model: torch.nn.Module, tokenizer, records: Sequence[MCQRecord 
     """
     if isinstance(k_shot, bool) or not isinstance(k_shot, int) or k_shot < 0:
         raise ValueError(f"k_shot={k_shot!r}: expected an integer >= 0")
-    recs = [validate_record(r, f"records[{i}]") for i, r in enumerate(records)]
-    if limit is not None:
-        if limit <= 0:
-            raise ValueError(f"limit={limit}: expected a positive count or fraction")
-        recs = recs[: int(math.ceil(len(recs) * limit)) if limit < 1 else int(limit)]
+    recs = limit_records([validate_record(r, f"records[{i}]") for i, r in enumerate(records)], limit)
     if not recs:
         raise ValueError("records is empty: nothing to evaluate")
     pool = None if fewshot_records is None else [validate_record(r, f"fewshot_records[{i}]")
                                                  for i, r in enumerate(fewshot_records)]
-    requests, spans = [], []
-    for i, rec in enumerate(recs):
-        context = build_prompt(rec, select_fewshot(i, recs, k_shot, pool), subject)
-        spans.append((len(requests), len(rec.choices)))
-        requests += [(context, " " + LETTERS[j]) for j in range(len(rec.choices))]
-    ll = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, add_bos=add_bos)
-    per_question = [ll[s:s + n] for s, n in spans]
-    preds = [max(range(len(q)), key=lambda j, q=q: (q[j], -j)) for q in per_question]  # first index on ties
+    prompts = mcq_prompts(recs, k_shot, pool, subject)
+    per_question = mcq_scores(model, tokenizer, prompts, batch_size, add_bos)
+    preds = [argmax_choice(q) for q in per_question]
     gold = [r.answer for r in recs]
     correct = sum(p == g for p, g in zip(preds, gold))
     result: dict[str, Any] = {"accuracy": correct / len(recs), "n": len(recs), "correct": correct}

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from undo_lightning.data.arithmetic import vocabulary_words
+from undo_lightning.io import is_local_path
+
+#: The special tokens of every tokenizer built here, in id order: Gemma's ids (pad 0, eos 1, bos 2, unk 3), so the
+#: tiny presets mirror the paper's models.
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
-# Gemma's special-token ids (pad 0, eos 1, bos 2, unk 3), so the tiny presets mirror the paper's models.
-_SPECIAL_ORDER = ("<pad>", "<eos>", "<bos>", "<unk>")
 _SPACE = "▁"
 # A word (optionally with its leading space), a single digit (digits are always split, as in Gemma's tokenizer),
 # or one other symbol. Every piece is one vocabulary entry.
@@ -37,8 +40,6 @@ def build_arithmetic_tokenizer(extra_texts: list[str] | None = None) -> PreTrain
     Returns:
         A ``PreTrainedTokenizerFast`` with ``<pad>=0, <eos>=1, <bos>=2, <unk>=3`` that prepends ``<bos>``.
     """
-    from undo_lightning.data.arithmetic import vocabulary_words
-
     pre = _pre_tokenizer()
     texts = vocabulary_words() + list(extra_texts or [])
     pieces: set[str] = {str(d) for d in range(10)} | {_SPACE + str(d) for d in range(10)} | {_SPACE}
@@ -48,7 +49,7 @@ def build_arithmetic_tokenizer(extra_texts: list[str] | None = None) -> PreTrain
                 pieces.add(piece)
                 if piece[:1] == _SPACE and len(piece) > 1:
                     pieces.add(piece[1:])  # the same word at the start of a line has no space
-    vocab = {tok: i for i, tok in enumerate(_SPECIAL_ORDER)}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS.values())}
     for piece in sorted(pieces):
         vocab.setdefault(piece, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -56,15 +57,14 @@ def build_arithmetic_tokenizer(extra_texts: list[str] | None = None) -> PreTrain
     tok.decoder = decoders.Metaspace(replacement=_SPACE, prepend_scheme="first", split=False)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS, add_bos_token=True,
                                    model_input_names=["input_ids", "attention_mask"])
-    fast._tokenizer.post_processor = _bos_post_processor(fast)
+    fast._tokenizer.post_processor = bos_post_processor(fast.bos_token_id)
     return fast
 
 
-def _bos_post_processor(tok: PreTrainedTokenizerFast):
-    from tokenizers import processors
-
+def bos_post_processor(bos_id: int) -> processors.TemplateProcessing:
+    """Prepends ``<bos>`` (id ``bos_id``) to every encoded text, as Gemma's tokenizer does."""
     return processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
-                                         special_tokens=[("<bos>", tok.bos_token_id)])
+                                         special_tokens=[("<bos>", bos_id)])
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -78,7 +78,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """
     if name_or_path == "arithmetic":
         return build_arithmetic_tokenizer()
-    if _looks_local(name_or_path) and not os.path.isdir(name_or_path):
+    if is_local_path(name_or_path) and not os.path.isdir(name_or_path):
         raise ValueError(f"tokenizer={name_or_path!r}: no such folder; expected 'arithmetic', an existing folder "
                          "with tokenizer files, or a Hugging Face hub id")
     try:
@@ -91,8 +91,3 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
             raise ValueError(f"tokenizer={name_or_path!r} has neither a pad nor an eos token; add a pad token")
         tok.pad_token = tok.eos_token
     return tok
-
-
-def _looks_local(name: str) -> bool:
-    """A hub id is ``name`` or ``owner/name``; anything else that contains a path separator is a local path."""
-    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1

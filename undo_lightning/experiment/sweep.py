@@ -1,8 +1,8 @@
 """Relearning-attack sweep: every (model, LR, seed) attacked in its own folder, then the worst case over LRs.
 
-DESIGN §2: each model the pipeline produces (reference, oracle, unlearned teacher, UNDO students, baselines) is
-fine-tuned on forget data with a grid of learning rates and seeds (spec §7, §10.4); what counts is the **worst case**,
-the attacker's best LR at each step (:func:`undo_lightning.robustness.worst_case`). Layout under ``out_dir``::
+Each model the pipeline produces (reference, oracle, unlearned teacher, UNDO students, baselines) is
+fine-tuned on forget data with an LR x seed grid (docs/reference.md §8); what counts is the **worst case**,
+the attacker's best LR at each step (:func:`undo_lightning.experiment.robustness.worst_case`). Layout under ``out_dir``::
 
     relearn/<model>/lr=<lr>_seed=<s>/           one attack run (retain-only attack: ``..._seed=<s>_retain``)
         tb/                                     TensorBoard events
@@ -31,11 +31,8 @@ import numpy as np
 import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from undo_lightning.callbacks import write_json_atomic
 from undo_lightning.data import RetainForgetDataModule
-from undo_lightning.models import is_hf_folder
-from undo_lightning.modules.relearn import ATTACK_DESCRIPTIONS, ATTACKS, RelearnAttackModule, model_label
-from undo_lightning.robustness import (
+from undo_lightning.experiment.robustness import (
     area_under_curve,
     load_curves,
     recovery_threshold,
@@ -44,12 +41,15 @@ from undo_lightning.robustness import (
     value_at,
     worst_case,
 )
+from undo_lightning.io import json_safe, write_json_atomic
+from undo_lightning.models import is_hf_folder
+from undo_lightning.modules.relearn import ATTACK_DESCRIPTIONS, ATTACKS, RelearnAttackModule, model_label
 
 log = logging.getLogger(__name__)
 
-#: The paper's LR grid (spec §10.4): 500 steps, evaluation every 5 steps, constant LR after a 1-step warm-up.
+#: The paper's LR grid (docs/reference.md §8): 500 steps, evaluation every 5 steps, constant LR after a 1-step warm-up.
 PAPER_LRS = (1e-3, 7e-4, 4e-4, 1e-4, 7e-5, 5e-5, 1e-5, 7e-6, 4e-6, 1e-6)
-#: CPU defaults (cpu-prototype.md): 3e-4 was the attacker's best LR for the unlearned model; 3e-3 collapses retain
+#: CPU defaults (docs/reference.md §14): 3e-4 was the attacker's best LR for the unlearned model; 3e-3 collapses retain
 #: accuracy for every model and would add 50 % to the sweep's time.
 CPU_LRS = (3e-4, 1e-3)
 #: Forget metrics aggregated in the summary and the attacker's direction for each (``max``: higher = more relearned).
@@ -198,7 +198,7 @@ def _quiet():
             hf_logging.enable_progress_bar()
 
 
-#: Trainer settings of every attack run (spec §7: gradient clip 1.0); ``trainer=`` may override them.
+#: Trainer settings of every attack run (docs/reference.md §8: gradient clip 1.0); ``trainer=`` may override them.
 ATTACK_TRAINER: dict[str, Any] = dict(accelerator="auto", devices=1, precision="32-true", gradient_clip_val=1.0,
                                       num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False)
 #: Trainer settings the sweep fixes (a ``trainer=`` value for them must agree) and the ones it sets per run.
@@ -213,7 +213,7 @@ def run_attack(model: str, name: str, lr: float, seed: int, folder: str | Path, 
     Args:
         model: HF folder of the model under attack.
         name: its name in ``curve.json``.
-        lr: constant learning rate (1-step warm-up, weight decay 0, spec §7).
+        lr: constant learning rate (1-step warm-up, weight decay 0, docs/reference.md §8).
         seed: recorded with the curve; seeds Lightning's RNGs.
         folder: the run folder (``default_root_dir``).
         datamodule: serves ``attack`` training batches and the validation sets.
@@ -307,7 +307,7 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
         data: ``RetainForgetDataModule`` keyword arguments (``order_seed`` is set to the run seed), or a factory
             ``seed -> RetainForgetDataModule``; default: the arithmetic setting's defaults.
         attack: ``forget`` (the paper's attack) or ``retain`` (retain-only attack, arXiv 2505.22310).
-        precision: Lightning precision (``32-true`` on CPU; ``bf16-mixed`` on GPU, spec §11.1.8).
+        precision: Lightning precision (``32-true`` on CPU; ``bf16-mixed`` on GPU, docs/reference.md §13).
         trainer: further Lightning Trainer arguments of every run (e.g. ``accelerator``, ``devices``; a
             ``precision`` here wins over ``precision``); see :data:`ATTACK_TRAINER`.
         report_steps: steps at which the summary reports the worst-case values (default: ``eval_every``, ``steps/2``,
@@ -358,7 +358,7 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
     summary.update({"paths": dict(models), "lrs": [float(lr) for lr in lrs], "seeds": list(seeds),
                     "attack_steps": steps, "eval_every": eval_every, "precision": trainer["precision"],
                     "batch_size": make_data(seeds[0]).batch_size})
-    write_json_atomic(str(summary_path(out_dir, attack)), _json_safe(summary))
+    write_json_atomic(str(summary_path(out_dir, attack)), json_safe(summary))
     return summary
 
 
@@ -395,7 +395,7 @@ def _load(out_dir, model: str, metric: str, attack: str, runs: Sequence[tuple[fl
 def summarize(out_dir: str | Path, models: Sequence[str], attack: str = "forget",
               report_steps: Sequence[int] = (25, 100, 200), reference: str | None = "reference",
               recovery_fraction: float = 0.9, runs: Sequence[tuple[float, int]] | None = None) -> dict:
-    """Worst-case relearning summary of finished runs (the aggregation of :mod:`undo_lightning.robustness`).
+    """Worst-case relearning summary of finished runs (the aggregation of :mod:`undo_lightning.experiment.robustness`).
 
     Per model and forget metric (:data:`SUMMARY_METRICS`, those present): the worst-case curve over LRs (mean and std
     over seeds), its value at ``report_steps`` (or the last evaluated step before) and its AUC (mean level). For
@@ -451,17 +451,6 @@ def summarize(out_dir: str | Path, models: Sequence[str], attack: str = "forget"
     return out
 
 
-def _json_safe(x: Any) -> Any:
-    """NaN/inf -> None so the summary is strict JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def format_summary(summary: dict, metric: str = "val/forget_acc") -> str:
     """Text table of the worst-case ``metric`` curve per model (rows: models, columns: evaluated steps, then AUC and,
     for forget accuracy, the steps to reach the recovery threshold)."""
@@ -508,7 +497,7 @@ def relearn_command(models: list[str], lrs: list[float] = list(CPU_LRS), seeds: 
         undo relearn '[runs/arithmetic/reference/hf, runs/arithmetic/unlearn_maxent/hf]' --config \\
             configs/arithmetic/pretrain.yaml
 
-    Paper setting (spec §10.4): ``--lrs '[1e-3,7e-4,4e-4,1e-4,7e-5,5e-5,1e-5,7e-6,4e-6,1e-6]' --steps 500
+    Paper setting (docs/reference.md §8): ``--lrs '[1e-3,7e-4,4e-4,1e-4,7e-5,5e-5,1e-5,7e-6,4e-6,1e-6]' --steps 500
     --eval_every 5 --batch_size 15 --precision bf16-mixed``.
 
     Args:

@@ -1,6 +1,6 @@
 """Relearning-attack aggregation: worst case over learning rates, summary numbers, relative robustness.
 
-Plain numpy functions on the curves the relearn sweep writes (DESIGN §2, §6; reference spec §7, §8.4). A relearn
+Plain numpy functions on the curves the relearn sweep writes (docs/reference.md §8, §10). A relearn
 sweep attacks one model with a grid of learning rates (LR) and seeds; each run leaves
 
     <run>/relearn/<model>/lr=<lr>_seed=<s>/curve.json
@@ -9,7 +9,7 @@ sweep attacks one model with a grid of learning rates (LR) and seeds; each run l
 
 The **worst case** is what an attacker who may pick the LR achieves: per seed and per evaluated step, the best value
 over the LR grid (``mode="max"`` for forget accuracy, ``mode="min"`` for forget cross-entropy), then the mean and std
-over seeds. The reference implementation never computed it (spec §7 [NOT IN CODE]); this module is the definition the
+over seeds. The authors' code never computed it (docs/reference.md §10); this module is the definition the
 report uses.
 
 Conventions: a curve's ``steps`` are strictly increasing integers; values are floats, ``NaN`` meaning "no usable value"
@@ -410,7 +410,7 @@ def recovery_threshold(reference_value: float, fraction: float, start_value: flo
 
 def relative_robustness(p_model: float | np.ndarray, p_unlearn: float | np.ndarray, p_oracle: float | np.ndarray,
                         eps: float = 1e-12) -> float | np.ndarray:
-    """Relative robustness ``(P_model - P_unlearn) / (P_oracle - P_unlearn)`` (DESIGN §6).
+    """Relative robustness ``(P_model - P_unlearn) / (P_oracle - P_unlearn)`` (docs/reference.md §10).
 
     ``P`` is the forget performance after the attack (the worst-case value at a stated attack step). 1 = as robust
     as the oracle (data filtering), 0 = no more robust than unlearning alone; values outside [0, 1] are possible. The

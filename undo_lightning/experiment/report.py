@@ -1,10 +1,10 @@
-"""Experiment report: run folder -> ``report.json``, ``report.md`` and matplotlib PNGs (DESIGN §2, §6).
+"""Experiment report: run folder -> ``report.json``, ``report.md`` and matplotlib PNGs (docs/reference.md §10).
 
 Reads the contract the other stages write:
 
     <run>/<stage>/metrics.json   {"stage", "role", "alpha", "beta", "val": {...}, "compute": {"tokens", "flops"},
                                   "wall_time_s", "global_step"}
-    <run>/relearn/<stage>/lr=<lr>_seed=<s>/curve.json   (see :mod:`undo_lightning.robustness`)
+    <run>/relearn/<stage>/lr=<lr>_seed=<s>/curve.json   (see :mod:`undo_lightning.experiment.robustness`)
 
 and reports, per stage: retain/forget before the attack, the worst-case forget metric after the attack at chosen steps,
 the area under the worst-case curve, relative robustness (oracle and unlearn-only teacher as anchors) and relative
@@ -17,20 +17,17 @@ Plots use matplotlib's object API with the Agg canvas, so nothing here touches p
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 import json
 import math
-import os
-import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from undo_lightning.robustness import (
+from undo_lightning.experiment.robustness import (
     _check_mode,
     area_under_curve,
     load_curves,
@@ -39,6 +36,7 @@ from undo_lightning.robustness import (
     value_at,
     worst_case,
 )
+from undo_lightning.io import atomic_write, json_safe
 
 DEFAULT_STEPS = (25, 100, 300)
 # Table/plot order: anchors first, then UNDO students by alpha, then baselines; unknown roles last.
@@ -90,7 +88,7 @@ def _num(x: Any) -> float:
 
 
 def _is_full_distill(role: str | None, alpha: float | None, beta: float | None) -> bool:
-    # DESIGN §2: alpha=1, beta=1 (or no noise config at all) = full distillation from random init.
+    # docs/reference.md §6: alpha=1, beta=1 (or no noise config at all) = full distillation from random init.
     return role == "student" and (alpha is None or (alpha == 1 and beta == 1))
 
 
@@ -133,7 +131,7 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
         mode: attacker's direction for ``metric``: ``"max"`` (accuracy) or ``"min"`` (CE).
         retain_metric: retain metric for the "before" column and the utility bound; default: ``metric`` with
             ``forget`` -> ``retain``.
-        max_retain_drop: optional utility bound for the worst case (see :func:`~undo_lightning.robustness.worst_case`);
+        max_retain_drop: optional utility bound for the worst case (see :func:`~undo_lightning.experiment.robustness.worst_case`);
             the retain metric's direction is taken to match ``mode`` (higher is better when ``mode="max"``).
         attack: which relearning runs to aggregate (``curve.json["attack"]``).
         oracle: stage to use as the oracle anchor; default: the unique stage with role ``oracle``.
@@ -234,22 +232,6 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
 # serialisation
 
 
-def _clean(x: Any) -> Any:
-    """Recursively: NaN/inf -> None, floats to SIG_DIGITS significant digits, numpy scalars -> Python."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple, np.ndarray)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        x = float(x)
-        return float(f"{x:.{SIG_DIGITS}g}") + 0.0 if math.isfinite(x) else None  # + 0.0: no "-0.0" in JSON
-    return x
-
-
 def report_to_json(report: dict[str, Any]) -> str:
     """Deterministic JSON text of a report: NaN -> null, floats rounded to 6 significant digits.
 
@@ -259,21 +241,7 @@ def report_to_json(report: dict[str, Any]) -> str:
     Returns:
         JSON text (indent 2, trailing newline), valid for any JSON parser.
     """
-    return json.dumps(_clean(report), indent=2, allow_nan=False) + "\n"
-
-
-def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write via a temp file in the same folder + os.replace, so readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    return json.dumps(json_safe(report, SIG_DIGITS), indent=2, allow_nan=False) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -391,7 +359,7 @@ def _new_figure(size: tuple[float, float] = (8.0, 5.0)):
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", metadata={"Software": None}))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", metadata={"Software": None}))
 
 
 def _label(e: dict) -> str:
@@ -520,9 +488,9 @@ def write_report(run_dir: str | Path, *, tradeoff_y: str = "forget", **kw: Any) 
     # report.json (the reproducible record) leaves it out.
     text = report_to_json({**report, "models": [{k: v for k, v in m.items() if k != "wall_time_s"}
                                                  for m in report["models"]]})
-    _atomic_write(run_dir / "report.json", lambda f: f.write(text.encode()))
+    atomic_write(run_dir / "report.json", lambda f: f.write(text.encode()))
     md = render_markdown(report)
-    _atomic_write(run_dir / "report.md", lambda f: f.write(md.encode()))
+    atomic_write(run_dir / "report.md", lambda f: f.write(md.encode()))
     _plot_relearn_curves(report, run_dir / "relearn_curves.png")
     _plot_tradeoff(report, run_dir / "robustness_vs_compute.png", tradeoff_y)
     _plot_retain_forget(report, run_dir / "retain_vs_forget.png")

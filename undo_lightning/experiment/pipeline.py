@@ -1,4 +1,4 @@
-"""``undo pipeline``: the whole UNDO experiment of DESIGN §2 in one resumable command.
+"""``undo pipeline``: the whole UNDO experiment (docs/architecture.md) in one resumable command.
 
 Stages run in order, each in ``<out_dir>/<stage>/`` and each reading its inputs from earlier stages' exported
 ``hf/`` folders::
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from undo_lightning.io import import_object
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "arithmetic" / "quick.yaml"
 DONE = "DONE"
@@ -119,7 +121,7 @@ def plan(cfg: dict) -> list[Stage]:
                             spec.get("trainer", {}), deep_merge({"mixture": mixture}, spec.get("data")),
                             hf=str(out / name / "hf")))
     reference = stages[0].hf
-    hf = lambda stage: str(out / stage / "hf")  # noqa: E731 - the hand-off convention of DESIGN §2
+    hf = lambda stage: str(out / stage / "hf")  # noqa: E731 - the hand-off convention of docs/architecture.md
     unlearn = cfg.get("unlearn", {})
     stages.append(Stage("unlearn", "teacher", "undo_lightning.UnlearnModule",
                         {"model": reference, "seed": seed, **unlearn.get("module", {})},
@@ -147,11 +149,6 @@ def plan(cfg: dict) -> list[Stage]:
     return stages
 
 
-def _import(path: str):
-    module, _, name = path.rpartition(".")
-    return getattr(__import__(module, fromlist=[name]), name)
-
-
 def _datamodule(cfg: dict, overrides: dict):
     from jsonargparse import ArgumentParser
 
@@ -165,7 +162,7 @@ def _datamodule(cfg: dict, overrides: dict):
 
 
 def _instantiate(stage: Stage):
-    cls = _import(stage.module_cls)
+    cls = import_object(stage.module_cls)
     try:
         return cls(**stage.module)
     except TypeError as err:  # unknown or missing keyword: name the stage and the class
@@ -212,7 +209,7 @@ def run_stage(stage: Stage, cfg: dict, out: Path) -> dict:
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from undo_lightning.callbacks import write_json_atomic
+    from undo_lightning.io import write_json_atomic
 
     root = out / stage.name
     if (root / DONE).is_file():
@@ -224,7 +221,7 @@ def run_stage(stage: Stage, cfg: dict, out: Path) -> dict:
     started = time.perf_counter()
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     trainer_kwargs = deep_merge(deep_merge(_DEFAULT_TRAINER, cfg.get("trainer")), stage.trainer)
-    callbacks = [_import(c["class_path"])(**c.get("init_args", {})) for c in trainer_kwargs.pop("callbacks", [])]
+    callbacks = [import_object(c["class_path"])(**c.get("init_args", {})) for c in trainer_kwargs.pop("callbacks", [])]
     trainer = L.Trainer(default_root_dir=str(root), callbacks=callbacks,
                         logger=TensorBoardLogger(str(root), name="tb", version="", default_hp_metric=False),
                         **trainer_kwargs)
@@ -251,7 +248,7 @@ def run_stage(stage: Stage, cfg: dict, out: Path) -> dict:
 
 
 def run_relearn(cfg: dict, out: Path, stages: list[Stage]) -> None:
-    from undo_lightning.attack import run_sweep
+    from undo_lightning.experiment.sweep import run_sweep
 
     spec = dict(cfg.get("relearn") or {})
     models = {s.name: s.hf for s in stages}
@@ -290,7 +287,7 @@ def run_pipeline(config: str | None = None, out_dir: str | None = None, overwrit
     if only is not None:
         return {}
     run_relearn(cfg, out, stages)
-    from undo_lightning.report import write_report
+    from undo_lightning.experiment.report import write_report
 
     report = write_report(out, **(cfg.get("report") or {}))
     _log(f"all done in {time.perf_counter() - started:.1f} s; report: {out / 'report.md'}")
