@@ -150,7 +150,7 @@ class _Empty(DocumentSource):
     (dict(trainer={"max_steps": 9}), r"\['max_steps'\] are set by the relearning sweep"),
     (dict(data={"forget": _Empty(), "retain": ArithmeticSource(train_documents=20, val_documents=20)}),
      "the forget source has an empty train split"),
-    (dict(data={"bogus": 1}), "bad relearning data settings"),
+    (dict(data={"bogus": 1}), "bad data settings"),
 ])
 def test_bad_inputs_fail_before_any_run(tokenizer, models, tmp_path, change, match):
     kwargs = dict(models=models, lrs=[1e-3], seeds=[0], out_dir=tmp_path / "out", steps=2, eval_every=1,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from undo_lightning.data import RetainForgetDataModule
 from undo_lightning.experiment.pipeline import load_config, plan, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +157,7 @@ def test_relearn_data_overrides_reach_the_attack(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(attack, "run_sweep", lambda **kwargs: seen.update(kwargs))
     run_relearn(cfg, tmp_path, plan(cfg))
-    kwargs = attack.data_kwargs(seen["data"])
+    kwargs = RetainForgetDataModule.config_kwargs(seen["data"])
     forget, retain = kwargs["forget"], kwargs["retain"]
     assert forget.eval_fact_fraction == 0.5 and forget.operations == ("mul", "div")
     assert forget.mul_div_range == (1, 5) and forget.train_documents == 2000  # the shared settings stay

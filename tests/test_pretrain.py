@@ -20,10 +20,9 @@ def test_short_pretraining_learns_and_exports(tokenizer, tmp_path):
     module.tokenizer = tokenizer
     module.configure_model()
     dm.setup()
-    module.metrics = None
     from undo_lightning.eval.metrics import ValidationMetrics
 
-    module.metrics = ValidationMetrics(dm.eval_set_split)
+    module._validation_metrics = ValidationMetrics(dm.eval_set_split)  # no trainer yet to take the sets from
     before = final_evaluation(module, dm.val_dataloader())
     trainer.fit(module, datamodule=dm)
     after = module.last_val_metrics

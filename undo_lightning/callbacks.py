@@ -68,7 +68,7 @@ def final_evaluation(pl_module, loaders) -> dict[str, float]:
         pl_module: an ``UndoModule`` with its model built.
         loaders: validation loaders of ``RetainForgetDataModule.val_dataloader()``.
     """
-    metrics = pl_module._metrics()
+    metrics = pl_module.validation_metrics()
     metrics.reset()
     pl_module.model.eval()
     for loader in loaders:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import random
 from functools import partial
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import lightning as L
 import numpy as np
@@ -242,6 +242,35 @@ class RetainForgetDataModule(L.LightningDataModule):
         self.eval_set_split: dict[str, str] = {}
         self.mcq_sets: dict[str, list[MCQPrompt]] = {}
         self.mcq_set_split: dict[str, str] = {name: spec.side for name, spec in self.mcq.items()}
+
+    # ------------------------------------------------------------------------------------------- from config
+    @classmethod
+    def config_kwargs(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Checked keyword arguments from a config-style ``data:`` section (YAML form).
+
+        Sources may be given as ``{class_path: ..., init_args: {...}}`` (instantiated the way LightningCLI does for
+        stage configs) or as source objects; a ``{class_path, init_args}`` wrapper around the whole section is
+        accepted too.
+
+        Raises:
+            ValueError: an unknown key or a value of the wrong type, naming it.
+        """
+        from jsonargparse import ArgumentError, ArgumentParser
+
+        data = dict(config.get("init_args", config))
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, "data", instantiate=False)
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+        try:
+            namespace = parser.parse_object({"data": data})
+        except ArgumentError as err:  # re-raised as the ValueError every bad input gives
+            raise ValueError(f"bad data settings {sorted(data)}: {err}") from None
+        return dict(vars(instantiate(namespace).data))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> RetainForgetDataModule:
+        """The data module of a config-style ``data:`` section (see :meth:`config_kwargs`), with ``overrides``."""
+        return cls(**{**cls.config_kwargs(config), **overrides})
 
     # ----------------------------------------------------------------------------------------------- set-up
     @property

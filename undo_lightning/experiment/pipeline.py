@@ -31,15 +31,15 @@ from typing import Any
 
 import yaml
 
+from undo_lightning.experiment.trainer import TRAINER_DEFAULTS, tensorboard_logger
 from undo_lightning.io import import_object
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "arithmetic" / "quick.yaml"
 DONE = "DONE"
 SECTIONS = ("name", "out_dir", "seed", "data", "trainer", "pretrain", "reference", "oracle", "unlearn", "baselines",
             "distill", "undo", "relearn", "report")
-_DEFAULT_TRAINER = dict(accelerator="auto", devices=1, precision="32-true", gradient_clip_val=1.0,
-                        check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=25,
-                        enable_model_summary=False)
+#: Stage Trainer defaults (a config's ``trainer:`` overrides them).
+STAGE_TRAINER = {**TRAINER_DEFAULTS, "log_every_n_steps": 25}
 
 
 @dataclass
@@ -150,15 +150,9 @@ def plan(cfg: dict) -> list[Stage]:
 
 
 def _datamodule(cfg: dict, overrides: dict):
-    from jsonargparse import ArgumentParser
-
     from undo_lightning.data import RetainForgetDataModule
 
-    # jsonargparse instantiates nested sources (class_path/init_args) exactly as LightningCLI does for stage configs
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(RetainForgetDataModule, "data")
-    ns = parser.parse_object({"data": deep_merge(cfg.get("data", {}), overrides)})
-    return parser.instantiate_classes(ns).data
+    return RetainForgetDataModule.from_config(deep_merge(cfg.get("data", {}), overrides))
 
 
 def _instantiate(stage: Stage):
@@ -207,7 +201,6 @@ def run_stage(stage: Stage, cfg: dict, out: Path) -> dict:
     "before" numbers of the report and no model is exported (later stages read ``stage.hf`` directly).
     """
     import lightning as L
-    from lightning.pytorch.loggers import TensorBoardLogger
 
     from undo_lightning.io import write_json_atomic
 
@@ -220,10 +213,10 @@ def run_stage(stage: Stage, cfg: dict, out: Path) -> dict:
          + (f" (resuming from {ckpt})" if ckpt.is_file() else ""))
     started = time.perf_counter()
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
-    trainer_kwargs = deep_merge(deep_merge(_DEFAULT_TRAINER, cfg.get("trainer")), stage.trainer)
+    trainer_kwargs = deep_merge(deep_merge(STAGE_TRAINER, cfg.get("trainer")), stage.trainer)
     callbacks = [import_object(c["class_path"])(**c.get("init_args", {})) for c in trainer_kwargs.pop("callbacks", [])]
     trainer = L.Trainer(default_root_dir=str(root), callbacks=callbacks,
-                        logger=TensorBoardLogger(str(root), name="tb", version="", default_hp_metric=False),
+                        logger=tensorboard_logger(root),
                         **trainer_kwargs)
     module = _instantiate(stage)
     datamodule = _datamodule(cfg, stage.data)

@@ -16,7 +16,6 @@ Plots use matplotlib's object API with the Agg canvas, so nothing here touches p
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
@@ -28,12 +27,9 @@ from typing import Any
 import numpy as np
 
 from undo_lightning.experiment.robustness import (
-    _check_mode,
-    area_under_curve,
+    check_mode,
     load_curves,
     relative_robustness,
-    resolve_step,
-    value_at,
     worst_case,
 )
 from undo_lightning.io import atomic_write, json_safe
@@ -148,7 +144,7 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
         FileNotFoundError: ``run_dir`` does not exist or holds no ``<stage>/metrics.json``.
         ValueError: unknown ``mode``, empty/negative ``steps``, an explicit anchor that does not exist.
     """
-    _check_mode(mode)
+    check_mode(mode)
     req_steps = sorted({int(s) for s in steps})
     if not req_steps or req_steps[0] < 0:
         raise ValueError(f"steps must be a non-empty list of attack steps >= 0, got {list(steps)}")
@@ -193,15 +189,11 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
             retain_runs = load_curves(run_dir, name, retain_metric, attack) if max_retain_drop is not None else None
             wc = worst_case(runs, mode, retain_runs, max_retain_drop, retain_higher_is_better=(mode == "max"),
                             ddof=ddof)
-            curves[name] = {"steps": wc.steps.tolist(), "mean": wc.mean.tolist(), "std": wc.std.tolist()}
+            summary = wc.summary(req_steps)
+            curves[name] = {k: summary[k] for k in ("steps", "mean", "std")}
             entry["attack"] = {"n_runs": len(runs), "lrs": sorted({lr for lr, _ in runs}),
                                "seeds": sorted({s for _, s in runs})}
-            for a in entry["after"]:
-                with contextlib.suppress(ValueError):  # requested step before the first evaluation: stays NaN
-                    a["step"] = resolve_step(wc.steps, a["requested_step"])
-                    a["mean"] = value_at(wc.steps, wc.mean, a["step"])
-                    a["std"] = value_at(wc.steps, wc.std, a["step"])
-            entry["auc"] = area_under_curve(wc.steps, wc.mean)
+            entry["after"], entry["auc"] = summary["at"], summary["auc"]
         models.append(entry)
 
     # Relative robustness at the last requested step, one vectorised call so degenerate anchors warn once.

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -67,12 +67,28 @@ class WorstCase(NamedTuple):
     mean: np.ndarray
     std: np.ndarray
 
+    def at(self, step: int) -> dict[str, Any]:
+        """``{"requested_step", "step", "mean", "std"}`` at ``step`` or the last evaluated step before it
+        (:func:`resolve_step`); ``step`` None and NaN values when every evaluated step is after ``step``."""
+        try:
+            used = resolve_step(self.steps, step)
+        except ValueError:
+            return {"requested_step": step, "step": None, "mean": math.nan, "std": math.nan}
+        return {"requested_step": step, "step": used, "mean": value_at(self.steps, self.mean, used),
+                "std": value_at(self.steps, self.std, used)}
+
+    def summary(self, steps: Sequence[int]) -> dict[str, Any]:
+        """The curve as lists, its values :meth:`at` each of ``steps`` and its :func:`area_under_curve`."""
+        return {"steps": self.steps.tolist(), "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "at": [self.at(s) for s in steps], "auc": area_under_curve(self.steps, self.mean)}
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # validation helpers
 
 
-def _check_mode(mode: str) -> None:
+def check_mode(mode: str) -> None:
+    """Raises unless ``mode`` is ``max`` or ``min`` (the attacker's direction for a metric)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: expected 'max' (higher is better for the attacker, e.g. accuracy) "
                          f"or 'min' (lower is better for the attacker, e.g. cross-entropy)")
@@ -238,7 +254,7 @@ def worst_case(curves: Mapping[RunKey, Curve], mode: str = "max", retain_curves:
         ValueError: empty ``curves``, unknown ``mode``, only one of ``retain_curves``/``max_retain_drop`` given, a
             negative/non-finite ``max_retain_drop``, a missing retain curve, or no common step.
     """
-    _check_mode(mode)
+    check_mode(mode)
     if not curves:
         raise ValueError("worst_case: empty curve set (no (lr, seed) runs to aggregate)")
     if (retain_curves is None) != (max_retain_drop is None):
@@ -378,7 +394,7 @@ def steps_to_reach(steps: Sequence[int] | np.ndarray, values: Sequence[float] | 
     Raises:
         ValueError: mismatched lengths, empty curve, unknown mode.
     """
-    _check_mode(mode)
+    check_mode(mode)
     s, v = _as_arrays(steps, values)
     with np.errstate(invalid="ignore"):
         hit = v >= threshold if mode == "max" else v <= threshold

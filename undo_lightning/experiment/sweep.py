@@ -29,18 +29,16 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import yaml
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from undo_lightning.data import RetainForgetDataModule
 from undo_lightning.experiment.robustness import (
-    area_under_curve,
     load_curves,
     recovery_threshold,
-    resolve_step,
     steps_to_reach,
     value_at,
     worst_case,
 )
+from undo_lightning.experiment.trainer import TRAINER_DEFAULTS, tensorboard_logger
 from undo_lightning.io import json_safe, write_json_atomic
 from undo_lightning.models import is_hf_folder
 from undo_lightning.modules.relearn import ATTACK_DESCRIPTIONS, ATTACKS, RelearnAttackModule, model_label
@@ -110,31 +108,8 @@ def expected_steps(steps: int, eval_every: int) -> list[int]:
 # data
 
 
-def data_kwargs(data: Mapping[str, Any]) -> dict[str, Any]:
-    """Checked ``RetainForgetDataModule`` keyword arguments from a config-style dict.
-
-    Sources may be given as ``{class_path: ..., init_args: {...}}`` (YAML form, instantiated here the way LightningCLI
-    does for stage configs) or as source objects; a ``{class_path, init_args}`` wrapper around the whole section is
-    accepted too.
-
-    Raises:
-        ValueError: an unknown key or a value of the wrong type, naming it.
-    """
-    from jsonargparse import ArgumentError, ArgumentParser
-
-    data = dict(data.get("init_args", data))
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(RetainForgetDataModule, "data", instantiate=False)
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
-    try:
-        namespace = parser.parse_object({"data": data})
-    except ArgumentError as err:  # re-raised as the ValueError every bad input gives
-        raise ValueError(f"bad relearning data settings {sorted(data)}: {err}") from None
-    return dict(vars(instantiate(namespace).data))
-
-
 def data_kwargs_from_config(path: str) -> dict[str, Any]:
-    """:func:`data_kwargs` of the ``data:`` section of a stage YAML (e.g. ``configs/arithmetic/pretrain.yaml``).
+    """:meth:`RetainForgetDataModule.config_kwargs` of the ``data:`` section of a stage YAML (e.g. ``configs/arithmetic/pretrain.yaml``).
 
     Raises:
         ValueError: the file has no ``data:`` section.
@@ -143,12 +118,12 @@ def data_kwargs_from_config(path: str) -> dict[str, Any]:
         config = yaml.safe_load(f) or {}
     if not isinstance(config.get("data"), dict):
         raise ValueError(f"config={path!r} has no 'data:' section to take the relearning data from")
-    return data_kwargs(config["data"])
+    return RetainForgetDataModule.config_kwargs(config["data"])
 
 
 def _datamodule_factory(data: DataSpec, batch_size: int | None) -> Callable[[int], RetainForgetDataModule]:
     """Seed -> data module; one per seed, reused by every model and LR of that seed."""
-    kwargs = None if callable(data) else data_kwargs(data or {})
+    kwargs = None if callable(data) else RetainForgetDataModule.config_kwargs(data or {})
     cache: dict[int, RetainForgetDataModule] = {}
 
     def make(seed: int) -> RetainForgetDataModule:
@@ -199,10 +174,10 @@ def _quiet():
 
 
 #: Trainer settings of every attack run (docs/reference.md §8: gradient clip 1.0); ``trainer=`` may override them.
-ATTACK_TRAINER: dict[str, Any] = dict(accelerator="auto", devices=1, precision="32-true", gradient_clip_val=1.0,
-                                      num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False)
 #: Trainer settings the sweep fixes (a ``trainer=`` value for them must agree) and the ones it sets per run.
 _FIXED_TRAINER = {"check_val_every_n_epoch": None, "enable_checkpointing": False}
+ATTACK_TRAINER: dict[str, Any] = {k: v for k, v in TRAINER_DEFAULTS.items() if k not in _FIXED_TRAINER} | {
+    "enable_progress_bar": False}
 _PER_RUN_TRAINER = ("max_steps", "val_check_interval", "default_root_dir", "logger")
 
 
@@ -228,9 +203,8 @@ def run_attack(model: str, name: str, lr: float, seed: int, folder: str | Path, 
     L.seed_everything(seed, verbose=False)
     module = RelearnAttackModule(model=model, attack=attack, name=name, lr=lr, seed=seed)
     settings = {**ATTACK_TRAINER, "log_every_n_steps": min(eval_every, 50), **(trainer or {}), **_FIXED_TRAINER}
-    logger = TensorBoardLogger(str(folder), name="tb", version="", default_hp_metric=False)
-    L.Trainer(max_steps=steps, val_check_interval=eval_every, default_root_dir=str(folder), logger=logger,
-              **settings).fit(module, datamodule=datamodule)
+    L.Trainer(max_steps=steps, val_check_interval=eval_every, default_root_dir=str(folder),
+              logger=tensorboard_logger(folder), **settings).fit(module, datamodule=datamodule)
     return module.curve()
 
 
@@ -425,12 +399,9 @@ def summarize(out_dir: str | Path, models: Sequence[str], attack: str = "forget"
         for metric, mode in SUMMARY_METRICS.items():
             if metric not in available:
                 continue
-            wc = worst_case(_load(out_dir, name, metric, attack, runs), mode)
-            entry["worst_case"][metric] = {
-                "mode": mode, "steps": wc.steps.tolist(), "mean": wc.mean.tolist(), "std": wc.std.tolist(),
-                "at": {str(s): {"step": resolve_step(wc.steps, s), "mean": value_at(wc.steps, wc.mean, s),
-                                "std": value_at(wc.steps, wc.std, s)} for s in report_steps},
-                "auc": area_under_curve(wc.steps, wc.mean)}
+            summary = worst_case(_load(out_dir, name, metric, attack, runs), mode).summary(report_steps)
+            summary["at"] = {str(a.pop("requested_step")): a for a in summary["at"]}
+            entry["worst_case"][metric] = {"mode": mode, **summary}
         for metric in PER_LR_METRICS:
             if metric not in available:
                 continue

@@ -69,7 +69,7 @@ class UndoModule(L.LightningModule):
         self.model_name = model
         self.model = None
         self._tokenizer = None
-        self.metrics: ValidationMetrics | None = None
+        self._validation_metrics: ValidationMetrics | None = None
         self._counts: dict[str, int | torch.Tensor] = {}  # token counters, see count_tokens
         self.wall_time_s = 0.0
         self.last_val_metrics: dict[str, float] = {}
@@ -154,15 +154,16 @@ class UndoModule(L.LightningModule):
         return {"tokens": self.tokens_seen, "flops": self.tokens_seen * self.flops_per_token()}
 
     # -------------------------------------------------------------------------------------------- validation
-    def _metrics(self) -> ValidationMetrics:
-        if self.metrics is None:
+    def validation_metrics(self) -> ValidationMetrics:
+        """The accumulator of the shared validation metrics (keys fixed by the data module's evaluation sets)."""
+        if self._validation_metrics is None:
             datamodule = getattr(self.trainer, "datamodule", None)
-            self.metrics = ValidationMetrics(getattr(datamodule, "eval_set_split", {}),
-                                             getattr(datamodule, "mcq_set_split", {}))
-        return self.metrics
+            self._validation_metrics = ValidationMetrics(getattr(datamodule, "eval_set_split", {}),
+                                                         getattr(datamodule, "mcq_set_split", {}))
+        return self._validation_metrics
 
     def on_validation_epoch_start(self) -> None:
-        self._metrics().reset()
+        self.validation_metrics().reset()
 
     def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over the DDP ranks (unchanged on one process or without a trainer)."""
@@ -171,7 +172,7 @@ class UndoModule(L.LightningModule):
         return self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum")
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        metrics = self._metrics()
+        metrics = self.validation_metrics()
         if batch["kind"] == "empty":  # this rank's share of the set ran out (DDP padding, see data.EvalShard)
             return
         if batch["kind"] == "lm":
@@ -183,7 +184,7 @@ class UndoModule(L.LightningModule):
             metrics.update_answers(batch["sets"], answer_correct(self.model, self.tokenizer, batch))
 
     def on_validation_epoch_end(self) -> None:
-        values = self._metrics().compute(self.sum_over_ranks)
+        values = self.validation_metrics().compute(self.sum_over_ranks)
         if self.trainer.sanity_checking:
             return
         values.update({"compute/tokens": float(self.tokens_seen), "compute/flops": self.compute_summary()["flops"]})

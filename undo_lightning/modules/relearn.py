@@ -135,7 +135,7 @@ class RelearnAttackModule(UndoModule):
         out = {}
         for split in ("retain", "forget"):
             for form in FORMS:
-                accs = [values[f"val/{name}_acc"] for name, s in self._metrics().set_split.items()
+                accs = [values[f"val/{name}_acc"] for name, s in self.validation_metrics().set_split.items()
                         if s == split and name.endswith(f"_{form}") and f"val/{name}_acc" in values]
                 if accs:
                     out[f"val/{split}_{form}_acc"] = sum(accs) / len(accs)
