@@ -20,7 +20,7 @@ from undo_lightning.losses import (
     rmu_retain_loss,
 )
 from undo_lightning.models import build_model
-from undo_lightning.modules.unlearn import UnlearnModule
+from undo_lightning.modules import RMU, SAM, GradDiff, MaxEnt, RepNoise, UnlearnModule
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,8 @@ def test_maxent_raises_forget_entropy_and_exports(reference, tokenizer, tmp_path
     assert before < 0.6 * log_v and after > before + 1.0 and after > 0.8 * log_v, (before, after, log_v)
 
     record = json.loads((root / "metrics.json").read_text())
-    assert record["method"] == "maxent" and record["method_hparams"] == {"retain_weight": 1.0, "retain_loss": "ce", "convex": False}
+    assert record["method"] == "maxent" and record["method_hparams"] == {"retain_weight": 1.0, "retain_loss": "ce",
+                                                                         "convex": False}
     assert not record["repnoise"] and not record["sam"]
     assert record["compute"]["tokens"] == 12 * 2 * 16 * 32  # forget + retain tokens
     assert record["compute"]["flops"] == 6 * record["parameters"] * record["compute"]["tokens"]
@@ -106,8 +107,8 @@ def test_maxent_raises_forget_entropy_and_exports(reference, tokenizer, tmp_path
 # ------------------------------------------------------------------------------------------------------------- RMU
 def test_rmu_trains_only_selected_parameters_frozen_copy_fixed_and_not_checkpointed(tokenizer, tmp_path):
     initial = build_model("gemma2-micro", tokenizer, seed=0).state_dict()
-    module = UnlearnModule(model="gemma2-micro", method="rmu", rmu_layer=1, rmu_train_layers=[1], retain_weight=1.0,
-                           rmu_coefficient=6.0, lr=1e-2, export=False)
+    module = UnlearnModule(model="gemma2-micro", method=RMU(layer=1, train_layers=[1], retain_weight=1.0,
+                                                            coefficient=6.0), lr=1e-2, export=False)
     tiny_trainer(tmp_path, max_steps=3).fit(module, datamodule=small_datamodule(tokenizer))
     changed = [k for k, v in module.model.state_dict().items() if not torch.equal(v, initial[k])]
     assert changed == ["model.layers.1.mlp.down_proj.weight"]
@@ -120,8 +121,7 @@ def test_rmu_trains_only_selected_parameters_frozen_copy_fixed_and_not_checkpoin
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert not [k for k in state if k.startswith("frozen")] and "model.model.layers.1.mlp.down_proj.weight" in state
     # resuming rebuilds the frozen copy from `model` and loads the rest non-strictly
-    resumed = UnlearnModule(model="gemma2-micro", method="rmu", rmu_layer=1, rmu_train_layers=[1], lr=1e-2,
-                            export=False)
+    resumed = UnlearnModule(model="gemma2-micro", method=RMU(layer=1, train_layers=[1]), lr=1e-2, export=False)
     tiny_trainer(tmp_path, max_steps=4).fit(resumed, datamodule=small_datamodule(tokenizer), ckpt_path=str(ckpt))
     assert resumed.global_step == 4 and resumed.frozen_tokens_seen == 4 * 8 * 32
     assert all(torch.equal(v, initial[k]) for k, v in resumed.frozen.state_dict().items())
@@ -130,12 +130,12 @@ def test_rmu_trains_only_selected_parameters_frozen_copy_fixed_and_not_checkpoin
 @pytest.mark.parametrize("layer", [0, 1])
 def test_rmu_hook_targets_the_block_and_loss_matches(tokenizer, layer):
     forget, retain = paired(tokenizer)
-    module = built(tokenizer, method="rmu", rmu_layer=layer, retain_weight=3.0, rmu_coefficient=5.0, seed=7)
+    module = built(tokenizer, method=RMU(layer=layer, retain_weight=3.0, coefficient=5.0), seed=7)
     with torch.no_grad():  # make the trained model differ from the frozen copy so the retain term is not zero
         for p in module.trainable_parameters():
             p.add_(0.05 * torch.randn_like(p))
         terms = module.compute_losses(forget, retain)
-        with module._block.record() as hooked:
+        with module.method.recorder.record() as hooked:
             module.model(input_ids=forget["input_ids"])
         expected = block_output(module.model, layer, forget)
         assert torch.equal(hooked["block"], expected)
@@ -153,19 +153,19 @@ def test_rmu_hook_targets_the_block_and_loss_matches(tokenizer, layer):
 
 
 def test_rmu_without_retain_term_builds_no_frozen_copy(tokenizer):
-    module = built(tokenizer, method="rmu", rmu_layer=1, retain_weight=0.0)
+    module = built(tokenizer, method=RMU(layer=1, retain_weight=0.0))
     forget, retain = paired(tokenizer)
     terms = module.compute_losses(forget, retain)
     assert module.frozen is None and set(terms) == {"forget_loss", "loss"}
-    # default trained blocks: rmu_layer - 2 .. rmu_layer, down_proj only (docs/reference.md §5.4)
-    assert module.rmu_parameter_names() == [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)]
+    # default trained blocks: layer - 2 .. layer, down_proj only (docs/reference.md §5.4)
+    assert module.method.config()["params"] == [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)]
 
 
 # ------------------------------------------------------------------------------------------------------------- SAM
 def test_sam_step_equals_a_plain_step_with_the_perturbed_gradient(tokenizer, tmp_path):
     rho, lr, clip, w = 0.05, 1e-3, 0.5, 2.0
     keep = KeepFirstBatch()
-    module = UnlearnModule(model="gemma2-micro", method="maxent", retain_weight=w, sam_rho=rho, sam_clip_val=clip,
+    module = UnlearnModule(model="gemma2-micro", method=MaxEnt(retain_weight=w), sam=SAM(rho=rho, clip_val=clip),
                            lr=lr, export=False)
     tiny_trainer(tmp_path, max_steps=1, callbacks=[keep]).fit(module, datamodule=small_datamodule(tokenizer))
     forget, retain = keep.batch["forget"], keep.batch["retain"]
@@ -208,14 +208,14 @@ def test_sam_step_equals_a_plain_step_with_the_perturbed_gradient(tokenizer, tmp
 # -------------------------------------------------------------------------------------------------------- GradDiff
 def test_graddiff_loss_and_guard_on_a_constructed_case(tokenizer):
     forget, retain = paired(tokenizer)
-    module = built(tokenizer, method="graddiff", retain_weight=2.0, max_forget_ce=1e3)
+    module = built(tokenizer, method=GradDiff(retain_weight=2.0, max_forget_ce=1e3))
     with torch.no_grad():
         ce_f = causal_lm_loss(module.model(forget["input_ids"]).logits, forget["labels"])
         ce_r = causal_lm_loss(module.model(retain["input_ids"]).logits, retain["labels"])
     terms = module.compute_losses(forget, retain)
     torch.testing.assert_close(terms["loss"], -ce_f + 2.0 * ce_r)
     assert terms["guard_active"] == 0
-    module.hparams.max_forget_ce = float(ce_f) / 2  # forget CE above the ceiling: the forget term is dropped
+    module.method.max_forget_ce = float(ce_f) / 2  # forget CE above the ceiling: the forget term is dropped
     terms = module.compute_losses(forget, retain)
     assert terms["guard_active"] == 1
     torch.testing.assert_close(terms["loss"], 2.0 * ce_r)
@@ -238,7 +238,7 @@ class ForgetCE(L.Callback):
 def test_graddiff_guard_stops_divergence(reference, tokenizer, tmp_path):
     def run(max_forget_ce):
         log = ForgetCE()
-        module = UnlearnModule(model=reference, method="graddiff", retain_weight=0.0, max_forget_ce=max_forget_ce,
+        module = UnlearnModule(model=reference, method=GradDiff(retain_weight=0.0, max_forget_ce=max_forget_ce),
                                lr=2e-2, export=False)
         tiny_trainer(tmp_path, max_steps=25, callbacks=[log], log_every_n_steps=1).fit(
             module, datamodule=small_datamodule(tokenizer))
@@ -266,7 +266,7 @@ def test_nonfinite_loss_raises_and_writes_nothing(tokenizer, tmp_path):
 # -------------------------------------------------------------------------------------------------------- RepNoise
 def test_repnoise_terms_match_an_independent_computation(tokenizer):
     forget, retain = paired(tokenizer)
-    module = built(tokenizer, method="maxent", repnoise=True, repnoise_alpha=0.5, repnoise_beta=0.1, seed=3)
+    module = built(tokenizer, method="maxent", repnoise=RepNoise(alpha=0.5, beta=0.1), seed=3)
     terms = module.compute_losses(forget, retain)
     model = module.model
     acts = []
@@ -302,15 +302,15 @@ def test_repnoise_hooks_are_registered_once_and_removed(tokenizer, tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             counts.append(hooks(pl_module))
 
-    module = UnlearnModule(model="gemma2-micro", method="rmu", rmu_layer=1, repnoise=True, export=False)
+    module = UnlearnModule(model="gemma2-micro", method=RMU(layer=1), repnoise=RepNoise(), export=False)
     tiny_trainer(tmp_path, max_steps=3, callbacks=[CountHooks()]).fit(module, datamodule=small_datamodule(tokenizer))
     assert counts[0][:2] == [1, 1] and counts == [counts[0]] * 3  # one RepNoise hook per MLP, not one per step
     assert hooks(module) == [0, 0, counts[0][2] - 1]  # all removed at teardown, the RMU block hook included
 
 
 # ---------------------------------------------------------------------------------------------------- bf16-mixed
-@pytest.mark.parametrize("kwargs", [dict(method="rmu", rmu_layer=1, retain_weight=1.0, repnoise=True),
-                                    dict(method="maxent", sam_rho=0.05)], ids=["rmu+repnoise", "maxent+sam"])
+@pytest.mark.parametrize("kwargs", [dict(method=RMU(layer=1, retain_weight=1.0), repnoise=RepNoise()),
+                                    dict(method="maxent", sam=SAM(rho=0.05))], ids=["rmu+repnoise", "maxent+sam"])
 def test_bf16_mixed_steps(tokenizer, tmp_path, kwargs):
     initial = build_model("gemma2-micro", tokenizer, seed=0).state_dict()
     module = UnlearnModule(model="gemma2-micro", lr=1e-3, export=False, **kwargs)
@@ -327,27 +327,28 @@ def test_bf16_mixed_steps(tokenizer, tmp_path, kwargs):
 
 
 # ------------------------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(method="gradient_ascent"), "method='gradient_ascent'"),
-    (dict(retain_weight=-1.0), "retain_weight=-1.0"),
-    (dict(max_forget_ce=0.0), "max_forget_ce=0.0"),
-    (dict(sam_rho=-0.1), "sam_rho=-0.1"),
-    (dict(rmu_layer=-1), "rmu_layer=-1"),
-    (dict(rmu_layer=1, rmu_train_layers=[2]), r"rmu_train_layers=\[2\]"),
+@pytest.mark.parametrize("make, message", [
+    (lambda: UnlearnModule(method="gradient_ascent"), "method='gradient_ascent'"),
+    (lambda: MaxEnt(retain_weight=-1.0), "retain_weight=-1.0"),
+    (lambda: GradDiff(max_forget_ce=0.0), "max_forget_ce=0.0"),
+    (lambda: SAM(rho=-0.1), "rho=-0.1"),
+    (lambda: RMU(layer=-1), "layer=-1"),
+    (lambda: RMU(layer=1, train_layers=[2]), r"train_layers=\[2\]"),
+    (lambda: UnlearnModule(repnoise=True), "repnoise=True: expected RepNoise"),
 ])
-def test_bad_arguments_fail_at_construction(kwargs, message):
+def test_bad_arguments_fail_at_construction(make, message):
     with pytest.raises(ValueError, match=message):
-        UnlearnModule(model="gemma2-micro", **kwargs)
+        make()
 
 
 def test_rmu_layer_out_of_range_names_the_layer_count(tokenizer):
     with pytest.raises(ValueError, match="has 2 decoder layers"):
-        built(tokenizer, method="rmu", rmu_layer=5)
+        built(tokenizer, method=RMU(layer=5))
 
 
 def test_rmu_pattern_matching_nothing_lists_real_names(tokenizer):
     with pytest.raises(ValueError, match=r"'model.layers.0.mlp.nope' matches no parameter.*model.embed_tokens.weight"):
-        built(tokenizer, method="rmu", rmu_layer=0, rmu_params=["model.layers.{i}.mlp.nope"])
+        built(tokenizer, method=RMU(layer=0, params=["model.layers.{i}.mlp.nope"]))
 
 
 def test_empty_forget_split_is_a_clear_error(tokenizer, tmp_path):
@@ -362,8 +363,8 @@ def test_empty_forget_split_is_a_clear_error(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("trainer_kwargs, message", [(dict(accumulate_grad_batches=2), "accumulate_grad_batches=2"),
-                                                     (dict(gradient_clip_val=1.0), "sam_clip_val")])
+                                                     (dict(gradient_clip_val=1.0), "clip_val")])
 def test_sam_rejects_what_it_cannot_honour(tokenizer, tmp_path, trainer_kwargs, message):
-    module = UnlearnModule(model="gemma2-micro", sam_rho=0.05)
+    module = UnlearnModule(model="gemma2-micro", sam=SAM(rho=0.05))
     with pytest.raises(ValueError, match=message):
         tiny_trainer(tmp_path, max_steps=1, **trainer_kwargs).fit(module, datamodule=small_datamodule(tokenizer))

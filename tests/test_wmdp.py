@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from undo_lightning import RetainForgetDataModule, TextSource, UnlearnModule
+from undo_lightning import RMU, GradDiff, MaxEnt, RetainForgetDataModule, TextSource, UnlearnModule
 from undo_lightning.data.bpe import train_bpe_tokenizer
 from undo_lightning.data.mcq import MCQSpec, build_prompt, limit_records, load_mcq
 from undo_lightning.eval.mcq import mcq_accuracy
@@ -64,8 +64,9 @@ def _paired(tok, n: int = 4, t: int = 32) -> tuple[dict, dict]:
 # ------------------------------------------------------------------------------------------------ the objective
 def test_maxent_with_kl_retain_term_and_convex_weights_matches_an_independent_computation(tok, original):
     forget, retain = _paired(tok)
-    module = UnlearnModule(model=original, method="maxent", retain_loss="kl", convex=True, retain_weight=0.3,
-                           kl_chunk_size=7)  # chunks that do not divide the positions
+    # chunks of 7 positions do not divide the positions
+    module = UnlearnModule(model=original, method=MaxEnt(retain_loss="kl", convex=True, retain_weight=0.3,
+                                                         kl_chunk_size=7))
     module.tokenizer = tok
     module.configure_model()
     assert module.frozen is not None and not module.frozen.training
@@ -98,7 +99,7 @@ def test_maxent_with_kl_retain_term_and_convex_weights_matches_an_independent_co
 
 def test_graddiff_convex_ce_weights(tok, original):
     forget, retain = _paired(tok)
-    module = UnlearnModule(model=original, method="graddiff", convex=True, retain_weight=0.25)
+    module = UnlearnModule(model=original, method=GradDiff(convex=True, retain_weight=0.25))
     module.tokenizer = tok
     module.configure_model()
     assert module.frozen is None  # a CE retain term needs no frozen copy
@@ -110,16 +111,16 @@ def test_graddiff_convex_ce_weights(tok, original):
     torch.testing.assert_close(module.compute_losses(forget, retain)["loss"], -0.75 * ce_f + 0.25 * ce_r)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(retain_loss="mse"), "retain_loss='mse'"),
-    (dict(method="rmu", retain_loss="kl"), "RMU's retain term"),
-    (dict(convex=True, retain_weight=1.0), "0 < w < 1"),
-    (dict(convex=True, retain_weight=0.0), "0 < w < 1"),
-    (dict(kl_chunk_size=0), "kl_chunk_size=0"),
+@pytest.mark.parametrize("method, kwargs, message", [
+    (MaxEnt, dict(retain_loss="mse"), "retain_loss='mse'"),
+    (GradDiff, dict(convex=True, retain_weight=1.0), "0 < w < 1"),
+    (MaxEnt, dict(convex=True, retain_weight=0.0), "0 < w < 1"),
+    (RMU, dict(convex=True, retain_weight=0.0), "0 < w < 1"),
+    (MaxEnt, dict(kl_chunk_size=0), "kl_chunk_size=0"),
 ])
-def test_bad_retain_term_arguments(kwargs, message):
+def test_bad_retain_term_arguments(method, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        UnlearnModule(model="gemma2-micro", **{"method": "maxent", **kwargs})
+        method(**kwargs)
 
 
 # --------------------------------------------------------------------------------------- multiple-choice metric

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
@@ -279,3 +279,28 @@ def import_object(path: str) -> Any:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"{path!r} cannot be imported ({type(err).__name__}: {err})") from None
+
+
+def instantiate(cls: type, init_args: Mapping[str, Any], what: str) -> Any:
+    """``cls(**init_args)`` with the arguments checked against ``cls``'s typed signature by jsonargparse, as
+    LightningCLI checks a stage config: unknown keys and wrong types are errors, and nested
+    ``{class_path, init_args}`` values (sources, unlearning methods) are instantiated too.
+
+    Args:
+        cls: the class to build.
+        init_args: its keyword arguments in config form.
+        what: names the config section in error messages.
+
+    Raises:
+        ValueError: naming ``what``, the class and the bad argument.
+    """
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "init", instantiate=True)
+    try:
+        namespace = parser.parse_object({"init": dict(init_args)})
+    except ArgumentError as err:
+        raise ValueError(f"{what}: bad arguments for {cls.__name__}: {err}") from None
+    build = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    return build(namespace).init

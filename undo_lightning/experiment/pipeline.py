@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from undo_lightning.experiment.trainer import TRAINER_DEFAULTS, tensorboard_logger
-from undo_lightning.io import import_object
+from undo_lightning.io import import_object, instantiate
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "arithmetic" / "quick.yaml"
 DONE = "DONE"
@@ -156,11 +156,7 @@ def _datamodule(cfg: dict, overrides: dict):
 
 
 def _instantiate(stage: Stage):
-    cls = import_object(stage.module_cls)
-    try:
-        return cls(**stage.module)
-    except TypeError as err:  # unknown or missing keyword: name the stage and the class
-        raise ValueError(f"stage {stage.name!r}: bad arguments for {cls.__name__}: {err}") from None
+    return instantiate(import_object(stage.module_cls), stage.module, f"stage {stage.name!r}")
 
 
 def validate(cfg: dict) -> list[Stage]:
@@ -214,7 +210,8 @@ def run_stage(stage: Stage, cfg: dict, out: Path) -> dict:
     started = time.perf_counter()
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     trainer_kwargs = deep_merge(deep_merge(STAGE_TRAINER, cfg.get("trainer")), stage.trainer)
-    callbacks = [import_object(c["class_path"])(**c.get("init_args", {})) for c in trainer_kwargs.pop("callbacks", [])]
+    callbacks = [instantiate(import_object(c["class_path"]), c.get("init_args", {}), f"stage {stage.name!r} callback")
+                 for c in trainer_kwargs.pop("callbacks", [])]
     trainer = L.Trainer(default_root_dir=str(root), callbacks=callbacks,
                         logger=tensorboard_logger(root),
                         **trainer_kwargs)

@@ -42,6 +42,8 @@ class UndoModule(L.LightningModule):
 
     #: which training data the stage needs from ``RetainForgetDataModule`` (see its docstring)
     train_data: str = "mixture"
+    #: ``__init__`` arguments kept out of ``hparams`` (objects: checkpoints hold plain values only)
+    hparams_ignore: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -65,8 +67,9 @@ class UndoModule(L.LightningModule):
             raise ValueError(f"warmup_steps={warmup_steps}, checkpoint_every={checkpoint_every}: expected >= 0")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio={min_lr_ratio}: expected a value in [0, 1]")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
         self.model_name = model
+        self._frozen: list[str] = []  # attributes holding frozen models, see freeze
         self.model = None
         self._tokenizer = None
         self._validation_metrics: ValidationMetrics | None = None
@@ -98,6 +101,28 @@ class UndoModule(L.LightningModule):
     def build(self, name: str, seed: int | None = None):
         """Builds/loads a model by name with this module's tokenizer (shared by stages that hold several models)."""
         return build_model(name, self.tokenizer, seed=self.hparams.seed if seed is None else seed)
+
+    def freeze(self, name: str, model: torch.nn.Module) -> torch.nn.Module:
+        """Holds ``model`` as the frozen attribute ``name`` (a distillation teacher, a frozen starting copy).
+
+        A frozen model stays in eval mode whatever mode Lightning sets (no dropout), has no gradients (so no optimizer
+        state), and is never written to checkpoints: it is rebuilt from its folder in ``configure_model`` on resume.
+        Checkpoints then lack its keys, so loading is non-strict and :meth:`on_load_checkpoint` checks instead that
+        every trained tensor is restored.
+        """
+        model.eval().requires_grad_(False)
+        setattr(self, name, model)
+        if name not in self._frozen:
+            self._frozen.append(name)
+        self.strict_loading = False
+        return model
+
+    def train(self, mode: bool = True):
+        """Sets the trained model's mode; frozen models (:meth:`freeze`) stay in eval mode regardless."""
+        super().train(mode)
+        for name in getattr(self, "_frozen", ()):
+            getattr(self, name).eval()
+        return self
 
     def configure_model(self) -> None:
         if self.model is not None:  # idempotent: Lightning may call it once per trainer entry point
@@ -223,11 +248,20 @@ class UndoModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["undo_state"] = {"wall_time_s": self.elapsed_s(),
                                     **{f"{name}_seen": self.counted(name) for name in ("tokens", *self._counts)}}
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.split(".", 1)[0] in self._frozen]:
+            del state[key]  # frozen models are rebuilt from their folders (see freeze)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("undo_state", {})
         self._counts = {key[: -len("_seen")]: value for key, value in state.items() if key.endswith("_seen")}
         self.wall_time_s = state.get("wall_time_s", 0.0)
+        if self._frozen and self.model is not None:  # non-strict loading must still restore every trained tensor
+            expected = {"model." + k for k in self.model.state_dict()}
+            missing = sorted(expected - set(checkpoint["state_dict"]))
+            if missing:
+                raise ValueError(f"the checkpoint lacks {len(missing)} tensors of the trained model (e.g. "
+                                 f"{missing[:3]}); it was not written by this {type(self).__name__} configuration")
 
     def summary(self) -> dict:
         """What ``metrics.json`` records about this stage (subclasses add their own fields)."""

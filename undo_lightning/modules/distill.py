@@ -40,10 +40,10 @@ class DistillModule(UndoModule):
 
     Hooks implemented (on top of :class:`~undo_lightning.modules.base.UndoModule`): ``configure_model`` (loads the
     teacher, builds and noises the student once, checks they share the data's vocabulary), ``training_step``,
-    ``train`` (keeps the teacher in eval mode whatever Lightning toggles), ``on_fit_start`` (evaluates the teacher
-    once), ``on_save_checkpoint`` / ``on_load_checkpoint`` (teacher weights are never written; resume re-loads the
-    teacher from its folder), ``on_validation_epoch_end`` (adds ``val/retain_gap``), ``configure_callbacks`` (adds
-    :class:`RetainGapStop` when ``stop_threshold`` is set).
+    ``on_fit_start`` (evaluates the teacher once), ``on_validation_epoch_end`` (adds ``val/retain_gap``),
+    ``configure_callbacks`` (adds :class:`RetainGapStop` when ``stop_threshold`` is set). The teacher is held with
+    :meth:`~undo_lightning.modules.base.UndoModule.freeze`: eval mode whatever Lightning toggles, no gradients, never
+    in checkpoints (resume re-loads it from its folder).
 
     Resume: the student is rebuilt (and noised) in ``configure_model`` exactly as at the first start, then Lightning
     overwrites it with the checkpoint's student, so a resumed run continues from the trained student and the noise is
@@ -129,7 +129,7 @@ class DistillModule(UndoModule):
         self.teacher = None
         self.noise_summary: dict | None = None
         self._teacher_metrics: dict[str, float] | None = None
-        self.strict_loading = False  # checkpoints hold the student only; see on_load_checkpoint
+        self.strict_loading = False  # checkpoints hold the student only (see UndoModule.freeze)
 
     # ------------------------------------------------------------------------------------------------- models
     def configure_model(self) -> None:
@@ -162,11 +162,8 @@ class DistillModule(UndoModule):
             raise ValueError(f"student_init={hp.student_init!r} has vocab_size={student.config.vocab_size} but "
                              f"teacher={self.teacher_path!r} has vocab_size={teacher.config.vocab_size}; distillation "
                              "compares full-vocabulary distributions, so both must use the same tokenizer")
-        teacher.eval()
-        teacher.requires_grad_(False)
-        student.train()
-        self.teacher = teacher
-        self.model = student
+        self.freeze("teacher", teacher)
+        self.model = student.train()
 
     def _check_shipped_tokenizer(self, what: str, folder: str, tokenizer) -> None:
         """Raises if ``folder`` ships a tokenizer whose vocabulary or special tokens differ from the data's."""
@@ -179,13 +176,6 @@ class DistillModule(UndoModule):
             raise ValueError(f"{what}={folder!r} ships a tokenizer ({len(shipped)} tokens) that differs from the "
                              f"data's tokenizer {data_name!r} ({len(tokenizer)} tokens); teacher, student and data "
                              "must share one tokenizer")
-
-    def train(self, mode: bool = True):
-        """Sets the student's mode; the teacher stays in eval mode (no dropout, frozen statistics) regardless."""
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
 
     def flops_per_token(self) -> float:
         """``6 N_student`` (forward + backward) ``+ 2 N_teacher`` (forward only) per token (docs/reference.md §10)."""
@@ -261,21 +251,6 @@ class DistillModule(UndoModule):
         if self.hparams.stop_threshold is not None:
             callbacks.append(RetainGapStop(self.hparams.stop_threshold))
         return callbacks
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("teacher.")]:
-            del state[key]  # the teacher is re-loaded from its folder (configure_model)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if self.model is not None:  # non-strict loading must still restore every student tensor
-            expected = {"model." + k for k in self.model.state_dict()}
-            missing = sorted(expected - set(checkpoint["state_dict"]))
-            if missing:
-                raise ValueError(f"the checkpoint lacks {len(missing)} student tensors (e.g. {missing[:3]}); it was "
-                                 "not written by this DistillModule configuration")
 
     def summary(self) -> dict:
         hp = self.hparams
