@@ -71,7 +71,7 @@ def test_refuses_a_folder_holding_another_config(smoke_run, tmp_path):
 
 def test_bad_config_fails_before_training(tmp_path):
     cfg = yaml.safe_load(SMOKE.read_text())
-    cfg["unlearn"]["module"]["method"] = "forget-harder"
+    cfg["unlearn"]["model"]["method"] = "forget-harder"
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match="forget-harder"):
@@ -82,6 +82,36 @@ def test_bad_config_fails_before_training(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match="reporting"):
         run_pipeline(str(path), out_dir=str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c["undo"].update(modle={"lr": 0.1}), r"undo: unknown key\(s\) \['modle'\]"),  # one level down
+    (lambda c: c["relearn"].update(stepz=5), r"relearn: unknown key\(s\) \['stepz'\]"),
+    (lambda c: c["undo"].update(modle={}), r"\['modle'\]"),  # an empty mapping too
+    (lambda c: c["report"].update(steps=7), r"report.steps"),
+    (lambda c: c["distill"]["model"].update(stop_treshold=0.1), "stop_treshold"),  # inside a module's arguments
+    (lambda c: c["unlearn"].update(module=c["unlearn"].pop("model")), "rename `module:` to `model:`"),
+])
+def test_misspelt_or_mistyped_keys_anywhere_fail_before_training(tmp_path, edit, match):
+    cfg = yaml.safe_load(SMOKE.read_text())
+    edit(cfg)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=match):
+        run_pipeline(str(path), out_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_print_config_round_trips_and_cli_overrides_apply(tmp_path):
+    env = {**os.environ, "UNDO_NO_REEXEC": "1"}
+    printed = subprocess.run([sys.executable, "-m", "undo_lightning.cli", "pipeline", "-c", str(SMOKE),
+                              "--relearn.steps", "4", "--print_config"], env=env, capture_output=True, text=True,
+                             check=True).stdout
+    path = tmp_path / "printed.yaml"
+    path.write_text(printed)
+    expected = load_config(SMOKE)
+    expected["relearn"]["steps"] = 4
+    assert load_config(path) == expected  # every default made explicit, the override applied
 
 
 @pytest.mark.slow
@@ -137,7 +167,7 @@ def test_existing_reference_model_and_no_oracle(smoke_run, tmp_path):
 
 @pytest.mark.parametrize("section, match", [
     ({"reference": None}, "every experiment needs a reference"),
-    ({"reference": {"model": "runs/x/hf", "module": {"lr": 0.1}}}, r"\['module'\] cannot be combined"),
+    ({"reference": {"model": "runs/x/hf", "trainer": {"max_steps": 5}}}, "it is not trained, so it takes no `trainer:`"),
     ({"oracle": {"model": ""}}, "an existing model is given as"),
     ({"reference": "runs/x/hf"}, r"'runs/x/hf': expected a section"),
 ])

@@ -285,7 +285,7 @@ def test_wmdp_pipeline_config_runs_on_a_micro_model(tok, original, tmp_path):
     cfg["trainer"].update(precision="32-true", accelerator="cpu", enable_progress_bar=False)
     for section in ("unlearn", "undo"):
         cfg[section]["trainer"] = {"max_steps": 2, "accumulate_grad_batches": 2, "val_check_interval": 4}
-    cfg["undo"]["module"].pop("checkpoint_every")
+    cfg["undo"]["model"].pop("checkpoint_every")
     cfg["relearn"].update(lrs=[1e-3, 1e-4], seeds=[42], steps=2, eval_every=1, batch_size=4)
     cfg["report"] = {"steps": [1, 2]}
     path = tmp_path / "pipeline.yaml"

@@ -21,7 +21,7 @@ TRAINER_COMMANDS = ("fit", "validate", "test")
 # Non-Trainer subcommands: name -> (module, function, one-line summary). Imported only when chosen, so `undo --help`
 # and an unknown subcommand answer without importing torch, Lightning and transformers.
 TOOLS = {
-    "pipeline": ("undo_lightning.experiment.pipeline", "run_pipeline",
+    "pipeline": ("undo_lightning.experiment.pipeline", "pipeline_command",
                  "Run the whole UNDO experiment (pretrain, unlearn, distill, UNDO, relearn, report); resumable."),
     "relearn": ("undo_lightning.experiment.sweep", "relearn_command", "Relearning-attack sweep over models x LRs x seeds."),
     "report": ("undo_lightning.experiment.report", "main", "Write report.md, report.json and plots for a finished run folder."),
@@ -69,22 +69,6 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _pipeline_cli(run_pipeline, args: list[str]) -> None:
-    """``undo pipeline [-c CONFIG] [--out_dir DIR] [--overwrite] [--only STAGE ...]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="undo pipeline", description=run_pipeline.__doc__.strip().splitlines()[0])
-    parser.add_argument("-c", "--config", help="experiment YAML (default: configs/arithmetic/quick.yaml, the CPU demo)")
-    parser.add_argument("--out_dir", help="run folder (default: the config's out_dir)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a run folder that holds another experiment")
-    parser.add_argument("--only", nargs="+", metavar="STAGE", help="run only these training stages")
-    ns = parser.parse_args(args)
-    try:
-        run_pipeline(ns.config, out_dir=ns.out_dir, overwrite=ns.overwrite, only=ns.only)
-    except ValueError as err:  # bad config or run folder: a clear message, not a stack trace
-        raise SystemExit(f"undo pipeline: error: {err}") from None
-
-
 def _usage() -> str:
     lines = ["usage: undo {" + ",".join(TRAINER_COMMANDS + tuple(TOOLS)) + "} ...", "",
              "UNDO (Unlearn, Noise, Distill-on-Outputs) on PyTorch Lightning.", "",
@@ -116,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_install_tip)
     if argv[0] == "pipeline":
-        _pipeline_cli(_tool("pipeline"), argv[1:])
+        _tool("pipeline")(argv[1:])
         return
     if argv[0] in TOOLS:
         from jsonargparse import CLI

@@ -31,13 +31,12 @@ from typing import Any
 
 import yaml
 
+from undo_lightning.experiment.config import (DEFAULT_CONFIG, check_keys, error_message, finish, load_config,
+                                              parser)
 from undo_lightning.experiment.trainer import TRAINER_DEFAULTS, tensorboard_logger
 from undo_lightning.io import import_object, instantiate
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "arithmetic" / "quick.yaml"
 DONE = "DONE"
-SECTIONS = ("name", "out_dir", "seed", "data", "trainer", "pretrain", "reference", "oracle", "unlearn", "baselines",
-            "distill", "undo", "relearn", "report")
 #: Stage Trainer defaults (a config's ``trainer:`` overrides them).
 STAGE_TRAINER = {**TRAINER_DEFAULTS, "log_every_n_steps": 25}
 
@@ -66,82 +65,66 @@ def deep_merge(base: dict, override: dict | None) -> dict:
     return out
 
 
-def load_config(path: str | os.PathLike | None) -> dict:
-    """Reads an experiment YAML (the shipped CPU demo when ``path`` is None) and checks its sections."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ValueError(f"config={str(path)!r}: no such file" + (" (the default demo config ships with the source "
-                                                                   "checkout; pass -c CONFIG)" if path == DEFAULT_CONFIG
-                                                                   else ""))
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    unknown = sorted(set(cfg) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"{path}: unknown section(s) {unknown}; expected {list(SECTIONS)}")
-    cfg.setdefault("name", path.stem)
-    cfg.setdefault("out_dir", f"runs/{cfg['name']}")
-    cfg.setdefault("seed", 0)
-    return cfg
-
-
 def plan(cfg: dict) -> list[Stage]:
     """The ordered training stages of an experiment config (the relearning sweep and the report come after).
 
     ``reference`` / ``oracle`` are pretrained (with the ``pretrain`` settings overridden by their own section) unless
-    their section is ``{model: PATH}`` — an existing model folder or hub id that is only evaluated, e.g. the
-    pretrained LLM to unlearn — or, for the oracle, ``null``: no oracle (relative robustness and compute become –).
+    their ``model`` is a string — an existing model folder or hub id that is only evaluated, e.g. the pretrained LLM
+    to unlearn — or, for the oracle, the section is ``null``: no oracle (relative robustness and compute become –).
+
+    Args:
+        cfg: a resolved config (:func:`~undo_lightning.experiment.config.load_config`).
     """
     out = Path(cfg["out_dir"])
     seed = cfg["seed"]
-    pre = cfg.get("pretrain", {})
     stages = []
     for name, mixture in (("reference", {"retain": 0.5, "forget": 0.5}), ("oracle", {"retain": 1.0})):
-        if name in cfg and cfg[name] is None:
+        own = cfg.get(name, {})
+        if own is None:
             if name == "reference":
                 raise ValueError("reference: null: every experiment needs a reference (the model to unlearn); give "
                                  "`reference: {model: PATH}` to use an existing model instead of pretraining one")
             continue
-        own = cfg.get(name) or {}
         if not isinstance(own, dict):
-            raise ValueError(f"{name}: {own!r}: expected a section (pretrain overrides such as `module:`/`trainer:`, "
+            raise ValueError(f"{name}: {own!r}: expected a section (pretrain overrides such as `model:`/`trainer:`, "
                              f"or `{{model: PATH_OR_HUB_ID}}` for an existing model)"
                              + (" or null" if name == "oracle" else ""))
-        if "model" in own:
-            extra = sorted(set(own) - {"model", "data"})
-            if extra or not isinstance(own["model"], str) or not own["model"]:
+        if isinstance(own.get("model"), str):
+            if not own["model"] or own.get("trainer"):
                 raise ValueError(f"{name}: {own}: an existing model is given as `{name}: {{model: PATH_OR_HUB_ID}}` "
-                                 f"(optionally with `data:` overrides for its evaluation); {extra or 'model'} cannot "
-                                 "be combined with it — drop `model` to pretrain this stage instead")
+                                 "(optionally with `data:` overrides for its evaluation); it is not trained, so it "
+                                 "takes no `trainer:` — give `model:` a mapping of PretrainModule arguments to "
+                                 "pretrain this stage instead")
             stages.append(Stage(name, name, "undo_lightning.PretrainModule", {"model": own["model"], "seed": seed}, {},
                                 deep_merge({"mixture": mixture}, own.get("data")), hf=own["model"],
                                 evaluate_only=True))
             continue
-        spec = deep_merge(pre, own)
-        stages.append(Stage(name, name, "undo_lightning.PretrainModule", {"seed": seed, **spec.get("module", {})},
+        spec = deep_merge(cfg.get("pretrain", {}), own)
+        stages.append(Stage(name, name, "undo_lightning.PretrainModule", {"seed": seed, **spec.get("model", {})},
                             spec.get("trainer", {}), deep_merge({"mixture": mixture}, spec.get("data")),
                             hf=str(out / name / "hf")))
     reference = stages[0].hf
     hf = lambda stage: str(out / stage / "hf")  # noqa: E731 - the hand-off convention of docs/architecture.md
     unlearn = cfg.get("unlearn", {})
     stages.append(Stage("unlearn", "teacher", "undo_lightning.UnlearnModule",
-                        {"model": reference, "seed": seed, **unlearn.get("module", {})},
+                        {"model": reference, "seed": seed, **unlearn.get("model", {})},
                         unlearn.get("trainer", {}), unlearn.get("data", {}), hf=hf("unlearn")))
     for name, spec in (cfg.get("baselines") or {}).items():
         spec = deep_merge(unlearn, spec)
         stages.append(Stage(name, "baseline", "undo_lightning.UnlearnModule",
-                            {"model": reference, "seed": seed, **spec.get("module", {})},
+                            {"model": reference, "seed": seed, **spec.get("model", {})},
                             spec.get("trainer", {}), spec.get("data", {}), hf=hf(name)))
     distill = cfg.get("distill", {})
     if distill is not None:
         stages.append(Stage("distill", "student", "undo_lightning.DistillModule",
                             {"teacher": hf("unlearn"), "student_init": "random", "seed": seed,
-                             **distill.get("module", {})},
+                             **distill.get("model", {})},
                             distill.get("trainer", {}), distill.get("data", {}), {"alpha": None, "beta": None},
                             hf=hf("distill")))
     undo = cfg.get("undo") or {}
     for alpha in undo.get("alphas", []):
         module = {"teacher": hf("unlearn"), "student_init": "teacher", "seed": seed, "noise_seed": seed,
-                  **undo.get("module", {}), "alpha": float(alpha)}
+                  **undo.get("model", {}), "alpha": float(alpha)}
         name = f"undo_a{alpha:g}"
         stages.append(Stage(name, "student", "undo_lightning.DistillModule", module,
                             undo.get("trainer", {}), undo.get("data", {}),
@@ -250,7 +233,7 @@ def run_relearn(cfg: dict, out: Path, stages: list[Stage]) -> None:
     _log(f"relearn: finished in {time.perf_counter() - started:.1f} s")
 
 
-def run_pipeline(config: str | None = None, out_dir: str | None = None, overwrite: bool = False,
+def run_pipeline(config: str | os.PathLike | None = None, out_dir: str | None = None, overwrite: bool = False,
                  only: list[str] | None = None) -> dict:
     """Run the whole UNDO experiment (pretrain, unlearn, distill, UNDO, relearn, report); resumable.
 
@@ -266,6 +249,11 @@ def run_pipeline(config: str | None = None, out_dir: str | None = None, overwrit
     cfg = load_config(config)
     if out_dir is not None:
         cfg["out_dir"] = out_dir
+    return run_experiment(cfg, overwrite, only)
+
+
+def run_experiment(cfg: dict, overwrite: bool = False, only: list[str] | None = None) -> dict:
+    """:func:`run_pipeline` of a resolved config (:func:`~undo_lightning.experiment.config.load_config`)."""
     stages = validate(cfg)
     out = Path(cfg["out_dir"])
     _check_out_dir(out, cfg, overwrite)
@@ -279,7 +267,32 @@ def run_pipeline(config: str | None = None, out_dir: str | None = None, overwrit
     run_relearn(cfg, out, stages)
     from undo_lightning.experiment.report import write_report
 
-    report = write_report(out, **(cfg.get("report") or {}))
+    # the report aggregates the attack the sweep ran
+    report = write_report(out, **cfg.get("report", {}), attack=cfg.get("relearn", {}).get("attack", "forget"))
     _log(f"all done in {time.perf_counter() - started:.1f} s; report: {out / 'report.md'}")
     print((out / "report.md").read_text())
     return report
+
+
+def pipeline_command(argv: list[str]) -> None:
+    """``undo pipeline [-c CONFIG] [--print_config] [--out_dir DIR] [--overwrite true] [--only '[STAGE, ...]']``,
+    any config key overridable on the command line (``--relearn.steps 50``)."""
+    from jsonargparse import ArgumentError
+
+    if not any(a in ("-c", "--config") or a.startswith("--config=") for a in argv):
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    try:
+        for path in paths:
+            if not Path(path).is_file():
+                raise ValueError(f"config={path!r}: no such file")
+            with open(path) as f:
+                check_keys(yaml.safe_load(f) or {}, path)
+        namespace = parser().parse_args(argv)  # --print_config prints the resolved experiment and exits here
+        cfg = namespace.as_dict()
+        overwrite, only = cfg.pop("overwrite"), cfg.pop("only")
+        cfg.pop("config", None)
+        run_experiment(finish(cfg, Path(paths[-1]).stem), overwrite, only)
+    except (ValueError, ArgumentError) as err:  # bad config or run folder: a clear message, not a stack trace
+        raise SystemExit(f"undo pipeline: error: {error_message(err)}") from None

@@ -1,0 +1,272 @@
+"""The experiment config of ``undo pipeline``: typed sections, parsed and checked by jsonargparse.
+
+Every stage section has the shape of the LightningCLI config it runs: ``model:`` (the stage module's arguments),
+``data:`` (overrides of the shared ``RetainForgetDataModule`` arguments) and ``trainer:`` (overrides of the shared
+``lightning.Trainer`` arguments). A misspelt key anywhere is an error before anything trains: the sections are
+dataclasses here, and each stage's ``model:`` / ``data:`` are checked against the module's and data module's typed
+signatures when the pipeline plans its stages. ``undo pipeline -c FILE --print_config`` prints the whole resolved
+experiment, defaults included.
+
+YAML anchors compose shared blocks (``data: &unlearn_data`` once, ``data: *unlearn_data`` where it recurs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from undo_lightning.io import json_safe
+
+#: command-line options of ``undo pipeline`` that ``--print_config`` writes beside the experiment (not part of it)
+RUN_OPTIONS = ("overwrite", "only")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "arithmetic" / "quick.yaml"
+
+
+@dataclass
+class StageSection:
+    """One training stage.
+
+    Args:
+        model: the stage module's arguments (as ``init_args`` of its LightningCLI config).
+        data: ``RetainForgetDataModule`` arguments merged over the shared ``data:`` for this stage.
+        trainer: ``lightning.Trainer`` arguments merged over the shared ``trainer:`` (e.g. ``max_steps``).
+    """
+
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelSection(StageSection):
+    """The reference or the oracle: pretrained with the ``pretrain`` settings (overridden by this section), or an
+    existing model that is only evaluated.
+
+    Args:
+        model: ``PretrainModule`` arguments (a mapping), or a model folder / hub id (a string): an existing model,
+            evaluated once on this section's ``data`` (no ``trainer`` then).
+        data: ``RetainForgetDataModule`` arguments merged over the shared ``data:``.
+        trainer: ``lightning.Trainer`` arguments merged over the shared ``trainer:``.
+    """
+
+    model: dict[str, Any] | str = field(default_factory=dict)
+
+
+@dataclass
+class UndoSection(StageSection):
+    """UNDO: the teacher distilled into its own shrunk-and-perturbed copy, one stage ``undo_a<alpha>`` per alpha.
+
+    Args:
+        alphas: the noise mixes α (paper eq. 1); none: no UNDO stage.
+        model: ``DistillModule`` arguments shared by every alpha (``beta``, ``lr``, ``stop_threshold``, ...).
+        data: ``RetainForgetDataModule`` arguments merged over the shared ``data:``.
+        trainer: ``lightning.Trainer`` arguments merged over the shared ``trainer:``.
+    """
+
+    alphas: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RelearnSection:
+    """The relearning attack: every model fine-tuned on forget data over an LR × seed grid.
+
+    Args:
+        lrs: learning-rate grid (each LR a run; the worst case over LRs is reported).
+        seeds: attack seeds (the order of the attack's batches).
+        steps: attack steps per run.
+        eval_every: evaluation interval in steps (step 0 and the last step are always evaluated).
+        batch_size: attack batch size (``None``: the data's).
+        attack: ``forget`` (the paper's attack) or ``retain`` (retain-only attack, arXiv 2505.22310).
+        report_steps: steps the sweep's ``relearn_summary.json`` reports (default: first evaluation, middle, end).
+        reference: model whose step-0 forget accuracy defines "recovered" in the summary.
+        recovery_fraction: fraction of that accuracy that counts as recovered.
+        data: ``RetainForgetDataModule`` arguments merged over the shared ``data:`` for the attack only (e.g.
+            held-out facts).
+        trainer: ``lightning.Trainer`` arguments merged over the shared ``trainer:`` for every attack run.
+    """
+
+    lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 150
+    eval_every: int = 25
+    batch_size: int | None = None
+    attack: Literal["forget", "retain"] = "forget"
+    report_steps: list[int] | None = None
+    reference: str | None = "reference"
+    recovery_fraction: float = 0.9
+    data: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ReportSection:
+    """What ``report.md`` / ``report.json`` show.
+
+    Args:
+        steps: attack steps at which the worst-case forget metric is reported (relative robustness at the last).
+        metric: forget metric (``val/forget_acc``, ``val/forget_ce``, ...).
+        mode: the attacker's direction for ``metric``: ``max`` (accuracy) or ``min`` (CE).
+        retain_metric: retain metric of the "before" column (default: ``metric`` with forget -> retain).
+        max_retain_drop: utility bound: LRs whose retain metric drops more than this are not counted.
+        oracle: stage used as the oracle anchor (default: the one with role ``oracle``).
+        teacher: stage used as the unlearn-only anchor (default: the one with role ``teacher``).
+        include_unlearning_compute: add the teacher's unlearning FLOPs to the students' relative compute.
+        ddof: delta degrees of freedom of the std over seeds.
+        tradeoff_y: y axis of ``robustness_vs_compute.png``: ``forget`` or ``relative_robustness``.
+    """
+
+    steps: list[int] = field(default_factory=lambda: [25, 100, 300])
+    metric: str = "val/forget_acc"
+    mode: Literal["max", "min"] = "max"
+    retain_metric: str | None = None
+    max_retain_drop: float | None = None
+    oracle: str | None = None
+    teacher: str | None = None
+    include_unlearning_compute: bool = False
+    ddof: int = 0
+    tradeoff_y: Literal["forget", "relative_robustness"] = "forget"
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole UNDO experiment (``undo pipeline``).
+
+    Args:
+        name: experiment name (default: the config file's name).
+        out_dir: run folder (default: ``runs/<name>``).
+        seed: seed of every stage (model initialisation, data, noise).
+        data: ``RetainForgetDataModule`` arguments shared by every stage.
+        trainer: ``lightning.Trainer`` arguments shared by every stage.
+        pretrain: ``PretrainModule`` settings of the reference and the oracle.
+        reference: the model to unlearn (pretrained on retain + forget data, or an existing model).
+        oracle: the data-filtering gold standard (pretrained on retain data only, or an existing model); ``null``:
+            none (relative robustness and compute are then not available).
+        unlearn: the teacher (``UnlearnModule``).
+        baselines: further ``UnlearnModule`` runs by name (merged over ``unlearn``), attacked like every model.
+        distill: full distillation of the teacher into a random student (``DistillModule``); ``null``: none.
+        undo: UNDO students, one per alpha; ``null``: none.
+        relearn: the relearning attack.
+        report: the report's settings.
+    """
+
+    name: str | None = None
+    out_dir: str | None = None
+    seed: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    pretrain: StageSection = field(default_factory=StageSection)
+    reference: ModelSection | None = field(default_factory=ModelSection)
+    oracle: ModelSection | None = field(default_factory=ModelSection)
+    unlearn: StageSection = field(default_factory=StageSection)
+    baselines: dict[str, StageSection] = field(default_factory=dict)
+    distill: StageSection | None = field(default_factory=StageSection)
+    undo: UndoSection | None = field(default_factory=UndoSection)
+    relearn: RelearnSection = field(default_factory=RelearnSection)
+    report: ReportSection = field(default_factory=ReportSection)
+
+
+#: (class, field) -> the dataclass a section field holds (checked by check_keys)
+_SECTION_TYPES = {(ExperimentConfig, "pretrain"): StageSection, (ExperimentConfig, "reference"): ModelSection,
+                  (ExperimentConfig, "oracle"): ModelSection, (ExperimentConfig, "unlearn"): StageSection,
+                  (ExperimentConfig, "distill"): StageSection, (ExperimentConfig, "undo"): UndoSection,
+                  (ExperimentConfig, "relearn"): RelearnSection, (ExperimentConfig, "report"): ReportSection}
+
+
+def parser(prog: str = "undo pipeline"):
+    """The jsonargparse parser of :class:`ExperimentConfig` with ``-c/--config`` (and so ``--print_config``)."""
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+
+    p = ArgumentParser(prog=prog, exit_on_error=False, default_env=False,
+                       description="Run the whole UNDO experiment (pretrain, unlearn, distill, UNDO, relearn, "
+                                   "report); resumable.")
+    p.add_argument("-c", "--config", action=ActionConfigFile,
+                   help="experiment YAML (default: configs/arithmetic/quick.yaml, the CPU demo)")
+    p.add_class_arguments(ExperimentConfig, None)
+    p.add_argument("--overwrite", action=ActionYesNo, default=False,
+                   help="replace a run folder that holds a different experiment")
+    p.add_argument("--only", nargs="+", default=None, metavar="STAGE",
+                   help="run just these training stages (and nothing after them), e.g. --only reference oracle")
+    return p
+
+
+def check_keys(raw: dict, where: str) -> None:
+    """Unknown keys in the experiment's sections, named before parsing.
+
+    jsonargparse rejects unknown keys with a value but drops one whose value is an empty mapping (``reporting: {}``);
+    checking the sections' keys here leaves nothing unknown unreported. Stage sections were ``module:`` before they
+    took LightningCLI's ``model:``; that gets its own message.
+    """
+    def check(section: Any, cls: type, label: str) -> None:
+        if not isinstance(section, dict):
+            return  # a wrong type is jsonargparse's to report
+        if "module" in section and "model" in {f.name for f in fields(cls)}:
+            raise ValueError(f"{where}: section {label!r} has `module:`; stage sections now take the LightningCLI "
+                             "shape `model:` (the module's arguments), `data:`, `trainer:` — rename `module:` to "
+                             "`model:`")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(section) - set(known) - (set(RUN_OPTIONS) if cls is ExperimentConfig else set()))
+        if unknown:
+            raise ValueError(f"{where}: {label + ': ' if label else ''}unknown key(s) {unknown}; expected "
+                             f"{sorted(known)}")
+        for name, value in section.items():
+            kind = _SECTION_TYPES.get((cls, name))
+            if kind is not None:
+                check(value, kind, f"{label}.{name}".lstrip("."))
+        for name, value in (section.get("baselines") or {}).items() if cls is ExperimentConfig else ():
+            check(value, StageSection, f"baselines.{name}")
+
+    check(raw, ExperimentConfig, "")
+
+
+_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Problem with given class_path",
+          "NoneType", "Given value")
+
+
+def error_message(err: Exception) -> str:
+    """jsonargparse's message without the union bookkeeping: for an optional section (``X | None``) it lists both
+    alternatives; the reader needs the key and what was wrong with it."""
+    lines = [line for line in str(err).splitlines() if not any(n in line for n in _NOISE)]
+    return "\n".join(line.strip() if i else line for i, line in enumerate(lines)) or str(err)
+
+
+def finish(cfg: dict, stem: str) -> dict:
+    """Fills the name and run folder defaults of a parsed config, as plain YAML values (tuples become lists, so the
+    config equals its ``config.yaml`` read back)."""
+    cfg = json_safe(cfg)
+    cfg["name"] = cfg.get("name") or stem
+    cfg["out_dir"] = cfg.get("out_dir") or f"runs/{cfg['name']}"
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None) -> dict:
+    """Reads and checks an experiment YAML (the shipped CPU demo when ``path`` is None).
+
+    Returns:
+        The resolved config as a plain dict: every section present, defaults filled in.
+
+    Raises:
+        ValueError: a missing file, an unknown section or key, or a value of the wrong type, naming it.
+    """
+    import yaml
+    from jsonargparse import ArgumentError
+
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ValueError(f"config={str(path)!r}: no such file" + (" (the default demo config ships with the source "
+                                                                   "checkout; pass -c CONFIG)" if path == DEFAULT_CONFIG
+                                                                   else ""))
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    check_keys(raw, str(path))
+    try:
+        namespace = parser().parse_args(["--config", str(path)])
+    except ArgumentError as err:
+        raise ValueError(f"{path}: {error_message(err)}") from None
+    cfg = namespace.as_dict()
+    for key in ("config", *RUN_OPTIONS):  # run options, not part of the experiment
+        cfg.pop(key, None)
+    return finish(cfg, path.stem)
