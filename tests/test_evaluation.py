@@ -61,3 +61,27 @@ def test_validation_metrics_by_hand():
     assert all(math.isclose(doubled[k], out[k]) for k in out)
     m.reset()
     assert m.compute() == {}
+
+
+def test_group_accuracies_are_unweighted_means_per_side_by_hand():
+    split = {"add_equation": "retain", "add_word_problem": "retain", "mul_equation": "forget",
+             "div_equation": "forget", "mul_word_problem": "forget"}
+    groups = {name: name.split("_", 1)[1] for name in split}
+    m = ValidationMetrics(split, eval_set_group=groups)
+    m.update_answers(["mul_equation"] * 4 + ["div_equation"] * 2 + ["mul_word_problem"] * 2 + ["add_word_problem"],
+                     [True, True, True, False] + [False, True] + [False, False] + [True])
+    out = m.compute()
+    assert out["val/forget_equation_acc"] == pytest.approx((0.75 + 0.5) / 2)  # per set first, then the mean
+    assert out["val/forget_word_problem_acc"] == 0.0 and out["val/retain_word_problem_acc"] == 1.0
+    assert "val/retain_equation_acc" not in out  # add_equation was never scored
+
+
+def test_mixture_keeps_each_components_set_groups_under_the_renamed_set_names():
+    from undo_lightning import ArithmeticSource, MixtureSource
+
+    a = ArithmeticSource(("mul",), train_documents=5, val_documents=2)
+    b = ArithmeticSource(("mul", "div"), train_documents=5, val_documents=2, eval_forms=("equation",))
+    mix = MixtureSource([a, b])
+    assert set(mix.eval_groups()) == set(mix.eval_sets(0, 2))
+    assert mix.eval_groups() == {"mul_equation": "equation", "mul_word_problem": "word_problem",
+                                 "source1_mul_equation": "equation", "div_equation": "equation"}

@@ -140,3 +140,86 @@ class RetainGapStop(L.Callback):
         if trainer.strategy.reduce_boolean_decision(self.within(gap, pl_module.gap_metric()), all=False):
             self.stopped_at_step = trainer.global_step
             trainer.should_stop = True
+
+
+class RelearnCurve(L.Callback):
+    """Records a relearning curve and writes it to ``<default_root_dir>/<filename>`` when training ends.
+
+    The shared validation metrics are recorded at step 0 (the untouched model, before any update), at every
+    validation (``trainer.val_check_interval``) and at the last step::
+
+        {..., "steps": [0, k, 2k, ...], "metrics": {"val/forget_acc": [...], "val/retain_acc": [...], ...}}
+
+    together with what the module says about the run (``pl_module.curve_info()``: model, LR, seed, attack). This is
+    the format :func:`undo_lightning.experiment.robustness.load_curves` reads. The file is written atomically after
+    the loggers are flushed, so its presence marks a finished run; the curve so far travels in checkpoints.
+
+    Args:
+        filename: the file under ``default_root_dir``.
+    """
+
+    def __init__(self, filename: str = "curve.json") -> None:
+        self.filename = filename
+        self.steps: list[int] = []
+        self.metrics: dict[str, list[float | None]] = {}
+
+    def record(self, step: int, values: dict[str, float]) -> None:
+        """Appends one evaluation (a step already recorded, e.g. after a resume, is not repeated)."""
+        if self.steps and step <= self.steps[-1]:
+            return
+        for key in set(self.metrics) | set(values):
+            # a key that appears or disappears mid-run is padded with None (JSON null = "no value", read as NaN)
+            self.metrics.setdefault(key, [None] * len(self.steps)).append(values.get(key))
+        self.steps.append(step)
+
+    @staticmethod
+    def _evaluate(trainer: L.Trainer, pl_module) -> dict[str, float]:
+        if trainer.datamodule is None:
+            raise ValueError(f"{type(pl_module).__name__} needs a datamodule (RetainForgetDataModule) for its step-0 "
+                             "and final evaluations")
+        with trainer.precision_plugin.val_step_context():  # same autocast as Lightning's validation
+            return final_evaluation(pl_module, trainer.datamodule.val_dataloader())
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.global_step == 0 and not self.steps:
+            values = self._evaluate(trainer, pl_module)
+            self.record(0, values)
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=0)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.sanity_checking and pl_module.last_val_step == trainer.global_step:
+            self.record(trainer.global_step, pl_module.last_val_metrics)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        """The last step when it was not a validation step (``max_steps`` not a multiple of the interval)."""
+        if self.steps and self.steps[-1] == trainer.global_step:
+            return
+        if pl_module.last_val_step != trainer.global_step:  # HFExport (export=True, earlier in the list) evaluates too
+            pl_module.last_val_metrics = self._evaluate(trainer, pl_module)
+            pl_module.last_val_step = trainer.global_step
+        self.record(trainer.global_step, pl_module.last_val_metrics)
+
+    def curve(self, trainer: L.Trainer | None, pl_module) -> dict:
+        """The curve as written to the file."""
+        return {**pl_module.curve_info(), "max_steps": int(trainer.max_steps) if trainer is not None else None,
+                "steps": list(self.steps), "metrics": self.metrics, "compute": pl_module.compute_summary(),
+                "wall_time_s": round(pl_module.elapsed_s(), 3)}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.global_rank != 0 or trainer.interrupted:
+            return
+        for logger in trainer.loggers:
+            logger.save()
+            flush = getattr(getattr(logger, "experiment", None), "flush", None)
+            if callable(flush):
+                flush()
+        os.makedirs(trainer.default_root_dir, exist_ok=True)
+        write_json_atomic(os.path.join(trainer.default_root_dir, self.filename), self.curve(trainer, pl_module))
+
+    def state_dict(self) -> dict:
+        return {"steps": list(self.steps), "metrics": {k: list(v) for k, v in self.metrics.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.steps = list(state_dict.get("steps", []))
+        self.metrics = {k: list(v) for k, v in state_dict.get("metrics", {}).items()}

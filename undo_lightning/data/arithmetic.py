@@ -159,6 +159,11 @@ class ArithmeticSource(DocumentSource):
     def documents(self, split: str, seed: int) -> list[str]:
         return [p.text for p in self.problems(split, seed)]
 
+    def eval_groups(self) -> dict[str, str]:
+        """Each set's problem form: equations overlap the training pool while word problems use held-out templates
+        (docs/reference.md §3.1), so per-form accuracy separates memorised answers from recovered capability."""
+        return {f"{op}_{form}": form for op in self.operations for form in self.eval_forms}
+
     def eval_sets(self, seed: int, n_per_set: int) -> dict[str, list[EvalItem]]:
         out: dict[str, list[EvalItem]] = {}
         for op in self.operations:

@@ -240,6 +240,7 @@ class RetainForgetDataModule(L.LightningDataModule):
         self._blocks: dict[str, torch.Tensor] = {}
         self.eval_sets: dict[str, list[EvalItem]] = {}
         self.eval_set_split: dict[str, str] = {}
+        self.eval_set_group: dict[str, str] = {}  # set name -> group, e.g. "mul_equation" -> "equation"
         self.mcq_sets: dict[str, list[MCQPrompt]] = {}
         self.mcq_set_split: dict[str, str] = {name: spec.side for name, spec in self.mcq.items()}
 
@@ -303,9 +304,12 @@ class RetainForgetDataModule(L.LightningDataModule):
                 if not texts:
                     raise ValueError(f"the {split} source has an empty {part} split ({source!r}); give it documents")
                 self._docs[(split, part)] = self._tokenize(texts)
+            groups = source.eval_groups()
             for name, items in source.eval_sets(self.seed, self.eval_prompts_per_set).items():
                 if items:
                     self.eval_sets[name], self.eval_set_split[name] = items, split
+                    if name in groups:
+                        self.eval_set_group[name] = groups[name]
         for split in SPLITS:
             self._blocks[f"{split}/val"] = self._pack(self._docs[(split, "val")], f"{split} val")
         for name, spec in self.mcq.items():

@@ -27,3 +27,8 @@ class DocumentSource:
     def eval_sets(self, seed: int, n_per_set: int) -> dict[str, list[EvalItem]]:
         """Returns named sets of answer-scored prompts (empty for sources without known answers)."""
         return {}
+
+    def eval_groups(self) -> dict[str, str]:
+        """Answer-scored set name -> group (e.g. the problem form). Every stage logs each group's mean accuracy per
+        side as ``val/<side>_<group>_acc`` (e.g. ``val/forget_word_problem_acc``); empty by default."""
+        return {}

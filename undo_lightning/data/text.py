@@ -272,11 +272,21 @@ class MixtureSource(DocumentSource):
 
     def eval_sets(self, seed: int, n_per_set: int) -> dict[str, list[EvalItem]]:
         """The components' answer-scored sets; a name used by two sources gets a ``source{i}_`` prefix."""
-        out: dict[str, list[EvalItem]] = {}
-        for i, source in enumerate(self.sources):
-            for name, items in source.eval_sets(seed, n_per_set).items():
-                out[name if name not in out else f"source{i}_{name}"] = items
-        return out
+        return _merged(source.eval_sets(seed, n_per_set) for source in self.sources)
+
+    def eval_groups(self) -> dict[str, str]:
+        """The components' set groups, under the set names :meth:`eval_sets` gives."""
+        return _merged(source.eval_groups() for source in self.sources)
+
+
+def _merged(parts) -> dict:
+    """One dict of every component's named entries; a name used by an earlier component gets a ``source{i}_``
+    prefix."""
+    out: dict = {}
+    for i, part in enumerate(parts):
+        for name, value in part.items():
+            out[name if name not in out else f"source{i}_{name}"] = value
+    return out
 
 
 def _largest_remainder(probs: dict[int, float], n: int) -> dict[int, int]:

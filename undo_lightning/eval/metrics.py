@@ -112,13 +112,17 @@ class ValidationMetrics:
 
     Args:
         eval_set_split: answer-scored set name -> ``"retain"`` or ``"forget"``.
+        eval_set_group: answer-scored set name -> group (e.g. ``"equation"``); each group's unweighted mean per side
+            is ``val/<side>_<group>_acc``.
         mcq_set_split: multiple-choice set name -> ``"retain"`` or ``"forget"``.
 
     Both fix the metric keys, which must be the same on every rank.
     """
 
-    def __init__(self, eval_set_split: dict[str, str], mcq_set_split: dict[str, str] | None = None) -> None:
+    def __init__(self, eval_set_split: dict[str, str], mcq_set_split: dict[str, str] | None = None,
+                 eval_set_group: dict[str, str] | None = None) -> None:
         self.set_split = dict(sorted(eval_set_split.items()))
+        self.set_group = dict(eval_set_group or {})
         self.mcq_split = dict(sorted((mcq_set_split or {}).items()))
         self.keys = (["ce/retain", "ce/forget"] + [f"acc/{name}" for name in self.set_split]
                      + [f"mcq/{name}" for name in self.mcq_split])
@@ -163,6 +167,11 @@ class ValidationMetrics:
                         if s == split and f"val/{n}_mcq_acc" in out]
             if accs:  # unweighted mean over sets, as the reference averages its per-set accuracies
                 out[f"val/{split}_acc"] = sum(accs) / len(accs)
+            for group in sorted(set(self.set_group.values())):
+                accs = [out[f"val/{n}_acc"] for n, s in self.set_split.items()
+                        if s == split and self.set_group.get(n) == group and f"val/{n}_acc" in out]
+                if accs:
+                    out[f"val/{split}_{group}_acc"] = sum(accs) / len(accs)
         return out
 
 

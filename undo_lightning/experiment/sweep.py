@@ -50,9 +50,9 @@ PAPER_LRS = (1e-3, 7e-4, 4e-4, 1e-4, 7e-5, 5e-5, 1e-5, 7e-6, 4e-6, 1e-6)
 #: CPU defaults (docs/reference.md §14): 3e-4 was the attacker's best LR for the unlearned model; 3e-3 collapses retain
 #: accuracy for every model and would add 50 % to the sweep's time.
 CPU_LRS = (3e-4, 1e-3)
-#: Forget metrics aggregated in the summary and the attacker's direction for each (``max``: higher = more relearned).
-SUMMARY_METRICS = {"val/forget_acc": "max", "val/forget_equation_acc": "max", "val/forget_word_problem_acc": "max",
-                   "val/forget_ce": "min"}
+#: Forget metrics aggregated in the summary and the attacker's direction for each (``max``: higher = more relearned);
+#: per-group accuracies ``val/forget_<group>_acc`` (e.g. per arithmetic problem form) join them when the curves have them.
+SUMMARY_METRICS = {"val/forget_acc": "max", "val/forget_ce": "min"}
 #: Metrics whose final value per LR the summary lists (shows which LRs wreck the model's retain ability).
 PER_LR_METRICS = ("val/forget_acc", "val/retain_acc", "val/forget_ce", "val/retain_ce")
 
@@ -396,9 +396,7 @@ def summarize(out_dir: str | Path, models: Sequence[str], attack: str = "forget"
     for name in models:
         available = _metric_names(out_dir, name, attack, runs)
         entry: dict[str, Any] = {"worst_case": {}, "steps_to_reach": None, "final_by_lr": {}}
-        for metric, mode in SUMMARY_METRICS.items():
-            if metric not in available:
-                continue
+        for metric, mode in summary_metrics(available).items():
             summary = worst_case(_load(out_dir, name, metric, attack, runs), mode).summary(report_steps)
             summary["at"] = {str(a.pop("requested_step")): a for a in summary["at"]}
             entry["worst_case"][metric] = {"mode": mode, **summary}
@@ -420,6 +418,13 @@ def summarize(out_dir: str | Path, models: Sequence[str], attack: str = "forget"
             if wc is not None:
                 entry["steps_to_reach"] = steps_to_reach(wc["steps"], wc["mean"], threshold, "max")
     return out
+
+
+def summary_metrics(available: set[str]) -> dict[str, str]:
+    """The forget metrics among ``available`` that the summary aggregates, with the attacker's direction."""
+    groups = {m for m in available if m.startswith("val/forget_") and m.endswith("_acc") and m not in SUMMARY_METRICS
+              and not m.endswith("_mcq_acc")}
+    return {m: mode for m, mode in {**SUMMARY_METRICS, **dict.fromkeys(sorted(groups), "max")}.items() if m in available}
 
 
 def format_summary(summary: dict, metric: str = "val/forget_acc") -> str:
@@ -503,8 +508,8 @@ def relearn_command(models: list[str], lrs: list[float] = list(CPU_LRS), seeds: 
                         trainer={"accelerator": accelerator, "devices": devices}, report_steps=report_steps,
                         reference=reference, recovery_fraction=recovery_fraction)
     print(format_summary(summary))
-    if "val/forget_word_problem_acc" in next(iter(summary["models"].values()))["worst_case"]:
-        for form in ("equation", "word_problem"):
+    for metric in next(iter(summary["models"].values()))["worst_case"]:  # per-group tables (e.g. problem forms)
+        if metric not in SUMMARY_METRICS:
             print()
-            print(format_summary(summary, f"val/forget_{form}_acc"))
+            print(format_summary(summary, metric))
     print(f"\nwrote {summary_path(out_dir, attack)}")

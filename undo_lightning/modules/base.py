@@ -184,7 +184,8 @@ class UndoModule(L.LightningModule):
         if self._validation_metrics is None:
             datamodule = getattr(self.trainer, "datamodule", None)
             self._validation_metrics = ValidationMetrics(getattr(datamodule, "eval_set_split", {}),
-                                                         getattr(datamodule, "mcq_set_split", {}))
+                                                         getattr(datamodule, "mcq_set_split", {}),
+                                                         getattr(datamodule, "eval_set_group", {}))
         return self._validation_metrics
 
     def on_validation_epoch_start(self) -> None:

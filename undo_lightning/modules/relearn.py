@@ -1,14 +1,10 @@
 """``RelearnAttackModule``: the relearning attack that tests whether unlearning is robust (docs/reference.md §8).
 
 The attacker fine-tunes the model under attack with plain next-token cross-entropy on **forget** data and watches
-whether the forget capability comes back. Forget and retain metrics are recorded at step 0 (before any update) and at
-every validation (``trainer.val_check_interval``), and written to ``<default_root_dir>/curve.json``:
-
-    {"model": name, "lr": lr, "seed": seed, "attack": "forget" | "retain", "steps": [0, k, 2k, ...],
-     "metrics": {"val/forget_acc": [...], "val/retain_acc": [...], "val/forget_ce": [...], ...}, ...}
-
-which is the format :func:`undo_lightning.experiment.robustness.load_curves` reads. ``curve.json`` is written atomically after
-training and after the loggers are flushed: its presence marks a finished attack run.
+whether the forget capability comes back. The :class:`~undo_lightning.callbacks.RelearnCurve` callback the module
+adds records forget and retain metrics at step 0 (before any update), at every validation and at the last step, and
+writes ``<default_root_dir>/curve.json`` (model, LR, seed, attack, steps, metrics) when training ends: its presence
+marks a finished attack run.
 
 ``attack="retain"`` is a different attack, the **retain-only** attack of "From Dormant to Deleted" (arXiv 2505.22310):
 fine-tune on RETAIN data only and measure whether the forget capability returns anyway (suppressed knowledge
@@ -24,9 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from undo_lightning.callbacks import final_evaluation
-from undo_lightning.data.arithmetic import FORMS
-from undo_lightning.io import write_json_atomic
+from undo_lightning.callbacks import RelearnCurve
 from undo_lightning.losses import causal_lm_loss
 from undo_lightning.modules.base import UndoModule
 
@@ -95,8 +89,7 @@ class RelearnAttackModule(UndoModule):
         self.attack = attack
         self.train_data = attack  # what RetainForgetDataModule serves
         self.name = name or model_label(model)
-        self.curve_steps: list[int] = []
-        self.curve_metrics: dict[str, list[float]] = {}
+        self.relearn_curve = RelearnCurve()
 
     # ------------------------------------------------------------------------------------------------ training
     def configure_model(self) -> None:
@@ -116,107 +109,28 @@ class RelearnAttackModule(UndoModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    # ----------------------------------------------------------------------------------------- curve recording
-    def _record(self, step: int, values: dict[str, float]) -> None:
-        """Appends one evaluation to the curve (a step already recorded, e.g. after a resume, is not repeated)."""
-        if self.curve_steps and step <= self.curve_steps[-1]:
-            return
-        for key in set(self.curve_metrics) | set(values):
-            # a key that appears or disappears mid-run is padded with None (JSON null = "no value", read as NaN)
-            self.curve_metrics.setdefault(key, [None] * len(self.curve_steps)).append(values.get(key))
-        self.curve_steps.append(step)
+    # -------------------------------------------------------------------------------------------------- curve
+    def curve_info(self) -> dict:
+        """What :class:`~undo_lightning.callbacks.RelearnCurve` records about the run beside the curve."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return {"model": self.name, "model_path": self.model_name, "lr": float(self.hparams.lr),
+                "seed": int(self.hparams.seed), "data_seed": getattr(datamodule, "seed", None),
+                "attack": self.attack, "attack_description": ATTACK_DESCRIPTIONS[self.attack]}
 
-    def _per_form(self, values: dict[str, float]) -> dict[str, float]:
-        """Mean accuracy per split and problem form, e.g. ``val/forget_equation_acc`` (mul and div equations).
-
-        Equations in the evaluation prompts overlap the training pool while word problems use held-out templates
-        (docs/reference.md §3.1), so the two forms separate memorised answers from recovered capability.
-        """
-        out = {}
-        for split in ("retain", "forget"):
-            for form in FORMS:
-                accs = [values[f"val/{name}_acc"] for name, s in self.validation_metrics().set_split.items()
-                        if s == split and name.endswith(f"_{form}") and f"val/{name}_acc" in values]
-                if accs:
-                    out[f"val/{split}_{form}_acc"] = sum(accs) / len(accs)
-        return out
-
-    def _evaluate_now(self) -> dict[str, float]:
-        """The shared validation metrics (plus per-form accuracies) of the current weights, outside Lightning's loop."""
-        datamodule = self.trainer.datamodule
-        if datamodule is None:
-            raise ValueError("RelearnAttackModule needs a datamodule (RetainForgetDataModule) for its step-0 and final "
-                             "evaluations")
-        with self.trainer.precision_plugin.val_step_context():  # same autocast as Lightning's validation
-            values = final_evaluation(self, datamodule.val_dataloader())
-        return {**values, **self._per_form(values)}
+    def curve(self) -> dict:
+        """The relearning curve as written to ``curve.json`` (see :class:`~undo_lightning.callbacks.RelearnCurve`)."""
+        return self.relearn_curve.curve(self._trainer, self)
 
     def on_train_start(self) -> None:
         rank_zero_info(f"{ATTACK_DESCRIPTIONS[self.attack]}; model {self.name} ({self.model_name}), "
                        f"lr={self.hparams.lr}, seed={self.hparams.seed}")
-        if self.global_step == 0 and not self.curve_steps:  # step 0: the untouched model, before any update
-            values = self._evaluate_now()
-            self._record(0, values)
-            for logger in self.loggers:
-                logger.log_metrics(values, step=0)
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        if self.trainer.sanity_checking:
-            return
-        per_form = self._per_form(self.last_val_metrics)
-        self.log_reduced(per_form)
-        self.last_val_metrics.update(per_form)
-        self._record(self.global_step, self.last_val_metrics)
-
-    def on_train_end(self) -> None:
-        """Records the final step when it was not a validation step (``max_steps`` not a multiple of the interval)."""
-        if self.curve_steps and self.curve_steps[-1] == self.global_step:
-            return
-        if self.last_val_step != self.global_step:
-            self.last_val_metrics, self.last_val_step = self._evaluate_now(), self.global_step
-        else:  # HFExport (export=True, runs first) already evaluated the final weights
-            self.last_val_metrics.update(self._per_form(self.last_val_metrics))
-        self._record(self.global_step, self.last_val_metrics)
-
-    def curve(self) -> dict:
-        """The relearning curve as written to ``curve.json`` (read by :func:`undo_lightning.experiment.robustness.load_curves`)."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        return {"model": self.name, "model_path": self.model_name, "lr": float(self.hparams.lr),
-                "seed": int(self.hparams.seed), "data_seed": getattr(datamodule, "seed", None),
-                "attack": self.attack, "attack_description": ATTACK_DESCRIPTIONS[self.attack],
-                "max_steps": int(self.trainer.max_steps) if self._trainer is not None else None,
-                "steps": list(self.curve_steps), "metrics": self.curve_metrics,
-                "compute": self.compute_summary(), "wall_time_s": round(self.elapsed_s(), 3)}
-
-    def on_fit_end(self) -> None:
-        """Writes ``curve.json`` last (after the loggers are flushed): its presence marks a finished run."""
-        if self.trainer.global_rank != 0 or self.trainer.interrupted:
-            return
-        for logger in self.loggers:
-            logger.save()
-            flush = getattr(getattr(logger, "experiment", None), "flush", None)
-            if callable(flush):
-                flush()
-        os.makedirs(self.trainer.default_root_dir, exist_ok=True)
-        write_json_atomic(os.path.join(self.trainer.default_root_dir, "curve.json"), self.curve())
 
     # -------------------------------------------------------------------------------- callbacks / checkpoints
     def configure_callbacks(self):
         callbacks = super().configure_callbacks()
         if not self.hparams.checkpoint_every:  # attacked models are not kept (docs/reference.md §8): no last.ckpt
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
-        return callbacks
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["relearn_curve"] = {"steps": self.curve_steps, "metrics": self.curve_metrics}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        curve = checkpoint.get("relearn_curve", {})
-        self.curve_steps = list(curve.get("steps", []))
-        self.curve_metrics = {k: list(v) for k, v in curve.get("metrics", {}).items()}
+        return [*callbacks, self.relearn_curve]  # after HFExport, whose final evaluation it reuses
 
     def summary(self) -> dict:
         return {**super().summary(), "attack": self.attack, "attack_description": ATTACK_DESCRIPTIONS[self.attack]}
