@@ -175,7 +175,6 @@ def test_model_names_and_lr_folders():
 def test_cli_with_a_stage_config(tmp_path, models, monkeypatch, capsys):
     from undo_lightning.cli import main
 
-    monkeypatch.setenv("UNDO_NO_REEXEC", "1")
     config = tmp_path / "stage.yaml"
     config.write_text("""
 data:

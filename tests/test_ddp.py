@@ -52,7 +52,7 @@ GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 
 def _run(script: Path, devices: int, batch_size: int, root: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNDO_NO_REEXEC": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(2):
         proc = subprocess.run([sys.executable, str(script), str(devices), str(batch_size), str(root)], env=env,
                               capture_output=True, text=True, timeout=600)

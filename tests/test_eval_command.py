@@ -75,6 +75,19 @@ def test_eval_matches_independent_accuracy_and_ce(folder, tmp_path, capsys):
     assert result["ce"]["forget"]["tokens"] % 31 == 0  # 31 scored positions per 32-token block
 
 
+def test_fewshot_examples_from_a_separate_file(folder):
+    """lm-eval's MMLU takes its solved examples from the dev split, not from the evaluated questions."""
+    model, tok = build_model(folder, load_tokenizer(folder)), load_tokenizer(folder)
+    dev = str(FIXTURES / "wmdp" / "mmlu_dev.jsonl")
+    result = evaluate_model(folder, mcq=f"mmlu={MMLU}", k_shot=2, fewshot=dev)["mcq"]["mmlu"]
+    expected = mcq_accuracy(model, tok, load_mcq(MMLU), k_shot=2, fewshot_records=load_mcq(dev))
+    assert (result["correct"], result["n"]) == (expected["correct"], expected["n"])
+    from undo_lightning.data.mcq import mcq_prompts
+
+    records = load_mcq(MMLU)
+    assert mcq_prompts(records, 2, load_mcq(dev)) != mcq_prompts(records, 2)  # the examples really differ
+
+
 def test_parse_mcq():
     assert parse_mcq("mmlu") == ("mmlu", MCQ_PRESETS["mmlu"])
     assert MCQ_PRESETS["mmlu"].k_shot == 5 and MCQ_PRESETS["mmlu"].fewshot == "dev"
@@ -118,7 +131,6 @@ def test_bad_inputs_are_clear_errors(folder, tmp_path, offline):
 def test_undo_eval_command_line(folder, tmp_path, monkeypatch, capsys):
     from undo_lightning.cli import main
 
-    monkeypatch.setenv("UNDO_NO_REEXEC", "1")  # run in this process (the CLI re-executes itself once otherwise)
     out = tmp_path / "r.json"
     main(["eval", folder, "--mcq", f"c={CYBER}", "--limit", "2", "--output", str(out)])
     assert json.loads(out.read_text())["mcq"]["c"]["n"] == 2 and "\nc " in capsys.readouterr().out

@@ -190,6 +190,26 @@ def test_without_bos(model, tok, records):
     torch.testing.assert_close(torch.tensor(out["loglikelihoods"]), torch.tensor(ref_lls), atol=1e-4, rtol=1e-5)
 
 
+def test_default_bos_follows_the_tokenizer_as_lm_eval_does(model, tok, records):
+    """add_bos=None prepends what the tokenizer prepends by default: <bos> for ours (as Gemma's), nothing for a
+    tokenizer that adds no special tokens (as GPT-2's)."""
+    import copy
+
+    from tokenizers import processors
+
+    from undo_lightning.eval.mcq import default_prefix
+
+    assert default_prefix(tok) == [tok.bos_token_id]
+    plain = copy.deepcopy(tok)
+    plain._tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
+    assert plain("x")["input_ids"] == plain("x", add_special_tokens=False)["input_ids"]  # the stand-in adds nothing
+    assert default_prefix(plain) == []
+    requests = [(build_prompt(r, []), " A") for r in records[:4]]
+    assert loglikelihoods(model, plain, requests) == loglikelihoods(model, tok, requests, add_bos=False)
+    assert loglikelihoods(model, tok, requests) == loglikelihoods(model, tok, requests, add_bos=True)
+    assert loglikelihoods(model, tok, requests) != loglikelihoods(model, plain, requests)
+
+
 def test_only_continuation_logits_are_materialised(model, tok, records, monkeypatch):
     shapes, calls = [], []
     original = mcq._gather_scores

@@ -103,7 +103,7 @@ def test_misspelt_or_mistyped_keys_anywhere_fail_before_training(tmp_path, edit,
 
 
 def test_print_config_round_trips_and_cli_overrides_apply(tmp_path):
-    env = {**os.environ, "UNDO_NO_REEXEC": "1"}
+    env = dict(os.environ)
     printed = subprocess.run([sys.executable, "-m", "undo_lightning.cli", "pipeline", "-c", str(SMOKE),
                               "--relearn.steps", "4", "--print_config"], env=env, capture_output=True, text=True,
                              check=True).stdout
@@ -119,7 +119,7 @@ def test_sigkill_during_a_stage_then_resume_gives_the_same_report(smoke_run, tmp
     """Kill -9 the pipeline once the reference stage has a checkpoint, re-run: same report as uninterrupted."""
     _, report = smoke_run
     out = tmp_path / "run"
-    env = {**os.environ, "UNDO_NO_REEXEC": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "undo_lightning.cli", "pipeline", "-c", str(SMOKE), "--out_dir",
                              str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "reference" / "checkpoints" / "last.ckpt"

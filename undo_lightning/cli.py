@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
-# glibc's allocator returns freed blocks to the OS eagerly, which made 3-4x slow steps on small CPU models
-# (docs/reference.md §14); these thresholds must be set before the process starts, so the CLI re-executes itself once.
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 TRAINER_COMMANDS = ("fit", "validate", "test")
 
@@ -23,8 +23,10 @@ TRAINER_COMMANDS = ("fit", "validate", "test")
 TOOLS = {
     "pipeline": ("undo_lightning.experiment.pipeline", "pipeline_command",
                  "Run the whole UNDO experiment (pretrain, unlearn, distill, UNDO, relearn, report); resumable."),
-    "relearn": ("undo_lightning.experiment.sweep", "relearn_command", "Relearning-attack sweep over models x LRs x seeds."),
-    "report": ("undo_lightning.experiment.report", "main", "Write report.md, report.json and plots for a finished run folder."),
+    "relearn": ("undo_lightning.experiment.sweep", "relearn_command",
+                "Relearning-attack sweep over models x LRs x seeds."),
+    "report": ("undo_lightning.experiment.report", "main",
+               "Write report.md, report.json and plots for a finished run folder."),
     "eval": ("undo_lightning.eval.command", "eval_command",
              "Multiple-choice accuracy (WMDP/MMLU format) and retain/forget CE of any HF model folder."),
 }
@@ -80,25 +82,60 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _not_an_install_tip(record: logging.LogRecord) -> bool:
-    """Logging filter: Lightning prints two "💡 Tip: ... try installing ..." adverts for every Trainer, i.e. every
-    pipeline stage and attack run; the console keeps everything else."""
-    return not str(record.msg).startswith("💡 Tip")
+#: Lightning messages every stage would print that say nothing to an undo user: two "Tip: ... try installing ..."
+#: adverts per Trainer, and the note that our modules' own checkpoint callback (last.ckpt written atomically, see
+#: UndoModule.configure_callbacks) replaces the Trainer's default one.
+_EXPECTED_LIGHTNING_MESSAGES = ("💡 Tip", "The following callbacks returned in `LightningModule.configure_callbacks` "
+                                "will override existing callbacks passed to Trainer: ModelCheckpoint")
+
+
+def _not_expected(record: logging.LogRecord) -> bool:
+    """Logging filter: drops :data:`_EXPECTED_LIGHTNING_MESSAGES`; the console keeps everything else."""
+    return not str(record.msg).startswith(_EXPECTED_LIGHTNING_MESSAGES)
+
+
+def quiet_expected_warnings() -> None:
+    """Filters what is ours or expected and not actionable by a user (see :data:`_EXPECTED_LIGHTNING_MESSAGES`), a
+    deprecation inside Lightning itself (its pytree helper on torch >= 2.10: `isinstance(treespec, LeafSpec)`), and
+    Lightning's note on modules in eval mode (our frozen models, by design)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_expected)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
+    # frozen teachers and frozen starting copies are in eval mode on purpose (UndoModule.freeze)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training", category=Warning)
+
+
+def tune_allocator() -> bool:
+    """Keeps memory freed by a training step in glibc's heap for the next step instead of returning it to the OS.
+
+    glibc serves large blocks with ``mmap`` (returned to the OS on every free) and trims the heap top back to the OS
+    once 128 KiB are free; a small model on the CPU frees and re-allocates the same activation buffers every step and
+    paid for it with page faults: steps were 3-4x slower (docs/reference.md §14). Raising both thresholds to 2 GiB
+    keeps those buffers in the heap. Set in-process with ``mallopt`` (both together: a trim threshold alone freezes
+    the mmap threshold at 128 KiB and is slower than glibc's defaults), so ``undo`` runs in one process (debuggers and
+    profilers see it); ``benchmarks/malloc_settings.py`` compares it with the environment variables and the defaults.
+
+    Returns:
+        Whether the setting was applied (only with glibc).
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library of this process; musl and macOS have no mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(_M_MMAP_THRESHOLD, 2**31 - 1) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``undo`` console script."""
     explicit = argv is not None  # LightningCLI reads sys.argv itself unless called from Python with arguments
     argv = list(sys.argv[1:] if argv is None else argv)
-    if os.name == "posix" and os.environ.get("UNDO_NO_REEXEC") is None and any(k not in os.environ
-                                                                              for k in _MALLOC_ENV):
-        os.environ.update(_MALLOC_ENV)
-        os.environ["UNDO_NO_REEXEC"] = "1"
-        os.execv(sys.executable, [sys.executable, "-m", "undo_lightning.cli", *argv])
+    tune_allocator()
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_install_tip)
+    quiet_expected_warnings()
     if argv[0] == "pipeline":
         _tool("pipeline")(argv[1:])
         return

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import typing
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -229,6 +230,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex[:8]}")
     try:
+        os.makedirs(tmp)
         yield tmp
         if os.path.exists(out):
             old = f"{tmp}.old"
@@ -304,3 +306,16 @@ def instantiate(cls: type, init_args: Mapping[str, Any], what: str) -> Any:
         raise ValueError(f"{what}: bad arguments for {cls.__name__}: {err}") from None
     build = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
     return build(namespace).init
+
+
+def check_choice(name: str, value: Any, options: Any) -> None:
+    """Raises ``ValueError`` naming ``name=value`` and what is accepted, unless ``value`` is one of ``options``.
+
+    Args:
+        name: the argument's name.
+        value: its value.
+        options: a ``Literal[...]`` type (the one in the signature, so the choices are written once) or a collection.
+    """
+    allowed = typing.get_args(options) or tuple(options)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(repr(a) for a in allowed)}")

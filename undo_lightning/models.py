@@ -120,8 +120,9 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 def export_model(model: PreTrainedModel, tokenizer, out_dir: str) -> str:
     """Writes ``save_pretrained`` (safetensors) + tokenizer to ``out_dir`` atomically.
 
-    The files go to a temporary sibling folder that is renamed into place last (:func:`undo_lightning.io.atomic_folder`),
-    so ``out_dir`` either holds a whole export or does not exist: a later stage can never pick up a half-written model.
+    The files go to a temporary sibling folder that is renamed into place last
+    (:func:`undo_lightning.io.atomic_folder`), so ``out_dir`` either holds a whole export or does not exist: a later
+    stage can never pick up a half-written model.
 
     Returns:
         ``out_dir``.

@@ -15,11 +15,13 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from undo_lightning.io import is_local_path, load_hub_dataset, read_records, record_field
 
-SIDES = ("retain", "forget")
+#: the two sides of an experiment: the capability kept and the one removed
+Side = Literal["retain", "forget"]
+SIDES: tuple[str, ...] = get_args(Side)
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # lm-eval's descriptions of the WMDP tasks (its YAMLs), attached as the subject of hub records.
 WMDP_SUBJECTS = {"wmdp-bio": "biology", "wmdp-chem": "chemistry", "wmdp-cyber": "cybersecurity"}
@@ -210,7 +212,8 @@ def mcq_prompts(records: Sequence[MCQRecord], k_shot: int = 0, fewshot: Sequence
     """The lm-eval contexts of ``records`` (description line, ``k_shot`` solved examples, the question).
 
     The few-shot rule is :func:`undo_lightning.eval.mcq.select_fewshot`'s (from ``fewshot`` when given, else from
-    ``records`` without the question itself), so the prompts are exactly those :func:`~undo_lightning.eval.mcq.mcq_accuracy`
+    ``records`` without the question itself), so the prompts are exactly those
+    :func:`~undo_lightning.eval.mcq.mcq_accuracy`
     builds for the same arguments.
     """
     return [MCQPrompt(build_prompt(r, select_fewshot(i, records, k_shot, fewshot), subject), len(r.choices), r.answer)
@@ -246,7 +249,7 @@ class MCQSpec:
     path: str
     name: str | None = None
     split: str = "test"
-    side: Literal["retain", "forget"] = "forget"
+    side: Side = "forget"
     k_shot: int = 0
     fewshot: str | None = None
     limit: int | float | None = None

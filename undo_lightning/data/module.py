@@ -11,7 +11,8 @@ construction. Validation loaders give token CE on held-out retain/forget blocks,
 left-padded evaluation prompts scored by greedy exact match, and for the optional multiple-choice sets (WMDP, MMLU)
 lm-eval-format questions scored by log-likelihood (``val/<name>_mcq_acc``).
 
-Tokenizer ``"bpe"``: a byte-level BPE (:func:`undo_lightning.data.bpe.train_bpe_tokenizer`) trained offline, at first use,
+Tokenizer ``"bpe"``: a byte-level BPE (:func:`undo_lightning.data.bpe.train_bpe_tokenizer`) trained offline, at first
+use,
 on the retain and forget TRAIN documents of the split made with seed 0. Training is deterministic and independent of the
 data module's ``seed``, so every stage of an experiment, and every seed of a relearning sweep, rebuilds the identical
 tokenizer from the same data settings; each exported ``hf/`` folder ships it. A stage that continues from a model folder
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 import random
+from enum import Enum
 from functools import partial
 from typing import Any, Callable, Mapping
 
@@ -39,6 +41,15 @@ from undo_lightning.data.sources import DocumentSource, EvalItem
 from undo_lightning.data.tokenizers import load_tokenizer
 
 SPLITS = ("retain", "forget")
+
+
+class BatchKind(str, Enum):
+    """What a validation batch holds (``batch["kind"]``), i.e. how a stage scores it."""
+
+    LM = "lm"  # packed text blocks: token CE
+    ANSWER = "answer"  # left-padded prompts with known answers: greedy exact match
+    MCQ = "mcq"  # multiple-choice questions: log-likelihood of the answer letters
+    EMPTY = "empty"  # this rank's share of an evaluation set ran out (DDP padding): nothing to score
 TRAIN_DATA_KINDS = ("mixture", "paired", "forget", "retain")
 #: seed of the train split the ``"bpe"`` tokenizer is trained on (fixed, so every data seed gets the same tokenizer)
 BPE_SPLIT_SEED = 0
@@ -84,7 +95,7 @@ class _Blocks(Dataset):
 def _collate_blocks(rows: list[torch.Tensor], split: str) -> dict:
     ids = torch.stack(rows)
     return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids), "split": split,
-            "kind": "lm"}
+            "kind": BatchKind.LM}
 
 
 class EvalShard(DistributedSampler):
@@ -127,7 +138,7 @@ class _Padded(Dataset):
 
 def _without_pads(rows: list, collate: Callable[[list], dict]) -> dict:
     rows = [row for row in rows if row is not None]
-    return collate(rows) if rows else {"kind": "empty"}  # a batch of padding only: validation skips it
+    return collate(rows) if rows else {"kind": BatchKind.EMPTY}  # a batch of padding only: validation skips it
 
 
 class StepSampler(DistributedSampler):
@@ -390,7 +401,8 @@ class RetainForgetDataModule(L.LightningDataModule):
             forget, retain = self.train_blocks("forget"), self.train_blocks("retain")
             # Both loaders get the same epoch length so neither restarts mid-epoch (keeps resume exact).
             n = self._epoch_batches(forget.shape[0], retain.shape[0])
-            return {"forget": self._train_loader(forget, "forget", n), "retain": self._train_loader(retain, "retain", n)}
+            return {"forget": self._train_loader(forget, "forget", n),
+                    "retain": self._train_loader(retain, "retain", n)}
         blocks = self.train_blocks(kind)
         return self._train_loader(blocks, kind, self._epoch_batches(blocks.shape[0]))
 
@@ -420,7 +432,8 @@ class RetainForgetDataModule(L.LightningDataModule):
         finally:
             tok.padding_side = side
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "answers": [item.answer for _, item in rows], "sets": [name for name, _ in rows], "kind": "answer"}
+                "answers": [item.answer for _, item in rows], "sets": [name for name, _ in rows],
+                "kind": BatchKind.ANSWER}
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "order_seed": self.order_seed, "mixture": self.mixture,
@@ -440,7 +453,7 @@ _SPLIT_SEED = {"mixture": 0, "retain": 101, "forget": 202}
 def _collate_mcq(rows: list[tuple[str, MCQPrompt]]) -> dict:
     """Multiple-choice questions as strings; the module scores them with ``evaluation.mcq_correct``."""
     return {"contexts": [p.context for _, p in rows], "n_choices": [p.n_choices for _, p in rows],
-            "answers": [p.answer for _, p in rows], "sets": [name for name, _ in rows], "kind": "mcq"}
+            "answers": [p.answer for _, p in rows], "sets": [name for name, _ in rows], "kind": BatchKind.MCQ}
 
 
 def _check_mixture(mixture: dict[str, float]) -> None:

@@ -16,10 +16,11 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 from undo_lightning.data.sources import DocumentSource, EvalItem
 from undo_lightning.io import (
+    check_choice,
     corpus_files,
     is_local_path,
     load_hub_dataset,
@@ -29,6 +30,8 @@ from undo_lightning.io import (
     record_field,
 )
 
+#: what one document of a ``.txt`` file is
+TxtUnit = Literal["paragraph", "line"]
 # One document per paragraph: paragraphs are separated by a line that is empty or holds only whitespace.
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\f\v]*\n\s*")
 
@@ -82,7 +85,7 @@ class TextSource(DocumentSource):
     val_fraction: float = 0.05
     val_documents: int | None = None
     split_seed: int | None = None
-    txt_unit: str = "paragraph"
+    txt_unit: TxtUnit = "paragraph"
     _corpus: list[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -98,8 +101,7 @@ class TextSource(DocumentSource):
             raise ValueError(f"val_fraction={self.val_fraction!r}: expected a value in [0, 1)")
         if self.val_documents is not None and (not isinstance(self.val_documents, int) or self.val_documents < 0):
             raise ValueError(f"val_documents={self.val_documents!r}: expected an integer >= 0 or None")
-        if self.txt_unit not in ("paragraph", "line"):
-            raise ValueError(f"txt_unit={self.txt_unit!r}: expected 'paragraph' or 'line'")
+        check_choice("txt_unit", self.txt_unit, TxtUnit)
         local = is_local_path(self.path)
         if local and (self.name is not None or self.streaming):
             raise ValueError(f"name={self.name!r}, streaming={self.streaming}: these apply to hub datasets only, but "

@@ -1,4 +1,4 @@
-"""Tokenizers as Hugging Face ``PreTrainedTokenizerFast`` objects, so every exported folder loads with ``AutoTokenizer``.
+"""Tokenizers as Hugging Face ``PreTrainedTokenizerFast`` objects: every exported folder loads with ``AutoTokenizer``.
 
 * ``"arithmetic"`` builds the offline arithmetic tokenizer: single digits, operators, punctuation and the
   word-problem vocabulary, with a SentencePiece-style ``▁`` marking a preceding space, so decoding is exact.

@@ -68,7 +68,7 @@ def parse_mcq(item: str) -> tuple[str, MCQSpec]:
 
 
 def evaluate_model(model: str, mcq: list[str] | str | None = None, limit: int | float | None = None,
-                   k_shot: int | None = None,
+                   k_shot: int | None = None, fewshot: str | None = None,
                    retain: str | None = None, forget: str | None = None, text_field: str = "text",
                    max_documents: int | None = None, tokenizer: str | None = None, block_size: int = 256,
                    batch_size: int = 8, device: str = "auto",
@@ -97,6 +97,8 @@ def evaluate_model(model: str, mcq: list[str] | str | None = None, limit: int | 
         overrides = {"limit": limit} if limit is not None else {}
         if k_shot is not None:
             overrides["k_shot"] = k_shot
+        if fewshot is not None:
+            overrides["fewshot"] = fewshot
         specs[name] = dataclasses.replace(spec, **overrides)  # re-validates the overridden fields
     texts = {side: TextSource(path, text_field=text_field, max_documents=max_documents)
              for side, path in (("retain", retain), ("forget", forget)) if path is not None}
@@ -145,7 +147,7 @@ def format_result(result: dict) -> str:
 
 
 def eval_command(model: str, mcq: list[str] | str | None = None, limit: int | float | None = None,
-                 k_shot: int | None = None,
+                 k_shot: int | None = None, fewshot: str | None = None,
                  retain: str | None = None, forget: str | None = None, text_field: str = "text",
                  max_documents: int | None = None, tokenizer: str | None = None, block_size: int = 256,
                  batch_size: int = 8, device: str = "auto",
@@ -167,6 +169,9 @@ def eval_command(model: str, mcq: list[str] | str | None = None, limit: int | fl
         limit: evaluate a subset of every set, per subject as lm-eval does: an integer N (first N questions of each
             subject) or a fraction in (0, 1) (e.g. the paper's MMLU 0.4).
         k_shot: solved examples per question for every set (overrides the presets' 0 / 5).
+        fewshot: where the solved examples of every set come from: a local file of solved questions (e.g. MMLU's
+            ``dev`` split saved as ``.jsonl``) or, for hub sets, a split name (``dev``). Default: a preset's own
+            (MMLU: its dev split); a local set without it takes its examples from its own other questions.
         retain: a local text corpus (file or folder; ``.jsonl``/``.json``/``.txt``/``.parquet``) or hub dataset id
             on which to report the retain CE.
         forget: the same for the forget CE.
@@ -183,8 +188,8 @@ def eval_command(model: str, mcq: list[str] | str | None = None, limit: int | fl
         The result dict (also printed as a table).
     """
     try:
-        result = evaluate_model(model, mcq, limit, k_shot, retain, forget, text_field, max_documents, tokenizer,
-                                block_size, batch_size, device, dtype)
+        result = evaluate_model(model, mcq, limit, k_shot, fewshot, retain, forget, text_field, max_documents,
+                                tokenizer, block_size, batch_size, device, dtype)
     except ValueError as err:  # bad input: one clear line, not a stack trace
         raise SystemExit(f"undo eval: error: {err}") from None
     print(format_result(result))

@@ -7,8 +7,8 @@ One scoring path serves validation during training (:func:`mcq_correct`), ``undo
 * continuations ``" A"``, ``" B"``, ... are scored by their summed token log-probability given the prompt; the
   prediction is the argmax (first on ties), accuracy = share of predictions equal to the gold index (``acc``);
 * tokenisation as lm-eval's ``_encode_pair``: context and context+continuation are encoded separately and the
-  continuation tokens are the tail of the joint encoding; ``<bos>`` is prepended when the tokenizer has one
-  (lm-eval does so for Gemma models).
+  continuation tokens are the tail of the joint encoding; the special tokens the tokenizer itself puts before a
+  text by default are prepended (lm-eval's rule: ``<bos>`` for Gemma's tokenizer, nothing for GPT-2's).
 
 Scoring is batched with left padding and explicit position ids. Only the positions that predict continuation tokens
 get logits (``logits_to_keep``), and log-softmax runs in fp32 on chunks of those rows, so a 256k vocabulary never
@@ -45,17 +45,37 @@ def _keep_kwarg(model: torch.nn.Module) -> str | None:
     return None
 
 
-def encode_pair(tokenizer, context: str, continuation: str, bos_id: int | None) -> tuple[list[int], list[int]]:
+def default_prefix(tokenizer) -> list[int]:
+    """The special tokens ``tokenizer`` puts before a text by default (``[<bos>]`` for Gemma's, ``[]`` for GPT-2's)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    default = tokenizer("a")["input_ids"]
+    for start in range(len(default) - len(plain) + 1):  # where the text's own ids begin in the default encoding
+        if default[start:start + len(plain)] == plain:
+            return list(default[:start])
+    return []
+
+
+def encode_pair(tokenizer, context: str, continuation: str,
+                prefix: list[int] | int | None) -> tuple[list[int], list[int]]:
     """Token ids of ``(context, continuation)`` as lm-eval's ``_encode_pair`` makes them.
 
     Trailing whitespace of the context moves to the continuation; the continuation's ids are the tail of the joint
     encoding after as many tokens as the context alone has, so BPE merges across the boundary are scored the way
     lm-eval scores them.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        context: the prompt.
+        continuation: the scored text (``" B"``).
+        prefix: token ids put before the context (:func:`default_prefix`, ``[bos]``), a single id, or ``None``.
+
+    Returns:
+        ``(context ids, continuation ids)``.
     """
     n_space = len(context) - len(context.rstrip())
     if n_space:
         context, continuation = context[:-n_space], context[-n_space:] + continuation
-    prefix = [bos_id] if bos_id is not None else []
+    prefix = [prefix] if isinstance(prefix, int) else list(prefix or [])
     whole = prefix + tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = prefix + tokenizer(context, add_special_tokens=False)["input_ids"]
     return ctx, whole[len(ctx):]
@@ -74,7 +94,8 @@ def loglikelihoods(model: torch.nn.Module, tokenizer, requests: Sequence[tuple[s
         tokenizer: its tokenizer.
         requests: ``(context, continuation)`` strings, e.g. ``(prompt, " B")``.
         batch_size: forward rows per batch.
-        add_bos: prepend ``<bos>`` (``None``: when the tokenizer has a bos token).
+        add_bos: prepend ``<bos>``; ``None``: what the tokenizer prepends by default (:func:`default_prefix`, lm-eval's
+            rule).
         max_length: keep at most this many input tokens per row (the left is cut, as lm-eval does); ``None`` uses
             the model's ``max_position_embeddings`` when it has one.
 
@@ -83,16 +104,16 @@ def loglikelihoods(model: torch.nn.Module, tokenizer, requests: Sequence[tuple[s
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected >= 1")
-    bos_id = tokenizer.bos_token_id if add_bos in (None, True) else None
-    if add_bos and bos_id is None:
+    if add_bos and tokenizer.bos_token_id is None:
         raise ValueError("add_bos=True but the tokenizer has no bos token")
+    prefix = default_prefix(tokenizer) if add_bos is None else [tokenizer.bos_token_id] if add_bos else []
     if max_length is None:
         max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     rows: dict[tuple[int, ...], int] = {}  # input ids -> row index
     row_ids: list[tuple[int, ...]] = []
     targets: list[tuple[int, list[int]]] = []  # per request: (row, continuation ids)
     for context, continuation in requests:
-        ctx, cont = encode_pair(tokenizer, context, continuation, bos_id)
+        ctx, cont = encode_pair(tokenizer, context, continuation, prefix)
         if not cont:
             raise ValueError(f"continuation {continuation!r} encodes to no tokens after context ...{context[-40:]!r}")
         if not ctx:
@@ -218,7 +239,7 @@ def mcq_accuracy(model: torch.nn.Module, tokenizer, records: Sequence[MCQRecord 
         limit: evaluate a subset, per subject as lm-eval does (:func:`~undo_lightning.data.mcq.limit_records`).
         subject: subject for the description line; ``None`` uses each record's own subject (omitted when absent),
             ``""`` omits it.
-        add_bos: prepend ``<bos>`` (``None``: when the tokenizer has one).
+        add_bos: prepend ``<bos>`` (``None``: what the tokenizer prepends by default, lm-eval's rule).
         return_details: also return per-question ``predictions``, ``gold`` and ``loglikelihoods``.
 
     Returns:

@@ -15,9 +15,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from undo_lightning.io import json_safe
+from undo_lightning.experiment.report import TradeoffY
+from undo_lightning.experiment.robustness import Mode
+from undo_lightning.modules.relearn import Attack
 
 #: command-line options of ``undo pipeline`` that ``--print_config`` writes beside the experiment (not part of it)
 RUN_OPTIONS = ("overwrite", "only")
@@ -92,7 +95,7 @@ class RelearnSection:
     steps: int = 150
     eval_every: int = 25
     batch_size: int | None = None
-    attack: Literal["forget", "retain"] = "forget"
+    attack: Attack = "forget"
     report_steps: list[int] | None = None
     reference: str | None = "reference"
     recovery_fraction: float = 0.9
@@ -119,14 +122,14 @@ class ReportSection:
 
     steps: list[int] = field(default_factory=lambda: [25, 100, 300])
     metric: str = "val/forget_acc"
-    mode: Literal["max", "min"] = "max"
+    mode: Mode = "max"
     retain_metric: str | None = None
     max_retain_drop: float | None = None
     oracle: str | None = None
     teacher: str | None = None
     include_unlearning_compute: bool = False
     ddof: int = 0
-    tradeoff_y: Literal["forget", "relative_robustness"] = "forget"
+    tradeoff_y: TradeoffY = "forget"
 
 
 @dataclass
@@ -220,8 +223,8 @@ def check_keys(raw: dict, where: str) -> None:
     check(raw, ExperimentConfig, "")
 
 
-_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Problem with given class_path",
-          "NoneType", "Given value")
+_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",
+          "Problem with given class_path", "NoneType", "Given value")
 
 
 def error_message(err: Exception) -> str:

@@ -33,6 +33,7 @@ import yaml
 
 from undo_lightning.experiment.config import (DEFAULT_CONFIG, check_keys, error_message, finish, load_config,
                                               parser)
+from undo_lightning.experiment.report import Role
 from undo_lightning.experiment.trainer import TRAINER_DEFAULTS, tensorboard_logger
 from undo_lightning.io import import_object, instantiate
 
@@ -46,7 +47,7 @@ class Stage:
     """One training stage: which module class, its arguments, and the data/Trainer overrides it runs with."""
 
     name: str
-    role: str
+    role: Role
     module_cls: str
     module: dict[str, Any]
     trainer: dict[str, Any]
@@ -78,45 +79,46 @@ def plan(cfg: dict) -> list[Stage]:
     out = Path(cfg["out_dir"])
     seed = cfg["seed"]
     stages = []
-    for name, mixture in (("reference", {"retain": 0.5, "forget": 0.5}), ("oracle", {"retain": 1.0})):
+    for role, mixture in ((Role.REFERENCE, {"retain": 0.5, "forget": 0.5}), (Role.ORACLE, {"retain": 1.0})):
+        name = role.value
         own = cfg.get(name, {})
         if own is None:
-            if name == "reference":
+            if role == Role.REFERENCE:
                 raise ValueError("reference: null: every experiment needs a reference (the model to unlearn); give "
                                  "`reference: {model: PATH}` to use an existing model instead of pretraining one")
             continue
         if not isinstance(own, dict):
             raise ValueError(f"{name}: {own!r}: expected a section (pretrain overrides such as `model:`/`trainer:`, "
                              f"or `{{model: PATH_OR_HUB_ID}}` for an existing model)"
-                             + (" or null" if name == "oracle" else ""))
+                             + (" or null" if role == Role.ORACLE else ""))
         if isinstance(own.get("model"), str):
             if not own["model"] or own.get("trainer"):
                 raise ValueError(f"{name}: {own}: an existing model is given as `{name}: {{model: PATH_OR_HUB_ID}}` "
                                  "(optionally with `data:` overrides for its evaluation); it is not trained, so it "
                                  "takes no `trainer:` — give `model:` a mapping of PretrainModule arguments to "
                                  "pretrain this stage instead")
-            stages.append(Stage(name, name, "undo_lightning.PretrainModule", {"model": own["model"], "seed": seed}, {},
+            stages.append(Stage(name, role, "undo_lightning.PretrainModule", {"model": own["model"], "seed": seed}, {},
                                 deep_merge({"mixture": mixture}, own.get("data")), hf=own["model"],
                                 evaluate_only=True))
             continue
         spec = deep_merge(cfg.get("pretrain", {}), own)
-        stages.append(Stage(name, name, "undo_lightning.PretrainModule", {"seed": seed, **spec.get("model", {})},
+        stages.append(Stage(name, role, "undo_lightning.PretrainModule", {"seed": seed, **spec.get("model", {})},
                             spec.get("trainer", {}), deep_merge({"mixture": mixture}, spec.get("data")),
                             hf=str(out / name / "hf")))
     reference = stages[0].hf
     hf = lambda stage: str(out / stage / "hf")  # noqa: E731 - the hand-off convention of docs/architecture.md
     unlearn = cfg.get("unlearn", {})
-    stages.append(Stage("unlearn", "teacher", "undo_lightning.UnlearnModule",
+    stages.append(Stage("unlearn", Role.TEACHER, "undo_lightning.UnlearnModule",
                         {"model": reference, "seed": seed, **unlearn.get("model", {})},
                         unlearn.get("trainer", {}), unlearn.get("data", {}), hf=hf("unlearn")))
     for name, spec in (cfg.get("baselines") or {}).items():
         spec = deep_merge(unlearn, spec)
-        stages.append(Stage(name, "baseline", "undo_lightning.UnlearnModule",
+        stages.append(Stage(name, Role.BASELINE, "undo_lightning.UnlearnModule",
                             {"model": reference, "seed": seed, **spec.get("model", {})},
                             spec.get("trainer", {}), spec.get("data", {}), hf=hf(name)))
     distill = cfg.get("distill", {})
     if distill is not None:
-        stages.append(Stage("distill", "student", "undo_lightning.DistillModule",
+        stages.append(Stage("distill", Role.STUDENT, "undo_lightning.DistillModule",
                             {"teacher": hf("unlearn"), "student_init": "random", "seed": seed,
                              **distill.get("model", {})},
                             distill.get("trainer", {}), distill.get("data", {}), {"alpha": None, "beta": None},
@@ -126,7 +128,7 @@ def plan(cfg: dict) -> list[Stage]:
         module = {"teacher": hf("unlearn"), "student_init": "teacher", "seed": seed, "noise_seed": seed,
                   **undo.get("model", {}), "alpha": float(alpha)}
         name = f"undo_a{alpha:g}"
-        stages.append(Stage(name, "student", "undo_lightning.DistillModule", module,
+        stages.append(Stage(name, Role.STUDENT, "undo_lightning.DistillModule", module,
                             undo.get("trainer", {}), undo.get("data", {}),
                             {"alpha": float(alpha), "beta": module.get("beta")}, hf=hf(name)))
     return stages
@@ -211,7 +213,7 @@ def run_stage(stage: Stage, cfg: dict, out: Path) -> dict:
         if trainer.interrupted:
             raise RuntimeError(f"stage {stage.name!r} was interrupted; re-run the same command to resume it")
     metrics = json.loads((root / "metrics.json").read_text())
-    metrics.update({"role": stage.role, **stage.record})
+    metrics.update({"role": stage.role.value, **stage.record})
     write_json_atomic(str(root / "metrics.json"), metrics)
     (root / DONE).write_text(f"{time.perf_counter() - started:.1f}\n")  # written last: the stage is complete
     _log(f"{stage.name}: finished in {time.perf_counter() - started:.1f} s "

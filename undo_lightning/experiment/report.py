@@ -20,9 +20,10 @@ import itertools
 import json
 import math
 import warnings
+from enum import Enum
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -32,11 +33,25 @@ from undo_lightning.experiment.robustness import (
     relative_robustness,
     worst_case,
 )
-from undo_lightning.io import atomic_write, json_safe
+from undo_lightning.io import atomic_write, check_choice, json_safe
 
 DEFAULT_STEPS = (25, 100, 300)
+#: y axis of ``robustness_vs_compute.png``
+TradeoffY = Literal["forget", "relative_robustness"]
 # Table/plot order: anchors first, then UNDO students by alpha, then baselines; unknown roles last.
-ROLE_ORDER = {"reference": 0, "oracle": 1, "teacher": 2, "student": 3, "baseline": 4}
+
+
+class Role(str, Enum):
+    """What a model is in the experiment (``metrics.json["role"]``), in table order."""
+
+    REFERENCE = "reference"  # the model to unlearn
+    ORACLE = "oracle"  # never saw the forget data: the gold standard
+    TEACHER = "teacher"  # the unlearned model (unlearn-only anchor)
+    STUDENT = "student"  # distilled from the teacher: UNDO per alpha, or full distillation
+    BASELINE = "baseline"  # further unlearning methods
+
+
+ROLE_ORDER = {role.value: i for i, role in enumerate(Role)}
 SIG_DIGITS = 6  # report.json precision: enough for any metric, stable across platforms
 
 __all__ = ["build_report", "main", "render_markdown", "report_to_json", "write_report"]
@@ -83,9 +98,9 @@ def _num(x: Any) -> float:
     return math.nan if x is None else float(x)
 
 
-def _is_full_distill(role: str | None, alpha: float | None, beta: float | None) -> bool:
-    # docs/reference.md §6: alpha=1, beta=1 (or no noise config at all) = full distillation from random init.
-    return role == "student" and (alpha is None or (alpha == 1 and beta == 1))
+def _is_full_distill(role: str | None, alpha: float | None, beta: float | None, student_init: str | None) -> bool:
+    # a random student, a student without noise settings, or α = β = 1 (≈ random init, docs/reference.md §6)
+    return role == Role.STUDENT and (student_init == "random" or alpha is None or (alpha == 1 and beta == 1))
 
 
 def _anchor(name: str | None) -> str:
@@ -127,7 +142,8 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
         mode: attacker's direction for ``metric``: ``"max"`` (accuracy) or ``"min"`` (CE).
         retain_metric: retain metric for the "before" column and the utility bound; default: ``metric`` with
             ``forget`` -> ``retain``.
-        max_retain_drop: optional utility bound for the worst case (see :func:`~undo_lightning.experiment.robustness.worst_case`);
+        max_retain_drop: optional utility bound for the worst case (see
+            :func:`~undo_lightning.experiment.robustness.worst_case`);
             the retain metric's direction is taken to match ``mode`` (higher is better when ``mode="max"``).
         attack: which relearning runs to aggregate (``curve.json["attack"]``).
         oracle: stage to use as the oracle anchor; default: the unique stage with role ``oracle``.
@@ -151,7 +167,8 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
     retain_metric = retain_metric or default_retain_metric(metric)
     run_dir = Path(run_dir)
     stages = _read_stages(run_dir)
-    anchors = {"oracle": _find_anchor(stages, "oracle", oracle), "teacher": _find_anchor(stages, "teacher", teacher)}
+    anchors = {"oracle": _find_anchor(stages, Role.ORACLE, oracle),
+               "teacher": _find_anchor(stages, Role.TEACHER, teacher)}
     rr_step = req_steps[-1]
 
     def flops_of(name: str | None) -> float:
@@ -172,7 +189,7 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
         val = m.get("val", {})
         entry: dict[str, Any] = {
             "name": name, "role": role, "alpha": alpha, "beta": beta,
-            "full_distill": _is_full_distill(role, alpha, beta),
+            "full_distill": _is_full_distill(role, alpha, beta, m.get("student_init")),
             "retain_before": _num(val.get(retain_metric)), "forget_before": _num(val.get(metric)),
             "after": [{"requested_step": s, "step": None, "mean": math.nan, "std": math.nan} for s in req_steps],
             "auc": math.nan, "relative_robustness": math.nan,
@@ -180,7 +197,7 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
             "tokens": m.get("compute", {}).get("tokens"), "wall_time_s": _num(m.get("wall_time_s")),
             "global_step": m.get("global_step"), "attack": None,
         }
-        flops = entry["flops"] + (teacher_flops if include_unlearning_compute and role == "student" else 0.0)
+        flops = entry["flops"] + (teacher_flops if include_unlearning_compute and role == Role.STUDENT else 0.0)
         if oracle_flops > 0:
             entry["relative_compute"] = flops / oracle_flops
 
@@ -324,15 +341,15 @@ def _styles(models: list[dict]) -> dict[str, dict[str, Any]]:
     others = itertools.cycle([colormaps["tab10"](i) for i in (1, 2, 4, 5, 6, 8, 9, 0)])  # tab10 minus anchor hues
     out = {}
     for e in models:
-        if e["role"] == "oracle":
+        if e["role"] == Role.ORACLE:
             st = {"color": "black", "ls": "--", "lw": 2.5}
-        elif e["role"] == "teacher":
+        elif e["role"] == Role.TEACHER:
             st = {"color": "tab:red", "ls": "--", "lw": 2.5}
-        elif e["role"] == "reference":
+        elif e["role"] == Role.REFERENCE:
             st = {"color": "tab:gray", "ls": ":", "lw": 2.0}
         elif e["full_distill"]:
             st = {"color": "tab:purple", "ls": "-.", "lw": 1.8}
-        elif e["role"] == "student":
+        elif e["role"] == Role.STUDENT:
             st = {"color": ramp(0.1 + 0.8 * min(max(float(e["alpha"]), 0.0), 1.0)), "ls": "-", "lw": 1.6}
         else:
             st = {"color": next(others), "ls": "-", "lw": 1.3}
@@ -355,7 +372,7 @@ def _save(fig, path: Path) -> None:
 
 
 def _label(e: dict) -> str:
-    if e["role"] == "student" and not e["full_distill"]:
+    if e["role"] == Role.STUDENT and not e["full_distill"]:
         return f"{e['name']} (α={e['alpha']:g})"
     return e["name"]
 
@@ -386,8 +403,7 @@ def _plot_relearn_curves(report: dict, path: Path) -> None:
 
 
 def _plot_tradeoff(report: dict, path: Path, y: str) -> None:
-    if y not in ("forget", "relative_robustness"):
-        raise ValueError(f"unknown tradeoff_y {y!r}: expected 'forget' or 'relative_robustness'")
+    check_choice("tradeoff_y", y, TradeoffY)
     step = report["relative_robustness_step"]
 
     def yval(e: dict) -> float:
@@ -395,7 +411,7 @@ def _plot_tradeoff(report: dict, path: Path, y: str) -> None:
 
     fig, ax = _new_figure()
     styles = _styles(report["models"])
-    undo = sorted((e for e in report["models"] if e["role"] == "student" and not e["full_distill"]),
+    undo = sorted((e for e in report["models"] if e["role"] == Role.STUDENT and not e["full_distill"]),
                   key=lambda e: e["alpha"])
     pts = [(e["relative_compute"], yval(e), e) for e in undo]
     pts = [(x, v, e) for x, v, e in pts if math.isfinite(x) and math.isfinite(v)]
@@ -410,13 +426,13 @@ def _plot_tradeoff(report: dict, path: Path, y: str) -> None:
             continue
         st = styles[e["name"]]
         xtxt = f"{x:.3g}" if math.isfinite(x) else "?"
-        if e["role"] in ("oracle", "teacher", "reference"):
+        if e["role"] in (Role.ORACLE, Role.TEACHER, Role.REFERENCE):
             # Anchors are levels to beat, not points on the trade-off: draw them as horizontal lines.
             ax.axhline(v, color=st["color"], ls=st["ls"], lw=1.5, label=f"{e['name']} (rel. compute {xtxt})")
         elif e["full_distill"] and math.isfinite(x):
             ax.plot([x], [v], marker="*", ms=14, ls="none", color=st["color"], label=f"{e['name']} (full distill)")
             xs.append(x)
-        elif e["role"] not in ("student",) and math.isfinite(x):
+        elif e["role"] != Role.STUDENT and math.isfinite(x):
             ax.plot([x], [v], marker="X", ms=9, ls="none", color=st["color"], label=e["name"])
             xs.append(x)
     if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
@@ -455,7 +471,7 @@ def _plot_retain_forget(report: dict, path: Path) -> None:
 # entry points
 
 
-def write_report(run_dir: str | Path, *, tradeoff_y: str = "forget", **kw: Any) -> dict[str, Any]:
+def write_report(run_dir: str | Path, *, tradeoff_y: TradeoffY = "forget", **kw: Any) -> dict[str, Any]:
     """Build the report and write ``report.json``, ``report.md`` and three PNGs into ``run_dir`` (atomically).
 
     Files: ``report.json`` (:func:`report_to_json`), ``report.md`` (:func:`render_markdown`),
@@ -472,8 +488,7 @@ def write_report(run_dir: str | Path, *, tradeoff_y: str = "forget", **kw: Any) 
     Returns:
         The report exactly as written to ``report.json`` (rounded; NaN as None; without wall times).
     """
-    if tradeoff_y not in ("forget", "relative_robustness"):
-        raise ValueError(f"unknown tradeoff_y {tradeoff_y!r}: expected 'forget' or 'relative_robustness'")
+    check_choice("tradeoff_y", tradeoff_y, TradeoffY)
     run_dir = Path(run_dir)
     report = build_report(run_dir, **kw)
     # Wall time is the one number that differs between two runs of the same config and seed: report.md shows it,
@@ -492,7 +507,7 @@ def write_report(run_dir: str | Path, *, tradeoff_y: str = "forget", **kw: Any) 
 def main(run_dir: str, steps: list[int] = list(DEFAULT_STEPS), metric: str = "val/forget_acc",  # noqa: B006
          mode: str = "max", retain_metric: str | None = None, max_retain_drop: float | None = None,
          attack: str = "forget", oracle: str | None = None, teacher: str | None = None,
-         include_unlearning_compute: bool = False, tradeoff_y: str = "forget") -> None:
+         include_unlearning_compute: bool = False, tradeoff_y: TradeoffY = "forget") -> None:
     """Write report.md, report.json and plots for a finished run folder (``undo report RUN_DIR``).
 
     Args:

@@ -26,11 +26,13 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
 
-MODES = ("max", "min")
+#: the attacker's direction for a metric: ``max`` (accuracy: higher = more relearned) or ``min`` (cross-entropy)
+Mode = Literal["max", "min"]
+MODES: tuple[str, ...] = get_args(Mode)
 
 # Key of one attack run in a curve set: (learning rate, seed).
 RunKey = tuple[float, int]

@@ -2,7 +2,8 @@
 
 Each model the pipeline produces (reference, oracle, unlearned teacher, UNDO students, baselines) is
 fine-tuned on forget data with an LR x seed grid (docs/reference.md §8); what counts is the **worst case**,
-the attacker's best LR at each step (:func:`undo_lightning.experiment.robustness.worst_case`). Layout under ``out_dir``::
+the attacker's best LR at each step (:func:`undo_lightning.experiment.robustness.worst_case`). Layout under
+``out_dir``::
 
     relearn/<model>/lr=<lr>_seed=<s>/           one attack run (retain-only attack: ``..._seed=<s>_retain``)
         tb/                                     TensorBoard events
@@ -24,7 +25,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -39,9 +40,9 @@ from undo_lightning.experiment.robustness import (
     worst_case,
 )
 from undo_lightning.experiment.trainer import TRAINER_DEFAULTS, tensorboard_logger
-from undo_lightning.io import json_safe, write_json_atomic
+from undo_lightning.io import check_choice, json_safe, write_json_atomic
 from undo_lightning.models import is_hf_folder
-from undo_lightning.modules.relearn import ATTACK_DESCRIPTIONS, ATTACKS, RelearnAttackModule, model_label
+from undo_lightning.modules.relearn import ATTACK_DESCRIPTIONS, Attack, RelearnAttackModule, model_label
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ PAPER_LRS = (1e-3, 7e-4, 4e-4, 1e-4, 7e-5, 5e-5, 1e-5, 7e-6, 4e-6, 1e-6)
 #: accuracy for every model and would add 50 % to the sweep's time.
 CPU_LRS = (3e-4, 1e-3)
 #: Forget metrics aggregated in the summary and the attacker's direction for each (``max``: higher = more relearned);
-#: per-group accuracies ``val/forget_<group>_acc`` (e.g. per arithmetic problem form) join them when the curves have them.
+#: per-group accuracies ``val/forget_<group>_acc`` (e.g. per arithmetic problem form) join them when the curves
+#: have them.
 SUMMARY_METRICS = {"val/forget_acc": "max", "val/forget_ce": "min"}
 #: Metrics whose final value per LR the summary lists (shows which LRs wreck the model's retain ability).
 PER_LR_METRICS = ("val/forget_acc", "val/retain_acc", "val/forget_ce", "val/retain_ce")
@@ -109,7 +111,8 @@ def expected_steps(steps: int, eval_every: int) -> list[int]:
 
 
 def data_kwargs_from_config(path: str) -> dict[str, Any]:
-    """:meth:`RetainForgetDataModule.config_kwargs` of the ``data:`` section of a stage YAML (e.g. ``configs/arithmetic/pretrain.yaml``).
+    """:meth:`RetainForgetDataModule.config_kwargs` of the ``data:`` section of a stage YAML (e.g.
+    ``configs/arithmetic/pretrain.yaml``).
 
     Raises:
         ValueError: the file has no ``data:`` section.
@@ -229,8 +232,7 @@ def _check_sweep_args(models: Mapping[str, str], lrs: Sequence[float], seeds: Se
         raise ValueError(f"seeds={list(seeds)}: expected a non-empty list of distinct integers")
     if steps < 1 or eval_every < 1:
         raise ValueError(f"steps={steps}, eval_every={eval_every}: expected positive integers")
-    if attack not in ATTACKS:
-        raise ValueError(f"attack={attack!r}: expected 'forget' or 'retain' (retain-only attack, arXiv 2505.22310)")
+    check_choice("attack", attack, Attack)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive integer")
     if report_steps is not None and (not report_steps or min(report_steps) < 0):
@@ -259,7 +261,7 @@ def _check_vocabularies(models: Mapping[str, str], n_tokens: int) -> None:
 
 def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[int], out_dir: str | Path,
               steps: int, eval_every: int, batch_size: int | None = None, data: DataSpec = None,
-              attack: Literal["forget", "retain"] = "forget", precision: str = "32-true",
+              attack: Attack = "forget", precision: str = "32-true",
               trainer: Mapping[str, Any] | None = None, report_steps: Sequence[int] | None = None,
               reference: str | None = "reference", recovery_fraction: float = 0.9) -> dict:
     """Attack every model with every (LR, seed), then write ``relearn_summary.json`` (see :func:`summarize`).
@@ -424,7 +426,8 @@ def summary_metrics(available: set[str]) -> dict[str, str]:
     """The forget metrics among ``available`` that the summary aggregates, with the attacker's direction."""
     groups = {m for m in available if m.startswith("val/forget_") and m.endswith("_acc") and m not in SUMMARY_METRICS
               and not m.endswith("_mcq_acc")}
-    return {m: mode for m, mode in {**SUMMARY_METRICS, **dict.fromkeys(sorted(groups), "max")}.items() if m in available}
+    metrics = {**SUMMARY_METRICS, **dict.fromkeys(sorted(groups), "max")}
+    return {m: mode for m, mode in metrics.items() if m in available}
 
 
 def format_summary(summary: dict, metric: str = "val/forget_acc") -> str:
@@ -462,7 +465,7 @@ def _cell(value: float | None) -> str:
 
 def relearn_command(models: list[str], lrs: list[float] = list(CPU_LRS), seeds: list[int] = [0],  # noqa: B006
                     steps: int = 200, eval_every: int = 25, out_dir: str = "runs/arithmetic",
-                    attack: Literal["forget", "retain"] = "forget", config: str | None = None,
+                    attack: Attack = "forget", config: str | None = None,
                     batch_size: int = 32, eval_prompts_per_set: int | None = 50, precision: str = "32-true",
                     report_steps: list[int] | None = None, reference: str | None = "reference",
                     recovery_fraction: float = 0.9, accelerator: str = "auto", devices: int = 1) -> None:

@@ -13,10 +13,16 @@ from typing import Literal
 import lightning as L
 import torch
 
+from undo_lightning.data.module import BatchKind
 from undo_lightning.data.tokenizers import load_tokenizer
 from undo_lightning.eval.mcq import mcq_correct
 from undo_lightning.eval.metrics import ValidationMetrics, answer_correct, lm_nll
+from undo_lightning.io import check_choice
 from undo_lightning.models import build_model, count_parameters, is_hf_folder
+
+
+#: learning-rate schedules of every stage (see :func:`lr_factor`)
+Schedule = Literal["cosine", "constant"]
 
 
 class UndoModule(L.LightningModule):
@@ -52,7 +58,7 @@ class UndoModule(L.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
-        schedule: Literal["cosine", "constant"] = "cosine",
+        schedule: Schedule = "cosine",
         min_lr_ratio: float = 0.1,
         seed: int = 0,
         checkpoint_every: int = 0,
@@ -61,8 +67,7 @@ class UndoModule(L.LightningModule):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr={lr}: expected a positive learning rate")
-        if schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule={schedule!r}: expected 'cosine' or 'constant'")
+        check_choice("schedule", schedule, Schedule)
         if warmup_steps < 0 or checkpoint_every < 0:
             raise ValueError(f"warmup_steps={warmup_steps}, checkpoint_every={checkpoint_every}: expected >= 0")
         if not 0.0 <= min_lr_ratio <= 1.0:
@@ -199,12 +204,12 @@ class UndoModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         metrics = self.validation_metrics()
-        if batch["kind"] == "empty":  # this rank's share of the set ran out (DDP padding, see data.EvalShard)
+        if batch["kind"] == BatchKind.EMPTY:  # this rank's share of the set ran out (DDP padding, see data.EvalShard)
             return
-        if batch["kind"] == "lm":
+        if batch["kind"] == BatchKind.LM:
             metrics.update_lm(batch["split"], *lm_nll(self.model, batch["input_ids"], batch["attention_mask"],
                                                       batch["labels"]))
-        elif batch["kind"] == "mcq":
+        elif batch["kind"] == BatchKind.MCQ:
             metrics.update_mcq(batch["sets"], mcq_correct(self.model, self.tokenizer, batch))
         else:
             metrics.update_answers(batch["sets"], answer_correct(self.model, self.tokenizer, batch))

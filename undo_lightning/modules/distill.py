@@ -21,13 +21,17 @@ from transformers import AutoModelForCausalLM
 
 from undo_lightning.callbacks import RetainGapStop, final_evaluation, retain_gap
 from undo_lightning.data.tokenizers import load_tokenizer
+from undo_lightning.io import check_choice
 from undo_lightning.losses import forward_kl
 from undo_lightning.models import build_model, count_parameters, is_hf_folder
-from undo_lightning.modules.base import UndoModule
+from undo_lightning.modules.base import Schedule, UndoModule
 from undo_lightning.noise import shrink_and_perturb
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
+
+#: what ``val/retain_gap`` measures (``auto``: ``acc`` when the data has answer-scored retain sets, else ``ce``)
+GapMetric = Literal["auto", "acc", "ce"]
 
 class DistillModule(UndoModule):
     """Forward-KL distillation of a frozen teacher into a student on the retain + forget mixture.
@@ -91,12 +95,12 @@ class DistillModule(UndoModule):
         noise_include: str | None = None,
         kl_chunk_size: int | None = None,
         stop_threshold: float | None = None,
-        gap_metric: Literal["auto", "acc", "ce"] = "auto",
+        gap_metric: GapMetric = "auto",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
-        schedule: Literal["cosine", "constant"] = "cosine",
+        schedule: Schedule = "cosine",
         min_lr_ratio: float = 0.1,
         seed: int = 0,
         checkpoint_every: int = 0,
@@ -119,8 +123,7 @@ class DistillModule(UndoModule):
                              "vocabulary size)")
         if stop_threshold is not None and stop_threshold < 0:
             raise ValueError(f"stop_threshold={stop_threshold}: expected >= 0 or None (no stop rule)")
-        if gap_metric not in ("auto", "acc", "ce"):
-            raise ValueError(f"gap_metric={gap_metric!r}: expected 'auto', 'acc' or 'ce'")
+        check_choice("gap_metric", gap_metric, GapMetric)
         # The base's `model` names where the architecture (and a fallback tokenizer) comes from.
         super().__init__(model=teacher if student_init in ("random", "teacher") else student_init, lr=lr,
                          weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, schedule=schedule,
@@ -138,7 +141,7 @@ class DistillModule(UndoModule):
         hp = self.hparams
         if not is_hf_folder(self.teacher_path):
             raise ValueError(f"teacher={self.teacher_path!r}: no Hugging Face model folder there (no config.json); "
-                             "expected the hf/ folder an earlier stage exported (e.g. runs/arithmetic/unlearn_maxent/hf)")
+                             "expected the hf/ folder an earlier stage exported (e.g. runs/arithmetic/unlearn/hf)")
         tokenizer = self.tokenizer
         self._check_shipped_tokenizer("teacher", self.teacher_path, tokenizer)
         teacher = build_model(self.teacher_path, tokenizer)

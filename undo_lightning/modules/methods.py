@@ -26,6 +26,7 @@ from typing import Any, Callable, ClassVar, Literal
 import torch
 from torch import nn
 
+from undo_lightning.io import check_choice
 from undo_lightning.losses import causal_lm_loss, forward_kl, maxent_loss, rmu_control_vector, rmu_forget_loss, \
     rmu_retain_loss
 
@@ -182,8 +183,7 @@ class _LogitMethod(UnlearningMethod):
     def __init__(self, retain_weight: float = 1.0, retain_loss: RetainTerm = "ce", convex: bool = False,
                  kl_chunk_size: int | None = None) -> None:
         super().__init__(retain_weight, convex)
-        if retain_loss not in ("ce", "kl"):
-            raise ValueError(f"retain_loss={retain_loss!r}: expected 'ce' or 'kl'")
+        check_choice("retain_loss", retain_loss, RetainTerm)
         if kl_chunk_size is not None and kl_chunk_size < 1:
             raise ValueError(f"kl_chunk_size={kl_chunk_size}: expected a positive integer, or null (chosen from the "
                              "vocabulary size)")
@@ -282,7 +282,8 @@ class RMU(UnlearningMethod):
         train_layers: blocks whose ``params`` train, each ``<= layer`` (later blocks cannot change the loss);
             default the original RMU recipe ``layer - 2 .. layer``.
         params: ``fnmatch`` patterns of the parameter names (as in ``model.named_parameters()`` of the HF model) that
-            train; ``{i}`` is replaced by each of ``train_layers``. Default ``["model.layers.{i}.mlp.down_proj.weight"]``.
+            train; ``{i}`` is replaced by each of ``train_layers``. Default
+            ``["model.layers.{i}.mlp.down_proj.weight"]``.
             Each pattern must match a parameter.
         coefficient: norm ``c`` of the control vector (the authors: 6 arithmetic, 6.5 language).
         retain_weight: weight ``w`` of the activation retain term (0: none, no frozen copy).

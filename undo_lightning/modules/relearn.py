@@ -14,17 +14,20 @@ resurfacing under benign fine-tuning). Its curves carry ``"attack": "retain"`` a
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from undo_lightning.callbacks import RelearnCurve
+from undo_lightning.io import check_choice
 from undo_lightning.losses import causal_lm_loss
-from undo_lightning.modules.base import UndoModule
+from undo_lightning.modules.base import Schedule, UndoModule
 
-ATTACKS = ("forget", "retain")
+#: the data an attack fine-tunes on: forget data (the paper's attack) or retain data only (arXiv 2505.22310)
+Attack = Literal["forget", "retain"]
+ATTACKS: tuple[str, ...] = get_args(Attack)
 ATTACK_DESCRIPTIONS = {
     "forget": "relearning attack: fine-tuning on FORGET data only (the paper's attack, docs/reference.md §8)",
     "retain": "RETAIN-ONLY attack ('From Dormant to Deleted', arXiv 2505.22310): fine-tuning on RETAIN data only, "
@@ -68,21 +71,19 @@ class RelearnAttackModule(UndoModule):
     def __init__(
         self,
         model: str = "gemma2-tiny",
-        attack: Literal["forget", "retain"] = "forget",
+        attack: Attack = "forget",
         name: str | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 1,
-        schedule: Literal["cosine", "constant"] = "constant",
+        schedule: Schedule = "constant",
         min_lr_ratio: float = 1.0,
         seed: int = 0,
         checkpoint_every: int = 0,
         export: bool = False,
     ) -> None:
-        if attack not in ATTACKS:
-            raise ValueError(f"attack={attack!r}: expected 'forget' (fine-tune on forget data) or 'retain' "
-                             "(retain-only attack, arXiv 2505.22310)")
+        check_choice("attack", attack, Attack)
         super().__init__(model=model, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
                          schedule=schedule, min_lr_ratio=min_lr_ratio, seed=seed, checkpoint_every=checkpoint_every,
                          export=export)

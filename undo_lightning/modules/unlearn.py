@@ -15,7 +15,7 @@ from torch import nn
 
 from undo_lightning.losses import causal_lm_loss, repnoise_loss
 from undo_lightning.models import count_parameters
-from undo_lightning.modules.base import UndoModule
+from undo_lightning.modules.base import Schedule, UndoModule
 from undo_lightning.modules.methods import (SAM, RepNoise, Recorder, UnlearningMethod, decoder_layers, record,
                                             resolve_method)
 
@@ -71,7 +71,7 @@ class UnlearnModule(UndoModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
-        schedule: Literal["cosine", "constant"] = "constant",
+        schedule: Schedule = "constant",
         min_lr_ratio: float = 0.1,
         seed: int = 0,
         checkpoint_every: int = 0,
