@@ -151,7 +151,7 @@ def test_lm_nll_in_row_chunks_equals_one_pass(folder, monkeypatch):
     labels[1, 4:9] = -100
     with torch.no_grad():
         nll, n = token_nll(model(ids).logits, labels)
-    monkeypatch.setattr(evaluation, "_CE_CHUNK_ELEMENTS", 2 * 16 * model.config.vocab_size)  # 2 rows per chunk
+    monkeypatch.setattr(evaluation, "_CE_CHUNK_BYTES", 4 * 2 * 16 * model.config.vocab_size)  # 2 rows per chunk
     calls = []
     original_forward = model.forward
     monkeypatch.setattr(model, "forward", lambda **kw: calls.append(kw["input_ids"].shape[0]) or original_forward(**kw))

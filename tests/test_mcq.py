@@ -223,7 +223,7 @@ def test_only_continuation_logits_are_materialised(model, tok, records, monkeypa
         return torch.nn.functional.log_softmax(x, dim)
 
     monkeypatch.setattr(mcq, "_gather_scores", spy)
-    monkeypatch.setattr(mcq, "_CHUNK_ELEMENTS", 2 * len(tok))  # two rows per log-softmax chunk
+    monkeypatch.setattr(mcq, "_CHUNK_BYTES", 4 * 2 * len(tok))  # two rows per log-softmax chunk
     monkeypatch.setattr(mcq.torch, "log_softmax", counting_log_softmax)
     base = mcq_accuracy(model, tok, records, batch_size=5, return_details=True)
     # Single-token choices: one row per question and one kept position per row.

@@ -108,7 +108,9 @@ KL_CHUNK_BYTES = 64 * 2**20
 
 
 def auto_chunk_size(vocab_size: int, budget_bytes: int = KL_CHUNK_BYTES) -> int:
-    """Positions per chunk such that one float32 ``[chunk, V]`` temporary fits in ``budget_bytes``.
+    """Positions per chunk such that one float32 ``[chunk, V]`` temporary fits in ``budget_bytes`` (``vocab_size``: the
+    float32 elements one position brings, e.g. ``T * V`` for whole rows). Every chunked loop of the package sizes its
+    chunks with it, each from a budget in bytes.
 
     64 MiB gives 65 positions at Gemma-2's V = 256,000, where ``benchmarks/kl_memory.py`` measured 128-position chunks
     at 0.23x the memory and 0.59x the time of an unchunked KL while 1024-position chunks saved only 24 % of the

@@ -23,9 +23,10 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from undo_lightning.data.mcq import LETTERS, MCQPrompt, MCQRecord, limit_records, mcq_prompts, validate_record
+from undo_lightning.losses import auto_chunk_size
 
-# fp32 elements per log-softmax chunk (64 MiB): bounds memory independently of batch size and vocabulary.
-_CHUNK_ELEMENTS = 1 << 24
+# memory of one fp32 log-softmax chunk: bounds memory independently of batch size and vocabulary.
+_CHUNK_BYTES = 64 * 2**20
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
@@ -168,7 +169,7 @@ def _gather_scores(logits: torch.Tensor, batch_rows: list[int], by_row: list[lis
                    targets: list[tuple[int, list[int]]], n_keep: int, scores: torch.Tensor) -> None:
     """Adds each request's continuation log-probs to ``scores``, log-softmaxing ``chunk`` rows at a time in fp32."""
     vocab = logits.shape[-1]
-    chunk = max(1, _CHUNK_ELEMENTS // (n_keep * vocab))
+    chunk = auto_chunk_size(n_keep * vocab, _CHUNK_BYTES)
     for c0 in range(0, len(batch_rows), chunk):
         logp = torch.log_softmax(logits[c0:c0 + chunk].float(), dim=-1)  # [chunk, n_keep, V]
         for b in range(c0, min(c0 + chunk, len(batch_rows))):

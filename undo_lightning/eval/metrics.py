@@ -18,11 +18,11 @@ from collections.abc import Callable
 import torch
 
 from undo_lightning.data.mcq import SIDES
-from undo_lightning.losses import token_nll
+from undo_lightning.losses import auto_chunk_size, token_nll
 
 _NUMBER = re.compile(r"^-?\d+(?:\.\d+)?\.?$")
-#: logits elements (``rows x T x V``) per chunk of the CE in :func:`lm_nll`: 2^27 = 512 MiB in float32
-_CE_CHUNK_ELEMENTS = 1 << 27
+#: float32 logits (``rows x T x V``) per chunk of the CE in :func:`lm_nll`
+_CE_CHUNK_BYTES = 512 * 2**20
 
 
 @torch.no_grad()
@@ -32,7 +32,7 @@ def lm_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     A batch of ``B`` blocks would hold ``[B, T, V]`` logits (plus float32 copies inside the CE) at once; with a 256k
     vocabulary that is gigabytes per row. Rows are scored a few at a time so that one chunk's logits stay under
-    ``_CE_CHUNK_ELEMENTS`` whatever the batch size.
+    ``_CE_CHUNK_BYTES`` whatever the batch size.
 
     Args:
         input_ids, attention_mask, labels: ``[B, T]`` (``labels`` ``-100`` = ignored).
@@ -41,7 +41,7 @@ def lm_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         ``(nll_sum, n_tokens)`` as in :func:`undo_lightning.losses.token_nll`.
     """
     vocab = model.get_output_embeddings().weight.shape[0]
-    rows = max(1, _CE_CHUNK_ELEMENTS // (input_ids.shape[1] * vocab))
+    rows = auto_chunk_size(input_ids.shape[1] * vocab, _CE_CHUNK_BYTES)
     nll = torch.zeros((), device=input_ids.device)
     n = torch.zeros((), dtype=torch.long, device=input_ids.device)
     for start in range(0, input_ids.shape[0], rows):

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from undo_lightning.io import json_safe
 from undo_lightning.experiment.report import TradeoffY
 from undo_lightning.experiment.robustness import Mode
+from undo_lightning.io import json_safe
 from undo_lightning.modules.relearn import Attack
 
 #: command-line options of ``undo pipeline`` that ``--print_config`` writes beside the experiment (not part of it)

@@ -31,8 +31,7 @@ from typing import Any
 
 import yaml
 
-from undo_lightning.experiment.config import (DEFAULT_CONFIG, check_keys, error_message, finish, load_config,
-                                              parser)
+from undo_lightning.experiment.config import DEFAULT_CONFIG, check_keys, error_message, finish, load_config, parser
 from undo_lightning.experiment.report import Role
 from undo_lightning.experiment.trainer import TRAINER_DEFAULTS, tensorboard_logger
 from undo_lightning.io import import_object, instantiate

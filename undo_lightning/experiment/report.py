@@ -20,8 +20,8 @@ import itertools
 import json
 import math
 import warnings
-from enum import Enum
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 

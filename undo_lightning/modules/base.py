@@ -20,7 +20,6 @@ from undo_lightning.eval.metrics import ValidationMetrics, answer_correct, lm_nl
 from undo_lightning.io import check_choice
 from undo_lightning.models import build_model, count_parameters, is_hf_folder
 
-
 #: learning-rate schedules of every stage (see :func:`lr_factor`)
 Schedule = Literal["cosine", "constant"]
 

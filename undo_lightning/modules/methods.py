@@ -27,8 +27,14 @@ import torch
 from torch import nn
 
 from undo_lightning.io import check_choice
-from undo_lightning.losses import causal_lm_loss, forward_kl, maxent_loss, rmu_control_vector, rmu_forget_loss, \
-    rmu_retain_loss
+from undo_lightning.losses import (
+    causal_lm_loss,
+    forward_kl,
+    maxent_loss,
+    rmu_control_vector,
+    rmu_forget_loss,
+    rmu_retain_loss,
+)
 
 RetainTerm = Literal["ce", "kl"]
 

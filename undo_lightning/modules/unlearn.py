@@ -16,8 +16,15 @@ from torch import nn
 from undo_lightning.losses import causal_lm_loss, repnoise_loss
 from undo_lightning.models import count_parameters
 from undo_lightning.modules.base import Schedule, UndoModule
-from undo_lightning.modules.methods import (SAM, RepNoise, Recorder, UnlearningMethod, decoder_layers, record,
-                                            resolve_method)
+from undo_lightning.modules.methods import (
+    SAM,
+    Recorder,
+    RepNoise,
+    UnlearningMethod,
+    decoder_layers,
+    record,
+    resolve_method,
+)
 
 
 class UnlearnModule(UndoModule):
