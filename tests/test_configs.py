@@ -6,17 +6,37 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from undo_lightning.cli import _lightning_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 PIPELINE_CONFIGS = {"quick.yaml", "paper.yaml", "smoke.yaml", "local.yaml", "pipeline.yaml"}  # experiment files read by `undo pipeline`
-STAGE_CONFIGS = [c for c in CONFIGS if os.path.basename(c) not in PIPELINE_CONFIGS]
+DATA_CONFIGS = [c for c in CONFIGS if os.path.basename(c) == "data.yaml"]  # shared `data:` blocks of stage configs
+STAGE_CONFIGS = [c for c in CONFIGS if os.path.basename(c) not in PIPELINE_CONFIGS and c not in DATA_CONFIGS]
 
 
 def test_there_are_configs():
-    assert len(STAGE_CONFIGS) >= 2
+    assert len(STAGE_CONFIGS) >= 2 and DATA_CONFIGS
+
+
+@pytest.mark.parametrize("path", DATA_CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_shared_data_blocks_parse_and_reach_the_stages_that_name_them(path, tmp_path):
+    from undo_lightning.data import RetainForgetDataModule
+    from undo_lightning.experiment.sweep import data_kwargs_from_config
+
+    with open(path) as f:
+        block = yaml.safe_load(f)
+    expected = RetainForgetDataModule.config_kwargs(block)
+    users = [c for c in STAGE_CONFIGS if os.path.dirname(c) == os.path.dirname(path)
+             and yaml.safe_load(open(c)).get("data") == os.path.basename(path)]
+    assert users
+    for stage in users:
+        cli = _lightning_cli(["--config", stage, f"--trainer.default_root_dir={tmp_path}"], run=False)
+        assert (cli.datamodule.block_size, cli.datamodule.mixture) == (expected["block_size"], expected["mixture"])
+        assert cli.datamodule.forget.operations == expected["forget"].operations
+        assert data_kwargs_from_config(stage)["retain"] == expected["retain"]  # `undo relearn --config` reads it too
 
 
 @pytest.mark.parametrize("path", STAGE_CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))

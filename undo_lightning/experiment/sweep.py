@@ -112,16 +112,20 @@ def expected_steps(steps: int, eval_every: int) -> list[int]:
 
 def data_kwargs_from_config(path: str) -> dict[str, Any]:
     """:meth:`RetainForgetDataModule.config_kwargs` of the ``data:`` section of a stage YAML (e.g.
-    ``configs/arithmetic/pretrain.yaml``).
+    ``configs/arithmetic/pretrain.yaml``); a ``data:`` that names a file (``data: data.yaml``, relative to the stage
+    YAML, as LightningCLI reads it) is read from there.
 
     Raises:
         ValueError: the file has no ``data:`` section.
     """
     with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    if not isinstance(config.get("data"), dict):
+        data = (yaml.safe_load(f) or {}).get("data")
+    if isinstance(data, str):
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), data)) as f:
+            data = yaml.safe_load(f)
+    if not isinstance(data, dict):
         raise ValueError(f"config={path!r} has no 'data:' section to take the relearning data from")
-    return RetainForgetDataModule.config_kwargs(config["data"])
+    return RetainForgetDataModule.config_kwargs(data)
 
 
 def _datamodule_factory(data: DataSpec, batch_size: int | None) -> Callable[[int], RetainForgetDataModule]:
