@@ -167,7 +167,7 @@ def test_existing_reference_model_and_no_oracle(smoke_run, tmp_path):
 
 @pytest.mark.parametrize("section, match", [
     ({"reference": None}, "every experiment needs a reference"),
-    ({"reference": {"model": "runs/x/hf", "trainer": {"max_steps": 5}}}, "it is not trained, so it takes no `trainer:`"),
+    ({"reference": {"model": "runs/x/hf", "trainer": {"max_steps": 5}}}, "it is not trained, so it takes no"),
     ({"oracle": {"model": ""}}, "an existing model is given as"),
     ({"reference": "runs/x/hf"}, r"'runs/x/hf': expected a section"),
 ])

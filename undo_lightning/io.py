@@ -283,15 +283,18 @@ def import_object(path: str) -> Any:
         raise ValueError(f"{path!r} cannot be imported ({type(err).__name__}: {err})") from None
 
 
-def instantiate(cls: type, init_args: Mapping[str, Any], what: str) -> Any:
-    """``cls(**init_args)`` with the arguments checked against ``cls``'s typed signature by jsonargparse, as
-    LightningCLI checks a stage config: unknown keys and wrong types are errors, and nested
-    ``{class_path, init_args}`` values (sources, unlearning methods) are instantiated too.
+def init_kwargs(cls: type, init_args: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``init_args`` checked against ``cls``'s typed signature by jsonargparse, as LightningCLI checks a stage config:
+    unknown keys and wrong types are errors, and nested ``{class_path, init_args}`` values (sources, unlearning
+    methods) are instantiated.
 
     Args:
-        cls: the class to build.
+        cls: the class the arguments are for.
         init_args: its keyword arguments in config form.
         what: names the config section in error messages.
+
+    Returns:
+        The keyword arguments, ready for ``cls(**kwargs)``.
 
     Raises:
         ValueError: naming ``what``, the class and the bad argument.
@@ -299,13 +302,18 @@ def instantiate(cls: type, init_args: Mapping[str, Any], what: str) -> Any:
     from jsonargparse import ArgumentError, ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(cls, "init", instantiate=True)
+    parser.add_class_arguments(cls, "init", instantiate=False)
     try:
         namespace = parser.parse_object({"init": dict(init_args)})
     except ArgumentError as err:
         raise ValueError(f"{what}: bad arguments for {cls.__name__}: {err}") from None
     build = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
-    return build(namespace).init
+    return dict(vars(build(namespace).init))
+
+
+def instantiate(cls: type, init_args: Mapping[str, Any], what: str) -> Any:
+    """``cls(**init_args)`` with the arguments checked and converted by :func:`init_kwargs`."""
+    return cls(**init_kwargs(cls, init_args, what))
 
 
 def check_choice(name: str, value: Any, options: Any) -> None:

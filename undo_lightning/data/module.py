@@ -39,6 +39,7 @@ from undo_lightning.data.bpe import MIN_VOCAB_SIZE, train_bpe_tokenizer
 from undo_lightning.data.mcq import MCQPrompt, MCQSpec, check_set_name
 from undo_lightning.data.sources import DocumentSource, EvalItem
 from undo_lightning.data.tokenizers import load_tokenizer
+from undo_lightning.io import init_kwargs
 
 SPLITS = ("retain", "forget")
 
@@ -267,17 +268,8 @@ class RetainForgetDataModule(L.LightningDataModule):
         Raises:
             ValueError: an unknown key or a value of the wrong type, naming it.
         """
-        from jsonargparse import ArgumentError, ArgumentParser
-
         data = dict(config.get("init_args", config))
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_class_arguments(cls, "data", instantiate=False)
-        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
-        try:
-            namespace = parser.parse_object({"data": data})
-        except ArgumentError as err:  # re-raised as the ValueError every bad input gives
-            raise ValueError(f"bad data settings {sorted(data)}: {err}") from None
-        return dict(vars(instantiate(namespace).data))
+        return init_kwargs(cls, data, f"bad data settings {sorted(data)}")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> RetainForgetDataModule:

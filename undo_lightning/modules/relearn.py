@@ -14,7 +14,7 @@ resurfacing under benign fine-tuning). Its curves carry ``"attack": "retain"`` a
 from __future__ import annotations
 
 import os
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -27,7 +27,6 @@ from undo_lightning.modules.base import Schedule, UndoModule
 
 #: the data an attack fine-tunes on: forget data (the paper's attack) or retain data only (arXiv 2505.22310)
 Attack = Literal["forget", "retain"]
-ATTACKS: tuple[str, ...] = get_args(Attack)
 ATTACK_DESCRIPTIONS = {
     "forget": "relearning attack: fine-tuning on FORGET data only (the paper's attack, docs/reference.md §8)",
     "retain": "RETAIN-ONLY attack ('From Dormant to Deleted', arXiv 2505.22310): fine-tuning on RETAIN data only, "
