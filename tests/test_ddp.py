@@ -39,7 +39,8 @@ SCRIPT = textwrap.dedent("""
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
     # block size 24: 35 retain and 37 forget validation blocks, odd counts that a padding sampler would repeat
     dm = small_datamodule(docs=300, prompts=3, batch_size=batch_size, eval_batch_size=4, block_size=24)
-    module = PretrainModule(model="gemma2-micro", lr=3e-3, warmup_steps=1, seed=0, checkpoint_every=0)
+    module = PretrainModule(model="gemma2-micro", optimizer=dict(lr=3e-3, warmup_steps=1), seed=0,
+                            checkpoint_every=0)
     trainer.fit(module, datamodule=dm)  # validation at the last step: Lightning's loop writes metrics.json
     values = final_evaluation(module, dm.val_dataloader())  # the path of step-0 / teacher / end-of-training evaluations
     if trainer.global_rank == 0:

@@ -72,7 +72,7 @@ def test_fit_keeps_teacher_frozen_out_of_checkpoints_and_resumes_exactly(tokeniz
 
     def module():
         return DistillModule(teacher=teacher_dir, student_init="teacher", alpha=0.6, beta=0.1, noise_seed=7,
-                             lr=3e-3, export=False, checkpoint_every=4)
+                             optimizer={"lr": 3e-3}, export=False, checkpoint_every=4)
 
     def assert_teacher_untouched(m):
         state = m.teacher.state_dict()

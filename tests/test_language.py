@@ -62,12 +62,14 @@ def local_variant(out_dir: Path) -> dict:
     data["forget"]["init_args"].update(path=KOREAN, val_documents=2)
     data.update(tokenizer="bpe", bpe_vocab_size=400, block_size=32, batch_size=8, eval_batch_size=32)
     cfg["trainer"].update(precision="32-true", accelerator="cpu", enable_progress_bar=False, log_every_n_steps=2)
-    cfg["pretrain"]["model"].update(model="gemma2-micro", lr=0.005, warmup_steps=2, checkpoint_every=0)
+    cfg["pretrain"]["model"].update(model="gemma2-micro", checkpoint_every=0)
+    cfg["pretrain"]["model"]["optimizer"].update(lr=0.005, warmup_steps=2)
     cfg["pretrain"]["trainer"] = {"max_steps": 16, "val_check_interval": 8}
-    cfg["unlearn"]["model"]["lr"] = 0.003
+    cfg["unlearn"]["model"]["optimizer"]["lr"] = 0.003
     cfg["unlearn"]["trainer"] = {"max_steps": 4, "val_check_interval": 2}
     for stage in ("distill", "undo"):
-        cfg[stage]["model"].update(lr=0.005, warmup_steps=2, checkpoint_every=0)
+        cfg[stage]["model"].update(checkpoint_every=0)
+        cfg[stage]["model"]["optimizer"].update(lr=0.005, warmup_steps=2)
         cfg[stage]["trainer"] = {"max_steps": 6, "val_check_interval": 3}
         cfg[stage]["data"] = {"batch_size": 8}
     cfg["undo"]["alphas"] = [0.5]

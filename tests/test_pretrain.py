@@ -14,7 +14,7 @@ def test_short_pretraining_learns_and_exports(tokenizer, tmp_path):
     # easy operands so a micro model learns addition within ~150 steps
     dm = small_datamodule(tokenizer, docs=3000, add_sub_range=(1, 4), mul_div_range=(1, 4), batch_size=16,
                           block_size=32, prompts=20, mixture={"retain": 1.0})
-    module = PretrainModule(model="gemma2-micro", lr=5e-3, warmup_steps=10, seed=0)
+    module = PretrainModule(model="gemma2-micro", optimizer={"lr": 5e-3, "warmup_steps": 10}, seed=0)
     root = tmp_path / "reference"
     trainer = tiny_trainer(root, max_steps=150, val_check_interval=150)
     module.tokenizer = tokenizer
@@ -49,7 +49,7 @@ def test_short_pretraining_learns_and_exports(tokenizer, tmp_path):
 def test_same_seed_same_numbers(tokenizer, tmp_path):
     def run(name):
         dm = small_datamodule(tokenizer, seed=5)
-        module = PretrainModule(model="gemma2-micro", lr=1e-3, seed=5, export=False)
+        module = PretrainModule(model="gemma2-micro", optimizer={"lr": 1e-3}, seed=5, export=False)
         tiny_trainer(tmp_path / name, max_steps=6).fit(module, datamodule=dm)
         return module.last_val_metrics, module.model.state_dict()
 
@@ -61,7 +61,8 @@ def test_same_seed_same_numbers(tokenizer, tmp_path):
 def test_resume_continues_with_the_same_batches(tokenizer, tmp_path):
     """A run interrupted at step 4 and resumed from its checkpoint ends with the weights of an uninterrupted run."""
     def module():
-        return PretrainModule(model="gemma2-micro", lr=1e-3, seed=1, export=False, checkpoint_every=4)
+        return PretrainModule(model="gemma2-micro", optimizer={"lr": 1e-3}, seed=1, export=False,
+                              checkpoint_every=4)
 
     full = module()
     tiny_trainer(tmp_path / "full", max_steps=8, val_check_interval=4).fit(full, datamodule=small_datamodule(tokenizer))

@@ -54,7 +54,7 @@ def test_step0_is_the_untouched_model_and_curve_round_trips(tokenizer, micro_fol
     ce0 = {split: _independent_ce(micro_folder, dm._blocks[f"{split}/val"]) for split in ("retain", "forget")}
 
     root = tmp_path / "relearn" / "teacher" / "lr=0.003_seed=0"
-    module = RelearnAttackModule(model=micro_folder, name="teacher", lr=3e-3)
+    module = RelearnAttackModule(model=micro_folder, name="teacher", optimizer={"lr": 3e-3})
     # 5 steps, evaluation every 2: steps 0 (before any update), 2, 4 and the final step 5
     tiny_trainer(root, max_steps=5, val_check_interval=2, enable_checkpointing=False).fit(module, datamodule=dm)
     curve = json.loads((root / "curve.json").read_text())

@@ -28,7 +28,7 @@ def reference(tokenizer, tmp_path_factory):
     """A gemma2-micro reference that knows easy multiplication (confident forget predictions), exported to hf/."""
     root = tmp_path_factory.mktemp("reference")
     dm = small_datamodule(tokenizer, docs=3000, add_sub_range=(1, 4), mul_div_range=(1, 4), batch_size=16)
-    module = PretrainModule(model="gemma2-micro", lr=5e-3, warmup_steps=10, seed=0)
+    module = PretrainModule(model="gemma2-micro", optimizer={"lr": 5e-3, "warmup_steps": 10}, seed=0)
     tiny_trainer(root, max_steps=120, val_check_interval=120).fit(module, datamodule=dm)
     return str(root / "hf")
 
@@ -84,7 +84,7 @@ def test_maxent_raises_forget_entropy_and_exports(reference, tokenizer, tmp_path
         return float(-(logp.exp() * logp).sum(-1).mean())
 
     before = forget_entropy(build_model(reference, tokenizer).eval())
-    module = UnlearnModule(model=reference, method="maxent", lr=3e-3)
+    module = UnlearnModule(model=reference, method="maxent", optimizer={"lr": 3e-3})
     root = tmp_path / "unlearn_maxent"
     tiny_trainer(root, max_steps=12, val_check_interval=12).fit(module, datamodule=dm)
     after = forget_entropy(module.model.eval())
@@ -107,8 +107,8 @@ def test_maxent_raises_forget_entropy_and_exports(reference, tokenizer, tmp_path
 # ------------------------------------------------------------------------------------------------------------- RMU
 def test_rmu_trains_only_selected_parameters_frozen_copy_fixed_and_not_checkpointed(tokenizer, tmp_path):
     initial = build_model("gemma2-micro", tokenizer, seed=0).state_dict()
-    module = UnlearnModule(model="gemma2-micro", method=RMU(layer=1, train_layers=[1], retain_weight=1.0,
-                                                            coefficient=6.0), lr=1e-2, export=False)
+    module = UnlearnModule(model="gemma2-micro", method=RMU(layer=1, train_layers=[1], retain_weight=1.0, coefficient=6.0),
+                           optimizer={"lr": 1e-2}, export=False)
     tiny_trainer(tmp_path, max_steps=3).fit(module, datamodule=small_datamodule(tokenizer))
     changed = [k for k, v in module.model.state_dict().items() if not torch.equal(v, initial[k])]
     assert changed == ["model.layers.1.mlp.down_proj.weight"]
@@ -121,7 +121,8 @@ def test_rmu_trains_only_selected_parameters_frozen_copy_fixed_and_not_checkpoin
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert not [k for k in state if k.startswith("frozen")] and "model.model.layers.1.mlp.down_proj.weight" in state
     # resuming rebuilds the frozen copy from `model` and loads the rest non-strictly
-    resumed = UnlearnModule(model="gemma2-micro", method=RMU(layer=1, train_layers=[1]), lr=1e-2, export=False)
+    resumed = UnlearnModule(model="gemma2-micro", method=RMU(layer=1, train_layers=[1]),
+                            optimizer={"lr": 1e-2}, export=False)
     tiny_trainer(tmp_path, max_steps=4).fit(resumed, datamodule=small_datamodule(tokenizer), ckpt_path=str(ckpt))
     assert resumed.global_step == 4 and resumed.frozen_tokens_seen == 4 * 8 * 32
     assert all(torch.equal(v, initial[k]) for k, v in resumed.frozen.state_dict().items())
@@ -166,7 +167,7 @@ def test_sam_step_equals_a_plain_step_with_the_perturbed_gradient(tokenizer, tmp
     rho, lr, clip, w = 0.05, 1e-3, 0.5, 2.0
     keep = KeepFirstBatch()
     module = UnlearnModule(model="gemma2-micro", method=MaxEnt(retain_weight=w), sam=SAM(rho=rho, clip_val=clip),
-                           lr=lr, export=False)
+                           optimizer={"lr": lr}, export=False)
     tiny_trainer(tmp_path, max_steps=1, callbacks=[keep]).fit(module, datamodule=small_datamodule(tokenizer))
     forget, retain = keep.batch["forget"], keep.batch["retain"]
 
@@ -239,7 +240,7 @@ def test_graddiff_guard_stops_divergence(reference, tokenizer, tmp_path):
     def run(max_forget_ce):
         log = ForgetCE()
         module = UnlearnModule(model=reference, method=GradDiff(retain_weight=0.0, max_forget_ce=max_forget_ce),
-                               lr=2e-2, export=False)
+                               optimizer={"lr": 2e-2}, export=False)
         tiny_trainer(tmp_path, max_steps=25, callbacks=[log], log_every_n_steps=1).fit(
             module, datamodule=small_datamodule(tokenizer))
         return log
@@ -313,7 +314,7 @@ def test_repnoise_hooks_are_registered_once_and_removed(tokenizer, tmp_path):
                                     dict(method="maxent", sam=SAM(rho=0.05))], ids=["rmu+repnoise", "maxent+sam"])
 def test_bf16_mixed_steps(tokenizer, tmp_path, kwargs):
     initial = build_model("gemma2-micro", tokenizer, seed=0).state_dict()
-    module = UnlearnModule(model="gemma2-micro", lr=1e-3, export=False, **kwargs)
+    module = UnlearnModule(model="gemma2-micro", optimizer={"lr": 1e-3}, export=False, **kwargs)
     trainer = tiny_trainer(tmp_path, max_steps=2, precision="bf16-mixed")
     trainer.fit(module, datamodule=small_datamodule(tokenizer))
     assert all(torch.isfinite(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/"))

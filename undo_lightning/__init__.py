@@ -19,6 +19,7 @@ _EXPORTS = {
     "PretrainModule": "undo_lightning.modules",
     "RelearnAttackModule": "undo_lightning.modules",
     "UndoModule": "undo_lightning.modules",
+    "OptimizerConfig": "undo_lightning.modules",
     "UnlearnModule": "undo_lightning.modules",
     "UnlearningMethod": "undo_lightning.modules",
     "GradDiff": "undo_lightning.modules",

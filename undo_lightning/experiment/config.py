@@ -63,7 +63,7 @@ class UndoSection(StageSection):
 
     Args:
         alphas: the noise mixes α (paper eq. 1); none: no UNDO stage.
-        model: ``DistillModule`` arguments shared by every alpha (``beta``, ``lr``, ``stop_threshold``, ...).
+        model: ``DistillModule`` arguments shared by every alpha (``beta``, ``optimizer``, ``stop_threshold``, ...).
         data: ``RetainForgetDataModule`` arguments merged over the shared ``data:``.
         trainer: ``lightning.Trainer`` arguments merged over the shared ``trainer:``.
     """

@@ -208,7 +208,7 @@ def run_attack(model: str, name: str, lr: float, seed: int, folder: str | Path, 
         The curve dict written to ``curve.json``.
     """
     L.seed_everything(seed, verbose=False)
-    module = RelearnAttackModule(model=model, attack=attack, name=name, lr=lr, seed=seed)
+    module = RelearnAttackModule(model=model, attack=attack, name=name, optimizer={"lr": lr}, seed=seed)
     settings = {**ATTACK_TRAINER, "log_every_n_steps": min(eval_every, 50), **(trainer or {}), **_FIXED_TRAINER}
     L.Trainer(max_steps=steps, val_check_interval=eval_every, default_root_dir=str(folder),
               logger=tensorboard_logger(folder), **settings).fit(module, datamodule=datamodule)

@@ -5,9 +5,11 @@ Stages subclass :class:`UndoModule` and implement ``training_step`` only (docs/a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
+from collections.abc import Mapping
 from typing import Literal
 
 import lightning as L
@@ -24,6 +26,57 @@ from undo_lightning.models import build_model, count_parameters, is_hf_folder
 Schedule = Literal["cosine", "constant"]
 
 
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW and its learning-rate schedule: the ``optimizer`` group of every stage's config.
+
+    In YAML: ``model: {init_args: {optimizer: {lr: 3e-4, schedule: constant}}}``; keys left out keep the stage's
+    defaults (each stage documents its own, e.g. the attack's constant LR after a 1-step warm-up).
+
+    Args:
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay (applied to all parameters, as the authors' code does).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps.
+        schedule: ``cosine`` decays to ``min_lr_ratio * lr`` at ``max_steps``; ``constant`` keeps ``lr``.
+        min_lr_ratio: final LR as a fraction of ``lr`` for the cosine schedule.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: Schedule = "cosine"
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:  # also rejects NaN
+            raise ValueError(f"optimizer.lr={self.lr}: expected a positive learning rate")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"optimizer.weight_decay={self.weight_decay}: expected >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optimizer.betas={self.betas}: expected two values in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optimizer.warmup_steps={self.warmup_steps}: expected >= 0")
+        check_choice("optimizer.schedule", self.schedule, Schedule)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optimizer.min_lr_ratio={self.min_lr_ratio}: expected a value in [0, 1]")
+
+    @classmethod
+    def of(cls, value: OptimizerConfig | Mapping, default: OptimizerConfig) -> OptimizerConfig:
+        """``value`` as an :class:`OptimizerConfig`: an instance as it is; a mapping (a Python dict, a checkpoint's
+        ``hparams``) overrides only the fields it names, over ``default`` (the stage's defaults)."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(f"optimizer={value!r}: expected OptimizerConfig(...) or a mapping of its fields")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ValueError(f"optimizer: unknown key(s) {unknown}; expected some of {names}")
+        return dataclasses.replace(default, **{k: tuple(v) if k == "betas" else v for k, v in value.items()})
+
+
 class UndoModule(L.LightningModule):
     """Base LightningModule holding one Hugging Face causal LM.
 
@@ -34,12 +87,8 @@ class UndoModule(L.LightningModule):
 
     Args:
         model: preset name (``gemma2-tiny``, ``gemma2-0.1b``, ``gemma2-0.3b``), a local HF folder, or a hub id.
-        lr: peak learning rate.
-        weight_decay: AdamW weight decay (applied to all parameters, as the reference does).
-        betas: AdamW betas.
-        warmup_steps: linear warm-up steps.
-        schedule: ``cosine`` decays to ``min_lr_ratio * lr`` at ``max_steps``; ``constant`` keeps ``lr``.
-        min_lr_ratio: final LR as a fraction of ``lr`` for the cosine schedule.
+        optimizer: AdamW and learning-rate schedule (:class:`OptimizerConfig`); a mapping sets only the fields it
+            names over the stage's :attr:`default_optimizer`.
         seed: seed of a preset's random initialisation.
         checkpoint_every: save ``checkpoints/last.ckpt`` every this many optimizer steps (0 = only at the end).
         export: write ``<default_root_dir>/hf`` (save_pretrained + tokenizer) and ``metrics.json`` when training ends.
@@ -49,29 +98,24 @@ class UndoModule(L.LightningModule):
     train_data: str = "mixture"
     #: ``__init__`` arguments kept out of ``hparams`` (objects: checkpoints hold plain values only)
     hparams_ignore: tuple[str, ...] = ()
+    #: the stage's optimizer defaults: the ``optimizer`` argument's default, and what a partial mapping overrides
+    default_optimizer = OptimizerConfig()
 
     def __init__(
         self,
         model: str = "gemma2-tiny",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        schedule: Schedule = "cosine",
-        min_lr_ratio: float = 0.1,
+        optimizer: OptimizerConfig = default_optimizer,
         seed: int = 0,
         checkpoint_every: int = 0,
         export: bool = True,
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr={lr}: expected a positive learning rate")
-        check_choice("schedule", schedule, Schedule)
-        if warmup_steps < 0 or checkpoint_every < 0:
-            raise ValueError(f"warmup_steps={warmup_steps}, checkpoint_every={checkpoint_every}: expected >= 0")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio={min_lr_ratio}: expected a value in [0, 1]")
+        self.optimizer_config = OptimizerConfig.of(optimizer, self.default_optimizer)
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every={checkpoint_every}: expected >= 0")
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
+        # plain values only: checkpoints are loaded with weights_only=True, which refuses arbitrary classes
+        self.hparams["optimizer"] = dataclasses.asdict(self.optimizer_config)
         self.model_name = model
         self._frozen: list[str] = []  # attributes holding frozen models, see freeze
         self.model = None
@@ -146,8 +190,8 @@ class UndoModule(L.LightningModule):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=hp.lr, betas=tuple(hp.betas),
+        hp = self.optimizer_config
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=hp.lr, betas=hp.betas,
                                       weight_decay=hp.weight_decay)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
         scheduler = torch.optim.lr_scheduler.LambdaLR(

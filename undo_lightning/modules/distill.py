@@ -24,7 +24,7 @@ from undo_lightning.data.tokenizers import load_tokenizer
 from undo_lightning.io import check_choice
 from undo_lightning.losses import forward_kl
 from undo_lightning.models import build_model, count_parameters, is_hf_folder
-from undo_lightning.modules.base import Schedule, UndoModule
+from undo_lightning.modules.base import OptimizerConfig, UndoModule
 from undo_lightning.noise import shrink_and_perturb
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -78,8 +78,9 @@ class DistillModule(UndoModule):
         gap_metric: what ``val/retain_gap`` (logged at every validation of a fit) measures: ``acc`` = teacher −
             student ``val/retain_acc`` (absolute; arithmetic), ``ce`` = relative ``val/retain_ce`` gap (language),
             ``auto`` = ``acc`` when the data has answer-scored retain sets, else ``ce``.
-        lr, weight_decay, betas, warmup_steps, schedule, min_lr_ratio, checkpoint_every, export: see
-            :class:`~undo_lightning.modules.base.UndoModule`.
+        optimizer: AdamW and schedule (:class:`~undo_lightning.modules.base.OptimizerConfig`; default: LR 1e-3,
+            cosine to 0.1 × LR, no warm-up).
+        checkpoint_every, export: see :class:`~undo_lightning.modules.base.UndoModule`.
         seed: seed of a random student initialisation.
     """
 
@@ -96,12 +97,7 @@ class DistillModule(UndoModule):
         kl_chunk_size: int | None = None,
         stop_threshold: float | None = None,
         gap_metric: GapMetric = "auto",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        schedule: Schedule = "cosine",
-        min_lr_ratio: float = 0.1,
+        optimizer: OptimizerConfig = UndoModule.default_optimizer,
         seed: int = 0,
         checkpoint_every: int = 0,
         export: bool = True,
@@ -125,9 +121,8 @@ class DistillModule(UndoModule):
             raise ValueError(f"stop_threshold={stop_threshold}: expected >= 0 or None (no stop rule)")
         check_choice("gap_metric", gap_metric, GapMetric)
         # The base's `model` names where the architecture (and a fallback tokenizer) comes from.
-        super().__init__(model=teacher if student_init in ("random", "teacher") else student_init, lr=lr,
-                         weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, schedule=schedule,
-                         min_lr_ratio=min_lr_ratio, seed=seed, checkpoint_every=checkpoint_every, export=export)
+        super().__init__(model=teacher if student_init in ("random", "teacher") else student_init, optimizer=optimizer,
+                         seed=seed, checkpoint_every=checkpoint_every, export=export)
         self.teacher_path = teacher
         self.teacher = None
         self.noise_summary: dict | None = None

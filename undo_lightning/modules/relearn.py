@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from undo_lightning.callbacks import RelearnCurve
 from undo_lightning.io import check_choice
 from undo_lightning.losses import causal_lm_loss
-from undo_lightning.modules.base import Schedule, UndoModule
+from undo_lightning.modules.base import OptimizerConfig, UndoModule
 
 #: the data an attack fine-tunes on: forget data (the paper's attack) or retain data only (arXiv 2505.22310)
 Attack = Literal["forget", "retain"]
@@ -56,35 +56,29 @@ class RelearnAttackModule(UndoModule):
         attack: ``"forget"`` fine-tunes on forget data (the paper's relearning attack); ``"retain"`` fine-tunes on
             retain data only (the retain-only attack of arXiv 2505.22310). Forget metrics are measured either way.
         name: model name recorded in ``curve.json`` (default: :func:`model_label` of ``model``).
-        lr: constant learning rate of the attack (paper grid: 1e-3 ... 1e-6).
-        weight_decay: AdamW weight decay (paper: 0).
-        betas: AdamW betas.
-        warmup_steps: linear warm-up steps (paper: 1).
-        schedule: ``constant`` (paper) or ``cosine``.
-        min_lr_ratio: final LR fraction for ``cosine``.
+        optimizer: AdamW and schedule (:class:`~undo_lightning.modules.base.OptimizerConfig`); default
+            :attr:`default_optimizer`, the paper's: constant LR after a 1-step warm-up, weight decay 0 (its LR grid:
+            1e-3 ... 1e-6).
         seed: seed recorded with the curve (the sweep also uses it as the data module's seed).
         checkpoint_every: save ``checkpoints/last.ckpt`` every this many steps; 0 (default) saves none.
         export: also write ``metrics.json`` and the attacked model to ``<default_root_dir>/hf`` (default: no).
     """
+
+    #: the paper's attack (docs/reference.md §8): constant LR after a 1-step warm-up, weight decay 0
+    default_optimizer = OptimizerConfig(lr=1e-3, warmup_steps=1, schedule="constant", min_lr_ratio=1.0)
 
     def __init__(
         self,
         model: str = "gemma2-tiny",
         attack: Attack = "forget",
         name: str | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 1,
-        schedule: Schedule = "constant",
-        min_lr_ratio: float = 1.0,
+        optimizer: OptimizerConfig = default_optimizer,
         seed: int = 0,
         checkpoint_every: int = 0,
         export: bool = False,
     ) -> None:
         check_choice("attack", attack, Attack)
-        super().__init__(model=model, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         schedule=schedule, min_lr_ratio=min_lr_ratio, seed=seed, checkpoint_every=checkpoint_every,
+        super().__init__(model=model, optimizer=optimizer, seed=seed, checkpoint_every=checkpoint_every,
                          export=export)
         self.attack = attack
         self.train_data = attack  # what RetainForgetDataModule serves
@@ -113,7 +107,7 @@ class RelearnAttackModule(UndoModule):
     def curve_info(self) -> dict:
         """What :class:`~undo_lightning.callbacks.RelearnCurve` records about the run beside the curve."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        return {"model": self.name, "model_path": self.model_name, "lr": float(self.hparams.lr),
+        return {"model": self.name, "model_path": self.model_name, "lr": float(self.optimizer_config.lr),
                 "seed": int(self.hparams.seed), "data_seed": getattr(datamodule, "seed", None),
                 "attack": self.attack, "attack_description": ATTACK_DESCRIPTIONS[self.attack]}
 
@@ -123,7 +117,7 @@ class RelearnAttackModule(UndoModule):
 
     def on_train_start(self) -> None:
         rank_zero_info(f"{ATTACK_DESCRIPTIONS[self.attack]}; model {self.name} ({self.model_name}), "
-                       f"lr={self.hparams.lr}, seed={self.hparams.seed}")
+                       f"lr={self.optimizer_config.lr}, seed={self.hparams.seed}")
 
     # -------------------------------------------------------------------------------- callbacks / checkpoints
     def configure_callbacks(self):

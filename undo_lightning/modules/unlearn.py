@@ -15,7 +15,7 @@ from torch import nn
 
 from undo_lightning.losses import causal_lm_loss, repnoise_loss
 from undo_lightning.models import count_parameters
-from undo_lightning.modules.base import Schedule, UndoModule
+from undo_lightning.modules.base import OptimizerConfig, UndoModule
 from undo_lightning.modules.methods import (
     SAM,
     Recorder,
@@ -54,18 +54,15 @@ class UnlearnModule(UndoModule):
             ``MaxEnt``, ``RMU``) or the name of one with its default settings (``graddiff``, ``maxent``, ``rmu``).
         repnoise: add RepNoise (``{alpha, beta}``); ``None``: off.
         sam: take sharpness-aware steps (``{rho, clip_val}``); ``None``: plain steps.
-        lr: learning rate (the authors unlearn with a constant LR, no warm-up, no weight decay, docs/reference.md §5.1).
-        weight_decay: AdamW weight decay.
-        betas: AdamW betas.
-        warmup_steps: linear warm-up steps.
-        schedule: ``constant`` (the authors') or ``cosine``.
-        min_lr_ratio: final LR fraction of the cosine schedule.
+        optimizer: AdamW and schedule (:class:`~undo_lightning.modules.base.OptimizerConfig`); default: the authors'
+            constant LR 3e-4, no warm-up, no weight decay (docs/reference.md §5.1).
         seed: seed of the RMU control vector, the RepNoise noise, and of a preset's initialisation.
         checkpoint_every: save ``checkpoints/last.ckpt`` every this many steps (0 = only at the end).
         export: write ``hf/`` and ``metrics.json`` when training ends.
     """
 
     train_data = "paired"
+    default_optimizer = OptimizerConfig(lr=3e-4, schedule="constant")
     hparams_ignore = ("method", "repnoise", "sam")  # objects; metrics.json records their settings (summary)
 
     def __init__(
@@ -74,18 +71,12 @@ class UnlearnModule(UndoModule):
         method: UnlearningMethod | Literal["graddiff", "maxent", "rmu"] = "maxent",
         repnoise: RepNoise | None = None,
         sam: SAM | None = None,
-        lr: float = 3e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        schedule: Schedule = "constant",
-        min_lr_ratio: float = 0.1,
+        optimizer: OptimizerConfig = default_optimizer,
         seed: int = 0,
         checkpoint_every: int = 0,
         export: bool = True,
     ) -> None:
-        super().__init__(model=model, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         schedule=schedule, min_lr_ratio=min_lr_ratio, seed=seed, checkpoint_every=checkpoint_every,
+        super().__init__(model=model, optimizer=optimizer, seed=seed, checkpoint_every=checkpoint_every,
                          export=export)
         for name, value, cls in (("repnoise", repnoise, RepNoise), ("sam", sam, SAM)):
             if value is not None and not isinstance(value, cls):
@@ -280,7 +271,7 @@ class UnlearnModule(UndoModule):
         options = {name: dataclasses.asdict(value) if value is not None else None
                    for name, value in (("repnoise", self.repnoise), ("sam", self.sam))}
         return {**super().summary(), "method": self.method.name, **options, "method_hparams": self.method.config(),
-                "lr": self.hparams.lr, "trainable_parameters": count_parameters(self.model, trainable_only=True)}
+                "lr": self.optimizer_config.lr, "trainable_parameters": count_parameters(self.model, trainable_only=True)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
