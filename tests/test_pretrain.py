@@ -2,6 +2,7 @@ import json
 import os
 
 import lightning as L
+import pytest
 import torch
 from conftest import small_datamodule, tiny_trainer
 from transformers import AutoModelForCausalLM
@@ -80,3 +81,21 @@ def test_resume_continues_with_the_same_batches(tokenizer, tmp_path):
     assert resumed.tokens_seen == full.tokens_seen
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_progress_bar_counts_steps_not_epochs(tokenizer, tmp_path):
+    """Step-bounded runs (max_epochs=-1) show "Epoch 1 · step 6/6", not Lightning's "Epoch 1/-2"."""
+    pytest.importorskip("rich")
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from undo_lightning.callbacks import StepProgressBar
+
+    module = PretrainModule(model="gemma2-micro", optimizer={"lr": 1e-3}, export=False)
+    trainer = tiny_trainer(tmp_path, max_steps=6, enable_progress_bar=True,
+                           callbacks=[RichProgressBar(leave=True, refresh_rate=5)])
+    trainer.fit(module, datamodule=small_datamodule(tokenizer, docs=100))
+    bar = trainer.progress_bar_callback
+    assert type(bar) is StepProgressBar and (bar.refresh_rate, bar._leave) == (5, True)  # the user's settings kept
+    assert trainer.current_epoch >= 1  # 6 steps span more than one epoch of this small data set
+    assert bar._get_train_description(1).strip() == "Epoch 1 · step 6/6"
+    assert "/-" not in bar._get_train_description(trainer.current_epoch)

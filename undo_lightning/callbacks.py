@@ -7,7 +7,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from undo_lightning.io import write_json_atomic
 from undo_lightning.models import export_model
@@ -27,6 +27,25 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             os.replace(tmp, filepath)
         trainer.strategy.barrier()
         self._last_checkpoint_saved = filepath
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, labelled for training bounded by steps: ``Epoch 7 · step 315/1200``.
+
+    With ``max_steps`` set and no epoch bound Lightning runs with ``max_epochs=-1`` and its bar reads ``Epoch 7/-2``.
+    :meth:`like` copies a bar's display settings (``UndoModule.configure_callbacks`` swaps Lightning's default bar).
+    """
+
+    @classmethod
+    def like(cls, bar: RichProgressBar) -> StepProgressBar:
+        return cls(refresh_rate=bar.refresh_rate, leave=bar._leave, theme=bar.theme, console_kwargs=bar._console_kwargs)
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if (trainer.max_epochs is not None and trainer.max_epochs > 0) or trainer.max_steps <= 0:
+            return super()._get_train_description(current_epoch)
+        text = f"Epoch {current_epoch} · step {trainer.global_step}/{trainer.max_steps}"
+        return f"{text:{len(self.validation_description)}}"  # as Lightning pads it: no flicker against "Validation"
 
 
 class HFExport(L.Callback):

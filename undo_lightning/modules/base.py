@@ -14,6 +14,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 from undo_lightning.data.module import BatchKind
 from undo_lightning.data.tokenizers import load_tokenizer
@@ -82,7 +83,8 @@ class UndoModule(L.LightningModule):
 
     Hooks implemented here: ``configure_model`` (builds/loads the model once, idempotent), ``configure_optimizers``
     (AdamW + warm-up and cosine/constant schedule), ``validation_step`` / ``on_validation_epoch_*`` (shared retain and
-    forget metrics), ``configure_callbacks`` (last-checkpoint saving and the Hugging Face export),
+    forget metrics), ``configure_callbacks`` (last-checkpoint saving, the Hugging Face export, a step-labelled
+    progress bar),
     ``on_save_checkpoint`` / ``on_load_checkpoint`` (compute counters).
 
     Args:
@@ -277,7 +279,7 @@ class UndoModule(L.LightningModule):
     def configure_callbacks(self):
         root = self.trainer.default_root_dir
         every = self.hparams.checkpoint_every or None
-        from undo_lightning.callbacks import AtomicModelCheckpoint, HFExport
+        from undo_lightning.callbacks import AtomicModelCheckpoint, HFExport, StepProgressBar
 
         callbacks = [AtomicModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), filename="step{step}",
                                            save_last=True, save_top_k=0, every_n_train_steps=every,
@@ -285,6 +287,8 @@ class UndoModule(L.LightningModule):
                                            enable_version_counter=False)]
         if self.hparams.export:
             callbacks.append(HFExport())
+        if type(self.trainer.progress_bar_callback) is RichProgressBar:  # Lightning's default: "Epoch 7/-2"
+            callbacks.append(StepProgressBar.like(self.trainer.progress_bar_callback))
         return callbacks
 
     def on_fit_start(self) -> None:
