@@ -1,15 +1,10 @@
-import itertools
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_datamodule, tiny_trainer
+from conftest import small_datamodule
 
-from undo_lightning import PretrainModule
-from undo_lightning.data.bpe import train_bpe_tokenizer
-from undo_lightning.eval.metrics import (ValidationMetrics, answer_correct, answer_matches, could_match,
-                                         decodes_by_concatenation, one_pass_answers, parse_answer)
+from undo_lightning.eval.metrics import ValidationMetrics, answer_correct, answer_matches, parse_answer
 from undo_lightning.models import build_model
 
 
@@ -50,92 +45,6 @@ def test_batched_answers_equal_one_by_one_generation(tokenizer):
     expected = [a == _slow_greedy_piece(model, tokenizer, it.prompt, n_new) for (_, it), a in zip(items, answers)]
     assert sum(expected) >= len(items) // 4
     assert answer_correct(model, tokenizer, batch) == expected
-
-
-# ------------------------------------------------------------------------------------------- one-pass scoring
-@pytest.mark.parametrize("answer", ["42", "7", "-3", "0", "10", "a7"])
-def test_could_match_is_false_only_when_no_continuation_matches(answer):
-    """Brute force: every string of up to 5 characters over the pieces' alphabet that matches ``answer``; a prefix
-    that ``could_match`` rules out must not start any of them."""
-    alphabet = "0123479-.a"
-    strings = ("".join(c) for n in range(1, 6) for c in itertools.product(alphabet, repeat=n))
-    reachable = {m[:i] for m in strings if answer_matches(m, answer) for i in range(1, len(m) + 1)}
-    assert answer[:1] in reachable
-    for n in range(1, 4):
-        for prefix in map("".join, itertools.product(alphabet, repeat=n)):
-            if not could_match(prefix, answer):
-                assert prefix not in reachable, (prefix, answer)
-    # and it is not vacuous: most prefixes are ruled out
-    ruled_out = sum(not could_match("".join(c), answer) for c in itertools.product(alphabet, repeat=2))
-    assert ruled_out >= 0.8 * len(alphabet) ** 2
-
-
-@pytest.fixture(scope="module")
-def trained(tokenizer, tmp_path_factory):
-    """A gemma2-micro that gets some easy arithmetic right (so one-pass scoring sees right and wrong answers)."""
-    dm = small_datamodule(tokenizer, docs=3000, add_sub_range=(1, 4), mul_div_range=(1, 4), batch_size=16)
-    module = PretrainModule(model="gemma2-micro", optimizer={"lr": 5e-3, "warmup_steps": 10}, seed=0, export=False)
-    tiny_trainer(tmp_path_factory.mktemp("trained"), max_steps=120, val_check_interval=120).fit(module, datamodule=dm)
-    return module.model.eval()
-
-
-def _variants(model, tokenizer, items):
-    """Each prompt with the model's own greedy piece and answers built to trip a one-pass shortcut: a prefix of it,
-    it with a digit appended, with a leading zero, with a trailing ".", and an unrelated number."""
-    rows = []
-    for _, item in items:
-        piece = _slow_greedy_piece(model, tokenizer, item.prompt, 4)
-        for answer in {piece or "1", (piece or "12")[:-1] or "5", (piece or "1") + "3", "0" + (piece or "1"),
-                       (piece or "1") + ".", item.answer, "77"}:
-            rows.append((item.prompt, answer))
-    return rows
-
-
-@pytest.mark.parametrize("which", ["untrained", "trained"])
-def test_one_pass_scoring_equals_greedy_generation(which, tokenizer, trained):
-    model = trained if which == "trained" else build_model("gemma2-micro", tokenizer, seed=3).eval()
-    dm = small_datamodule(tokenizer, prompts=6, add_sub_range=(1, 4), mul_div_range=(1, 4))
-    dm.setup()
-    items = [(name, item) for name, set_items in dm.eval_sets.items() for item in set_items]
-    rows = _variants(model, tokenizer, items)
-    item_type = type(items[0][1])
-    assert decodes_by_concatenation(tokenizer)
-    decided = right = 0
-    for start in range(0, len(rows), 64):
-        chunk = rows[start: start + 64]
-        batch = dm._collate_prompts([("x", item_type(p, a)) for p, a in chunk])
-        fast = answer_correct(model, tokenizer, batch, one_pass=True)
-        assert fast == answer_correct(model, tokenizer, batch, one_pass=False)
-        answer_ids = [tokenizer(" " + a, add_special_tokens=False)["input_ids"] for a in batch["answers"]]
-        partial = one_pass_answers(model, tokenizer, batch["input_ids"], batch["attention_mask"], answer_ids,
-                                   batch["answers"], max(map(len, answer_ids)) + 1)
-        decided += sum(r is not None for r in partial)
-        right += sum(fast)
-    # both outcomes occur (the model's own pieces are mostly right), and few rows need decoding
-    assert len(items) // 2 <= right < len(rows) and decided >= 0.7 * len(rows)
-
-
-@pytest.mark.slow
-def test_one_pass_scoring_equals_generation_on_every_model_of_the_smoke_pipeline(smoke_run):
-    from undo_lightning.data import RetainForgetDataModule
-    from undo_lightning.experiment.config import load_config
-
-    out, _ = smoke_run
-    config = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "arithmetic" / "smoke.yaml"))
-    dm = RetainForgetDataModule.from_config(config["data"])
-    dm.setup()
-    folders = sorted(p.parent for p in out.glob("*/hf/config.json"))
-    assert len(folders) >= 5  # reference, oracle, teacher, distilled and UNDO students
-    for folder in folders:
-        model = build_model(str(folder), dm.tokenizer).eval()
-        for batch in dm.val_dataloader()[-1]:
-            assert (answer_correct(model, dm.tokenizer, batch, one_pass=True)
-                    == answer_correct(model, dm.tokenizer, batch, one_pass=False)), folder
-
-
-def test_bpe_is_not_concatenative():
-    texts = (Path(__file__).parent / "fixtures" / "english.txt").read_text().splitlines()
-    assert not decodes_by_concatenation(train_bpe_tokenizer(texts, vocab_size=300))
 
 
 def test_validation_metrics_by_hand():

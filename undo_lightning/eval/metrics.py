@@ -61,9 +61,8 @@ def parse_answer(text: str, special_tokens: list[str]) -> str | None:
 
 
 def answer_matches(piece: str | None, answer: str) -> bool:
-    """Numeric exact match (``"17"``, ``"17.0"`` and ``"17."`` all equal 17, as the reference scores them); text
-    answers match exactly."""
-    if piece is None or not _NUMBER.match(piece) or not _NUMBER.match(answer):
+    """Numeric exact match (``"17"``, ``"17.0"`` and ``"17."`` all equal 17, as the reference scores them)."""
+    if piece is None or not _NUMBER.match(piece):
         return piece == answer
     return abs(float(piece.rstrip(".")) - float(answer)) < 1e-6
 
@@ -92,133 +91,16 @@ def greedy_answers(model, tokenizer, input_ids: torch.Tensor, attention_mask: to
     return tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=False)
 
 
-def answer_correct(model, tokenizer, batch: dict, one_pass: bool | None = None) -> list[bool]:
+def answer_correct(model, tokenizer, batch: dict) -> list[bool]:
     """Exact match of each prompt's greedy answer against ``batch["answers"]``.
 
-    The greedy continuation has one token more than the longest answer of the batch, so a model that keeps writing
-    digits (``"400"`` for ``"40"``) is wrong. With a tokenizer whose decoding is token concatenation (the arithmetic
-    tokenizer, :func:`decodes_by_concatenation`) the result comes from one teacher-forced forward pass
-    (:func:`one_pass_answers`) and is the greedy-``generate`` result by construction; rows it cannot decide, and
-    every row with another tokenizer, are decoded with batched ``generate``.
-
-    Args:
-        batch: ``input_ids`` / ``attention_mask`` ``[B, T]`` left-padded prompts and ``answers`` (``B`` strings).
-        one_pass: force (``True``) or forbid (``False``) the one-pass path; ``None``: use it where it is exact.
-
-    Returns:
-        ``B`` booleans.
+    Generates one token more than the longest answer, so a model that keeps writing digits (``"400"`` for ``"40"``)
+    is wrong.
     """
-    answers = batch["answers"]
-    answer_ids = [tokenizer(" " + a, add_special_tokens=False)["input_ids"] for a in answers]
-    budget = max(len(ids) for ids in answer_ids) + 1
+    n_answer = max(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in batch["answers"])
+    texts = greedy_answers(model, tokenizer, batch["input_ids"], batch["attention_mask"], n_answer + 1)
     specials = [t for t in tokenizer.all_special_tokens if t]
-    if one_pass is None:
-        one_pass = decodes_by_concatenation(tokenizer)
-    result: list[bool | None] = [None] * len(answers)
-    if one_pass:
-        result = one_pass_answers(model, tokenizer, batch["input_ids"], batch["attention_mask"], answer_ids, answers,
-                                  budget)
-    rows = [i for i, r in enumerate(result) if r is None]
-    if rows:  # undecided rows (or no one-pass path): decode them
-        index = torch.tensor(rows, device=batch["input_ids"].device)
-        texts = greedy_answers(model, tokenizer, batch["input_ids"][index], batch["attention_mask"][index], budget)
-        for i, text in zip(rows, texts):
-            result[i] = answer_matches(parse_answer(text, specials), answers[i])
-    return result
-
-
-def decodes_by_concatenation(tokenizer) -> bool:
-    """Whether decoding a token sequence is the concatenation of its tokens' texts, so the text of a prefix of a
-    continuation is a prefix of the continuation's text (a word-level vocabulary with a Metaspace decoder: the
-    arithmetic tokenizer). Byte-level BPE is not: a token can hold part of a UTF-8 character."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return False  # the clean-up glues " ." to the piece before it: a later token could change earlier text
-    return type(backend.model).__name__ == "WordLevel" and type(backend.decoder).__name__ == "Metaspace"
-
-
-#: prefixes of the numbers ``answer_matches`` reads (``-?\d+(\.\d+)?\.?``)
-_NUMBER_PREFIX = re.compile(r"^-?(?:\d+(?:\.(?:\d+\.?)?)?)?$")
-
-
-def could_match(prefix: str, answer: str) -> bool:
-    """Whether some piece that starts with ``prefix`` can still match ``answer`` (:func:`answer_matches`).
-
-    ``False`` is exact; ``True`` may be conservative (a fractional prefix, an answer that is not an integer).
-    """
-    if answer.startswith(prefix):
-        return True
-    if not _NUMBER.match(answer) or not _NUMBER_PREFIX.match(prefix):
-        return False  # only the exact text can match, or the piece can never be a number
-    value = float(answer.rstrip("."))
-    if "." in prefix or value != int(value):
-        return True
-    negative, digits = prefix.startswith("-"), prefix.lstrip("-")
-    if negative != (value < 0):
-        return abs(value) < 1  # -0.0000001 is within tolerance of 0
-    if not digits.strip("0"):
-        return True  # "", "0", "00": leading zeros, any number may follow
-    core = digits.lstrip("0")
-    # the integer part is |value| (e.g. 42.0000001) or |value| - 1 (41.9999999)
-    return any(str(n).startswith(core) for n in (abs(int(value)), abs(int(value)) - 1) if n > 0)
-
-
-@torch.no_grad()
-def one_pass_answers(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     answer_ids: list[list[int]], answers: list[str], budget: int) -> list[bool | None]:
-    """Greedy exact match from one forward pass over ``prompt + answer`` (teacher forcing), where it is decidable.
-
-    Greedy decoding emits the answer's tokens ``a_0 .. a_{n-1}`` iff the argmax after the prompt is ``a_0`` and the
-    argmax after ``prompt + a_0 .. a_{j-1}`` is ``a_j`` for each ``j`` (the same contexts as the decoding loop; the
-    verification step of assisted generation). So one pass gives the first ``k + 1`` greedy tokens, ``k`` being the
-    first position where the argmax leaves the answer (``k = n`` if it never does). The row is decided when those
-    tokens fix the first piece of the continuation (all ``budget`` tokens known, or a delimiter after the piece), or
-    when no continuation of the piece can match (:func:`could_match`); otherwise it is ``None`` (decode it).
-    Position ids follow ``generate``'s (attention-mask cumsum), so the logits are those the decoding loop computes.
-    Requires :func:`decodes_by_concatenation`.
-
-    Args:
-        input_ids, attention_mask: ``[B, T]`` left-padded prompts.
-        answer_ids: each row's answer tokens (``" " + answer``, no special tokens).
-        answers: the answers as text.
-        budget: tokens the greedy continuation has (longest answer + 1).
-
-    Returns:
-        ``B`` values: ``True`` / ``False`` where decided, else ``None``.
-    """
-    rows, width = input_ids.shape
-    n_max = max(len(ids) for ids in answer_ids)
-    tail = torch.full((rows, n_max), tokenizer.pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
-    tail_mask = torch.zeros((rows, n_max), dtype=attention_mask.dtype, device=attention_mask.device)
-    for i, ids in enumerate(answer_ids):
-        tail[i, : len(ids)] = torch.tensor(ids, dtype=input_ids.dtype)
-        tail_mask[i, : len(ids)] = 1
-    ids = torch.cat([input_ids, tail], dim=1)
-    mask = torch.cat([attention_mask, tail_mask], dim=1)
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    was_training = model.training
-    model.eval()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                   logits_to_keep=n_max + 1).logits
-    model.train(was_training)
-    predicted = logits.argmax(-1).tolist()  # [B, n_max + 1]: the argmax after prompt + a_0 .. a_{j-1}
-    specials = [t for t in tokenizer.all_special_tokens if t]
-    out: list[bool | None] = []
-    for row, (answer, target) in enumerate(zip(answers, answer_ids)):
-        k = next((j for j, t in enumerate(target) if predicted[row][j] != t), len(target))
-        known = target[:k] + [predicted[row][k]]
-        text = tokenizer.decode(known, skip_special_tokens=False)
-        for special in specials:
-            text = text.replace(special, " ")
-        piece = parse_answer(text, [])
-        complete = piece is not None and len(text.lstrip()) > len(piece)  # whitespace after the first piece
-        if complete or len(known) == budget:
-            out.append(answer_matches(piece, answer))
-        elif piece is not None and not could_match(piece, answer):
-            out.append(False)
-        else:
-            out.append(None)  # nothing but whitespace yet, or a piece that may still grow into the answer
-    return out
+    return [answer_matches(parse_answer(t, specials), a) for t, a in zip(texts, batch["answers"])]
 
 
 class ValidationMetrics:
