@@ -11,6 +11,7 @@ from undo_lightning.models import build_model
 @pytest.mark.parametrize("text, answer, expected", [
     (" 42<bos>7", "42", True), (" 42 apples", "42", True), (" 17.0", "17", True), (" 17.", "17", True),
     (" 420", "42", False), (" 4", "42", False), ("<bos>", "42", False), (" apples", "42", False),
+    (" 42", "forty-two", False), (" forty-two", "forty-two", True),  # text answers: no float() of the answer
 ])
 def test_parse_and_match(text, answer, expected):
     assert answer_matches(parse_answer(text, ["<bos>", "<eos>", "<pad>"]), answer) is expected

@@ -61,8 +61,9 @@ def parse_answer(text: str, special_tokens: list[str]) -> str | None:
 
 
 def answer_matches(piece: str | None, answer: str) -> bool:
-    """Numeric exact match (``"17"``, ``"17.0"`` and ``"17."`` all equal 17, as the reference scores them)."""
-    if piece is None or not _NUMBER.match(piece):
+    """Numeric exact match (``"17"``, ``"17.0"`` and ``"17."`` all equal 17, as the reference scores them); a text
+    answer matches only itself."""
+    if piece is None or not _NUMBER.match(piece) or not _NUMBER.match(answer):
         return piece == answer
     return abs(float(piece.rstrip(".")) - float(answer)) < 1e-6
 
