@@ -181,17 +181,42 @@ def test_flops_count_six_n_student_plus_two_n_teacher(tokenizer, tmp_path):
     assert module.compute_summary()["flops"] == module.tokens_seen * (6 * n_s + 2 * n_t)
 
 
-def test_stop_rule_fires_at_the_first_validation_within_the_gap(tokenizer, teacher_dir, tmp_path):
-    # alpha = 0: the student starts as the teacher, so the gap is 0 at the first validation (step 3, not earlier)
+def test_stop_rule_is_checked_after_the_first_step(tokenizer, teacher_dir, tmp_path):
+    # alpha = 0: the student starts as the teacher, so the gap is 0 already at step 1 (the authors' first check),
+    # long before the first scheduled validation (step 3)
     module = DistillModule(teacher=teacher_dir, student_init="teacher", alpha=0.0, stop_threshold=0.05)
     trainer = tiny_trainer(tmp_path / "run", max_steps=9, val_check_interval=3)
     trainer.fit(module, datamodule=small_datamodule(tokenizer))
-    assert trainer.global_step == 3
+    assert trainer.global_step == 1
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert record["global_step"] == 3 and record["val"]["val/retain_gap"] == 0.0
+    assert record["global_step"] == 1 and record["val"]["val/retain_gap"] == 0.0
+    assert (record["stopped_at_step"], record["budget_hit"]) == (1, False)
     assert record["teacher_val"]["val/retain_ce"] == module.teacher_metrics()["val/retain_ce"]
     assert record["student_init"] == "teacher" and record["alpha"] == 0.0 and record["teacher"] == teacher_dir
     assert record["compute"]["flops"] == record["compute"]["tokens"] * 8 * n_params(module.model)
+
+
+def test_a_student_that_never_meets_the_rule_is_flagged_budget_hit(tokenizer, teacher_dir, tmp_path, monkeypatch):
+    import undo_lightning.callbacks as callbacks
+
+    evaluations = []
+    real = callbacks.final_evaluation
+    monkeypatch.setattr(callbacks, "final_evaluation", lambda m, loaders: evaluations.append(m.global_step)
+                        or real(m, loaders))
+    monkeypatch.setattr(RetainGapStop, "within", lambda self, gap, metric: False)  # a student that never catches up
+    module = DistillModule(teacher=teacher_dir, student_init="random", stop_threshold=0.05)
+    trainer = tiny_trainer(tmp_path / "run", max_steps=4, val_check_interval=2)
+    trainer.fit(module, datamodule=small_datamodule(tokenizer))
+    assert trainer.global_step == 4
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (record["stopped_at_step"], record["budget_hit"]) == (None, True)
+    assert 1 in evaluations  # the step-1 check ran (and training went on)
+    # with validation at every step Lightning's own validation is the step-1 check: no second evaluation
+    evaluations.clear()
+    module = DistillModule(teacher=teacher_dir, student_init="random", stop_threshold=0.05, export=False)
+    tiny_trainer(tmp_path / "run2", max_steps=2, val_check_interval=1).fit(
+        module, datamodule=small_datamodule(tokenizer))
+    assert 1 not in evaluations
 
 
 @pytest.mark.parametrize("metric, teacher, students, fires_at", [

@@ -132,6 +132,19 @@ def test_report_md_rows(run):
         assert word.lower() in md.lower()
 
 
+def test_budget_hit_students_are_flagged(run):
+    record = json.loads((run / "distill" / "metrics.json").read_text())
+    (run / "distill" / "metrics.json").write_text(json.dumps({**record, "budget_hit": True}))
+    record = json.loads((run / "undo_a0.2" / "metrics.json").read_text())
+    (run / "undo_a0.2" / "metrics.json").write_text(json.dumps({**record, "budget_hit": False}))
+    report = write_report(run, steps=[50, 100, 300])
+    flags = {m["name"]: m["budget_hit"] for m in report["models"]}
+    assert (flags["distill"], flags["undo_a0.2"], flags["reference"]) == (True, False, None)
+    md = (run / "report.md").read_text()
+    assert "| distill ⚠ budget hit | student |" in md and "| undo_a0.2 | student |" in md
+    assert "*⚠ budget hit*" in md  # explained in the legend
+
+
 def test_pngs_written_and_valid(run):
     from matplotlib.image import imread
 

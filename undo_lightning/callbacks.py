@@ -122,9 +122,12 @@ class RetainGapStop(L.Callback):
     (evaluated once at fit start): with ``gap_metric: acc`` (arithmetic) training stops when
     ``acc_teacher − acc_student <= threshold`` (the reference's ``mean(acc_s − acc_t) > −0.05``, with the boundary
     counted as caught up); with ``gap_metric: ce`` (language) when ``(ce_s − ce_t) / ce_t < threshold``. The rule is
-    checked after every validation, so its cadence is the trainer's ``val_check_interval`` and the budget
-    ``trainer.max_steps``. The decision is reduced over ranks (any rank stopping stops all); the metrics are already
-    all-reduced, so ranks agree.
+    checked after the first optimizer step (the authors' cadence: a small-alpha student is often caught up at once,
+    and waiting for the first interval would overstate its compute) and after every validation, so its cadence is
+    the trainer's ``val_check_interval`` and the budget ``trainer.max_steps``. A run that ends without meeting it
+    has ``budget_hit`` set (``DistillModule.summary`` puts it in ``metrics.json``; the report flags the model). The
+    decision is reduced over ranks (any rank stopping stops all); the metrics are already all-reduced, so ranks
+    agree.
 
     Use it through ``DistillModule(stop_threshold=...)`` (LightningCLI configs, the pipeline) or pass it to
     ``Trainer(callbacks=[...])`` yourself.
@@ -151,14 +154,42 @@ class RetainGapStop(L.Callback):
             raise ValueError("RetainGapStop needs trainer.fit(..., datamodule=...): the teacher is evaluated on the "
                              "data module's validation loaders")
 
+    @property
+    def budget_hit(self) -> bool:
+        """Whether training ended without meeting the rule (read it after ``fit``)."""
+        return self.stopped_at_step is None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # The step-1 check: after the first optimizer step, unless Lightning validates at this batch anyway (its rule
+        # for step-based validation) or the run resumed past it.
+        if trainer.global_step != 1 or pl_module.last_val_step == 1 or self.stopped_at_step is not None:
+            return
+        if (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % trainer.val_check_batch == 0:
+            return
+        values = final_evaluation(pl_module, trainer.datamodule.val_dataloader())
+        values["val/retain_gap"] = retain_gap(values, pl_module.teacher_metrics(), pl_module.gap_metric())
+        pl_module.last_val_metrics, pl_module.last_val_step = values, 1
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(values, step=1)
+        self._decide(trainer, values["val/retain_gap"], pl_module.gap_metric())
+
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         # Runs after the module's on_validation_epoch_end, which computed this validation's gap.
         gap = pl_module.last_val_metrics.get("val/retain_gap")
         if trainer.sanity_checking or gap is None or pl_module.last_val_step != trainer.global_step:
             return
-        if trainer.strategy.reduce_boolean_decision(self.within(gap, pl_module.gap_metric()), all=False):
+        self._decide(trainer, gap, pl_module.gap_metric())
+
+    def _decide(self, trainer: L.Trainer, gap: float, metric: Literal["acc", "ce"]) -> None:
+        if trainer.strategy.reduce_boolean_decision(self.within(gap, metric), all=False):
             self.stopped_at_step = trainer.global_step
             trainer.should_stop = True
+
+    def state_dict(self) -> dict:
+        return {"stopped_at_step": self.stopped_at_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.stopped_at_step = state_dict.get("stopped_at_step")
 
 
 class RelearnCurve(L.Callback):

@@ -196,6 +196,8 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
             "flops": flops_of(name), "relative_compute": math.nan,
             "tokens": m.get("compute", {}).get("tokens"), "wall_time_s": _num(m.get("wall_time_s")),
             "global_step": m.get("global_step"), "attack": None,
+            # a student that reached its step budget without meeting the stop rule (not a converged student)
+            "budget_hit": m.get("budget_hit"),
         }
         flops = entry["flops"] + (teacher_flops if include_unlearning_compute and role == Role.STUDENT else 0.0)
         if oracle_flops > 0:
@@ -293,7 +295,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         rel_compute = f"{rc * 100:.3g} %" if rc is not None and math.isfinite(rc) else "–"
         tokens = e["tokens"]
         tokens = f"{int(tokens):,}" if isinstance(tokens, (int, float)) and math.isfinite(tokens) else "–"
-        rows.append([e["name"], str(e["role"]), _fmt(e["alpha"], "g"), _fmt(e["beta"], "g"),
+        name = f"{e['name']} ⚠ budget hit" if e.get("budget_hit") else e["name"]
+        rows.append([name, str(e["role"]), _fmt(e["alpha"], "g"), _fmt(e["beta"], "g"),
                      _fmt(e["retain_before"]), _fmt(e["forget_before"]), *after, _fmt(e["auc"]),
                      _fmt(e["relative_robustness"]), rel_compute, _fmt(e["wall_time_s"], ".1f"), tokens])
     better = "higher" if report["mode"] == "max" else "lower"
@@ -324,6 +327,8 @@ def render_markdown(report: dict[str, Any]) -> str:
          f"step {last}: 1 = as robust as the oracle (data filtering), 0 = no better than unlearning alone; – when an "
          "anchor is missing or the anchors coincide."),
         f"- *rel. compute*: stage FLOPs / oracle pretraining FLOPs ({report['compute_basis']}).",
+        ("- *⚠ budget hit*: a distilled student that reached its step budget without meeting its stop rule (retain "
+         "gap to the teacher): under-trained, so part of its robustness may be missing capability, not removal."),
         "- –: not available.", "",
     ]
     return "\n".join(lines)

@@ -125,6 +125,7 @@ class DistillModule(UndoModule):
                          seed=seed, checkpoint_every=checkpoint_every, export=export)
         self.teacher_path = teacher
         self.teacher = None
+        self.stop_rule: RetainGapStop | None = None  # set in configure_callbacks when stop_threshold is given
         self.noise_summary: dict | None = None
         self._teacher_metrics: dict[str, float] | None = None
         self.strict_loading = False  # checkpoints hold the student only (see UndoModule.freeze)
@@ -247,7 +248,8 @@ class DistillModule(UndoModule):
     def configure_callbacks(self):
         callbacks = super().configure_callbacks()
         if self.hparams.stop_threshold is not None:
-            callbacks.append(RetainGapStop(self.hparams.stop_threshold))
+            self.stop_rule = RetainGapStop(self.hparams.stop_threshold)
+            callbacks.append(self.stop_rule)
         return callbacks
 
     def summary(self) -> dict:
@@ -258,4 +260,7 @@ class DistillModule(UndoModule):
                 "beta": hp.beta if noised else None, "noise_seed": hp.noise_seed if noised else None,
                 "noise_include": hp.noise_include if noised else None, "noise": self.noise_summary,
                 "stop_threshold": hp.stop_threshold, "gap_metric": hp.gap_metric,
+                "stopped_at_step": self.stop_rule.stopped_at_step if self.stop_rule else None,
+                # trained to its step budget without meeting the stop rule: not a converged student
+                "budget_hit": self.stop_rule.budget_hit if self.stop_rule else None,
                 "teacher_val": dict(self._teacher_metrics or {})}
