@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from undo_lightning.data import RetainForgetDataModule
@@ -100,6 +101,42 @@ def test_misspelt_or_mistyped_keys_anywhere_fail_before_training(tmp_path, edit,
     with pytest.raises(ValueError, match=match):
         run_pipeline(str(path), out_dir=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("trainer, match", [
+    ({"max_steps": 0}, r"unlearn: trainer.max_steps=0: expected a positive number of optimizer steps"),
+    ({"max_steps": -1}, r"unlearn: trainer.max_steps=-1: .*trainer.max_epochs >= 1 \(max_epochs=None\)"),
+])
+def test_a_stage_without_a_step_budget_fails_before_training(tmp_path, trainer, match):
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["unlearn"]["trainer"].update(trainer)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=match):
+        run_pipeline(str(path), out_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_truncated_checkpoint_is_named_before_any_training(tmp_path, monkeypatch):
+    import undo_lightning.experiment.pipeline as pipeline
+
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["out_dir"] = str(tmp_path / "run")
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    def no_training(*args):
+        raise RuntimeError("a stage started")
+
+    monkeypatch.setattr(pipeline, "run_stage", no_training)
+    with pytest.raises(RuntimeError, match="a stage started"):  # lays out the run folder (config.yaml) only
+        run_pipeline(str(path))
+    ckpt = tmp_path / "run" / "distill" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.ones(64)}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:200])  # a copy cut short
+    with pytest.raises(ValueError, match=rf"distill: cannot resume from {ckpt}: not a readable checkpoint .*"
+                                         rf"rm {ckpt}\) and run the same command again"):
+        run_pipeline(str(path))
 
 
 def test_print_config_round_trips_and_cli_overrides_apply(tmp_path):

@@ -144,12 +144,39 @@ def _instantiate(stage: Stage):
 
 
 def validate(cfg: dict) -> list[Stage]:
-    """Builds every stage's module and data module once (models are built lazily) so bad settings fail up front."""
+    """Builds every stage's module and data module once (models are built lazily) and checks each stage's step
+    budget, so bad settings fail up front."""
     stages = plan(cfg)
     for stage in stages:
         _instantiate(stage)
         _datamodule(cfg, stage.data)
+        if not stage.evaluate_only:
+            _check_budget(stage.name, deep_merge(deep_merge(STAGE_TRAINER, cfg.get("trainer")), stage.trainer))
     return stages
+
+
+def _check_budget(name: str, trainer: dict) -> None:
+    """A stage must train: ``max_steps`` > 0, or ``max_steps: -1`` with ``max_epochs`` >= 1 (one pass over the data)."""
+    steps, epochs = trainer.get("max_steps", -1), trainer.get("max_epochs")
+    if steps == -1 and epochs is not None and epochs >= 1:
+        return
+    if not (isinstance(steps, int) and steps > 0):
+        raise ValueError(f"{name}: trainer.max_steps={steps}: expected a positive number of optimizer steps, or -1 "
+                         f"with trainer.max_epochs >= 1 (max_epochs={epochs})")
+
+
+def _check_resume_point(stage: Stage, ckpt: Path) -> None:
+    """A stage resumes from ``last.ckpt``: refuse one that cannot be read (a truncated or foreign file) with the
+    command that restarts the stage, instead of a traceback from deep inside ``torch.load``."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(ckpt) as archive:  # torch.save writes a zip archive; truncation loses its directory
+            archive.getinfo(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    except (zipfile.BadZipFile, StopIteration, OSError) as err:
+        raise ValueError(f"{stage.name}: cannot resume from {ckpt}: not a readable checkpoint "
+                         f"({type(err).__name__}: {err or 'no data.pkl'}); delete it to restart this stage from "
+                         f"scratch (rm {ckpt}) and run the same command again") from None
 
 
 def _check_out_dir(out: Path, resolved: dict, overwrite: bool) -> None:
@@ -258,6 +285,10 @@ def run_experiment(cfg: dict, overwrite: bool = False, only: list[str] | None = 
     stages = validate(cfg)
     out = Path(cfg["out_dir"])
     _check_out_dir(out, cfg, overwrite)
+    for stage in stages:  # before any training: a stage that would resume from a broken file
+        ckpt = out / stage.name / "checkpoints" / "last.ckpt"
+        if ckpt.is_file() and not (out / stage.name / DONE).is_file():
+            _check_resume_point(stage, ckpt)
     _log(f"{cfg['name']}: {len(stages)} training stages -> {out}")
     started = time.perf_counter()
     for stage in stages:
