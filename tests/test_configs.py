@@ -54,8 +54,16 @@ def test_stage_config_parses_and_instantiates(path, tmp_path):
 def test_undo_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "undo_lightning.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for command in ("fit", "validate", "test", "report"):
+    for command in ("fit", "validate", "report"):
         assert command in out
+
+
+def test_undo_test_says_what_to_run_instead():
+    # the stages define no test_step and the data module no test split: LightningCLI's `test` would end in a traceback
+    proc = subprocess.run([sys.executable, "-m", "undo_lightning.cli", "test", "-c", "x.yaml"], capture_output=True,
+                          text=True)
+    assert proc.returncode != 0 and "undo test: the stages have no test split; `undo validate -c CONFIG`" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_unknown_subcommand_is_a_clear_error():

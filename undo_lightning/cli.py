@@ -1,6 +1,6 @@
 """The ``undo`` command.
 
-``undo fit|validate|test -c CONFIG`` is plain LightningCLI over any stage module (``model.class_path``) and
+``undo fit|validate -c CONFIG`` is plain LightningCLI over any stage module (``model.class_path``) and
 ``RetainForgetDataModule``; the other subcommands (``pipeline``, ``report``, ``relearn``, ...) are functions exposed
 through jsonargparse, because LightningCLI subcommands must map to Trainer methods.
 """
@@ -15,7 +15,8 @@ import warnings
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
-TRAINER_COMMANDS = ("fit", "validate", "test")
+#: no ``test``: the stages have no test split (the data module serves training and validation loaders only)
+TRAINER_COMMANDS = ("fit", "validate")
 
 
 # Non-Trainer subcommands: name -> (module, function, one-line summary). Imported only when chosen, so `undo --help`
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
 
         CLI(_tool(argv[0]), args=argv[1:], prog=f"undo {argv[0]}")
         return
+    if argv[0] == "test":
+        raise SystemExit("undo test: the stages have no test split; `undo validate -c CONFIG` runs the shared "
+                         "validation metrics, `undo eval MODEL_DIR` scores any exported model")
     if argv[0] not in TRAINER_COMMANDS:
         raise SystemExit(f"undo: unknown subcommand {argv[0]!r}; expected one of "
                          f"{', '.join(TRAINER_COMMANDS + tuple(TOOLS))}")
