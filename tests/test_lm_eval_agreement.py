@@ -17,7 +17,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-import torch
 
 from undo_lightning.data.mcq import LETTERS, MCQSpec, load_mcq
 from undo_lightning.data.tokenizers import load_tokenizer

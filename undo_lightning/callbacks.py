@@ -167,7 +167,7 @@ class RetainGapStop(L.Callback):
         if (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % trainer.val_check_batch == 0:
             return
         values = final_evaluation(pl_module, trainer.datamodule.val_dataloader())
-        values["val/retain_gap"] = retain_gap(values, pl_module.teacher_metrics(), pl_module.gap_metric())
+        values["val/retain_gap"] = pl_module.retain_gap(values)
         pl_module.last_val_metrics, pl_module.last_val_step = values, 1
         if trainer.logger is not None:
             trainer.logger.log_metrics(values, step=1)

@@ -222,6 +222,10 @@ class DistillModule(UndoModule):
             metric = "acc" if "val/retain_acc" in self.teacher_metrics() else "ce"
         return metric
 
+    def retain_gap(self, values: dict[str, float]) -> float:
+        """``val/retain_gap`` of the student's validation ``values`` against the teacher (:func:`retain_gap`)."""
+        return retain_gap(values, self.teacher_metrics(), self.gap_metric())
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if getattr(self.trainer, "datamodule", None) is None:
@@ -240,7 +244,7 @@ class DistillModule(UndoModule):
         # Only during fit, where the teacher was evaluated at the start; the base sets last_val_step when it logged.
         if self._teacher_metrics is None or self.trainer.sanity_checking or self.last_val_step != self.global_step:
             return
-        gap = retain_gap(self.last_val_metrics, self._teacher_metrics, self.gap_metric())
+        gap = self.retain_gap(self.last_val_metrics)
         self.last_val_metrics["val/retain_gap"] = gap
         self.log_reduced({"val/retain_gap": gap})
 
