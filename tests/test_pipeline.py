@@ -92,6 +92,14 @@ def test_bad_config_fails_before_training(tmp_path):
     (lambda c: c["report"].update(steps=7), r"report.steps"),
     (lambda c: c["distill"]["model"].update(stop_treshold=0.1), "stop_treshold"),  # inside a module's arguments
     (lambda c: c["unlearn"].update(module=c["unlearn"].pop("model")), "rename `module:` to `model:`"),
+    # attack settings: a misspelt key inside one, a bad kind, a bad name, the old single `attack:`, bad data/LRs
+    (lambda c: c["relearn"].update(attacks={"heldout": {"dta": {}}}), r"relearn.attacks.heldout: unknown key"),
+    (lambda c: c["relearn"].update(attacks={"x": {"train_on": "both"}}), "train_on"),
+    (lambda c: c["relearn"].update(attacks={"a/b": {}}), "attack setting name 'a/b'"),
+    (lambda c: c["relearn"].update(attack="retain"), r"write `attacks: \{retain: \{train_on: retain\}\}`"),
+    (lambda c: c["relearn"].update(attacks={"mix": {"train_on": "mixture", "data": {"mixture": {"forget": 2.0}}}}),
+     r"relearn \(attack setting 'mix'\): .*mixture"),
+    (lambda c: c["relearn"].update(lrs=[0.001, -1.0]), r"relearn \(attack setting 'forget'\): lrs="),
 ])
 def test_misspelt_or_mistyped_keys_anywhere_fail_before_training(tmp_path, edit, match):
     cfg = yaml.safe_load(SMOKE.read_text())
@@ -196,7 +204,8 @@ def test_existing_reference_model_and_no_oracle(smoke_run, tmp_path):
     assert report["anchors"]["oracle"] is None and "oracle = none" in (out / "report.md").read_text()
     rows = {m["name"]: m for m in report["models"]}
     assert set(rows) == {"reference", "unlearn", "distill", "undo_a0.5"}
-    assert all(m["relative_robustness"] is None and m["relative_compute"] is None for m in rows.values())  # no oracle
+    assert all(m["attacks"]["forget"]["relative_robustness"] is None and m["relative_compute"] is None
+               for m in rows.values())  # no oracle
     assert rows["reference"]["retain_before"] == pytest.approx(before["val/retain_acc"], abs=1e-6)
     for name in ("report.md", "relearn_curves.png", "robustness_vs_compute.png", "retain_vs_forget.png"):
         assert (out / name).stat().st_size > 0
@@ -214,22 +223,29 @@ def test_bad_reference_or_oracle_section(section, match):
         plan(cfg)
 
 
-def test_relearn_data_overrides_reach_the_attack(monkeypatch, tmp_path):
-    """README's held-out-facts attack: `relearn: {data: ...}` is merged into the shared data for the sweep only."""
+def test_each_attack_setting_is_one_sweep_with_its_own_data(monkeypatch, tmp_path):
+    """`relearn: {data: ...}` is merged into the shared data for every attack setting, each setting's `data:` over
+    that, for the sweep only; each setting is one sweep under its own name."""
     import undo_lightning.experiment.sweep as attack
     from undo_lightning.experiment.pipeline import run_relearn
 
     cfg = load_config(SMOKE)
-    cfg["relearn"] = {**cfg["relearn"], "data": {"forget": {"init_args": {"eval_fact_fraction": 0.5}}}}
-    seen = {}
-    monkeypatch.setattr(attack, "run_sweep", lambda **kwargs: seen.update(kwargs))
+    cfg["relearn"] = {**cfg["relearn"], "data": {"forget": {"init_args": {"train_documents": 1500}}}, "attacks": {
+        "forget": {},
+        "heldout": {"data": {"forget": {"init_args": {"eval_fact_fraction": 0.5}}}},
+        "authors_mix": {"train_on": "mixture", "data": {"mixture": {"retain": 0.875, "forget": 0.125}}}}}
+    seen = []
+    monkeypatch.setattr(attack, "run_sweep", lambda **kwargs: seen.append(kwargs))
     run_relearn(cfg, tmp_path, plan(cfg))
-    kwargs = RetainForgetDataModule.config_kwargs(seen["data"])
-    forget, retain = kwargs["forget"], kwargs["retain"]
-    assert forget.eval_fact_fraction == 0.5 and forget.operations == ("mul", "div")
-    assert forget.mul_div_range == (1, 5) and forget.train_documents == 2000  # the shared settings stay
-    assert retain.eval_fact_fraction is None
-    assert seen["lrs"] == [0.001, 0.003] and set(seen["models"]) == set(STAGES)
+    assert [(s["setting"], s["attack"]) for s in seen] == [
+        ("forget", "forget"), ("heldout", "forget"), ("authors_mix", "mixture")]
+    data = {s["setting"]: RetainForgetDataModule.config_kwargs(s["data"]) for s in seen}
+    for kwargs in data.values():  # the shared settings stay, the relearn section's override applies to all
+        assert kwargs["forget"].operations == ("mul", "div") and kwargs["forget"].mul_div_range == (1, 5)
+        assert kwargs["forget"].train_documents == 1500 and kwargs["retain"].eval_fact_fraction is None
+    assert data["heldout"]["forget"].eval_fact_fraction == 0.5 and data["forget"]["forget"].eval_fact_fraction is None
+    assert data["authors_mix"]["mixture"] == {"retain": 0.875, "forget": 0.125}
+    assert all(s["lrs"] == [0.001, 0.003] and set(s["models"]) == set(STAGES) for s in seen)
     from undo_lightning.experiment.pipeline import _datamodule
 
     for stage in plan(cfg):  # the training stages never see the attack's override

@@ -86,3 +86,34 @@ def test_model_label():
     assert model_label("runs/arithmetic/oracle/hf") == "oracle"
     assert model_label("runs/arithmetic/oracle/hf/") == "oracle"
     assert model_label("/models/my-model") == "my-model"
+
+
+def test_mixture_attack_trains_on_the_configured_mix(tokenizer, micro_folder, tmp_path):
+    """The authors' default attack: the pretraining mix, here 12.5 % forget documents (equations only, so every
+    document holds exactly one operator: '*' or '/' marks a forget document)."""
+    import lightning as L
+
+    from undo_lightning import ArithmeticSource, RetainForgetDataModule
+
+    dm = RetainForgetDataModule(
+        retain=ArithmeticSource(("add", "sub"), train_documents=2000, val_documents=60, word_problem_fraction=0.0),
+        forget=ArithmeticSource(("mul", "div"), train_documents=2000, val_documents=60, word_problem_fraction=0.0),
+        block_size=32, batch_size=8, eval_prompts_per_set=8, mixture={"retain": 0.875, "forget": 0.125})
+    dm._tokenizer = tokenizer
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch)
+
+    module = RelearnAttackModule(model=micro_folder, attack="mixture", setting="authors_mix")
+    tiny_trainer(tmp_path, max_steps=60, val_check_interval=60, callbacks=[Spy()]).fit(module, datamodule=dm)
+    assert {b["split"] for b in seen} == {"mixture"} and len(seen) == 60
+    ids = torch.cat([b["input_ids"] for b in seen]).flatten()
+    count = lambda symbols: int(sum((ids == tokenizer.convert_tokens_to_ids("▁" + s)).sum() for s in symbols))  # noqa: E731
+    # ~2000 documents over 60 batches of 8 x 32 tokens: the forget share within a few binomial standard deviations
+    assert 0.09 < count("*/") / count("*/+-") < 0.16
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert (curve["attack"], curve["train_on"]) == ("authors_mix", "mixture") and "MIXTURE" in curve["attack_description"]
+    with pytest.raises(ValueError, match="attack setting name 'a/b'"):
+        RelearnAttackModule(model=micro_folder, attack="forget", setting="a/b")

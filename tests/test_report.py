@@ -61,7 +61,8 @@ def make_run(root, retain_override=None):
     d.mkdir()
     (d / "curve.json").write_text(json.dumps({
         "model": "teacher", "lr": 0.01, "seed": 0, "attack": "retain", "steps": STEPS,
-        "metrics": {"val/forget_acc": [1.0] * 4, "val/retain_acc": [1.0] * 4}}))
+        "metrics": {"val/forget_acc": [1.0] * 4, "val/retain_acc": [1.0] * 4, "val/forget_ce": [ce(1.0)] * 4,
+                    "val/retain_ce": [1.0] * 4}}))
     return root
 
 
@@ -70,13 +71,17 @@ def run(tmp_path):
     return make_run(tmp_path / "run")
 
 
-def by_name(report):
-    return {m["name"]: m for m in report["models"]}
+def by_name(report, attack="forget"):
+    """Each model's entry, with the given attack setting's results merged in."""
+    return {m["name"]: {**m, **m["attacks"][attack]} for m in report["models"]}
 
 
 def test_report_json_numbers(run):
     rep = write_report(run, steps=[50, 100, 300])
     assert json.loads((run / "report.json").read_text()) == rep
+    # every attack setting with runs is reported, forget first; each says what it trained on
+    assert list(rep["attacks"]) == ["forget", "retain"]
+    assert rep["attacks"]["retain"]["train_on"] == "retain" and "RETAIN-ONLY" in rep["attacks"]["retain"]["description"]
     assert [m["name"] for m in rep["models"]] == [
         "reference", "oracle", "teacher", "undo_a0.2", "undo_a0.6", "distill", "maxent_sam"]
     assert rep["anchors"] == {"oracle": "oracle", "teacher": "teacher"}
@@ -86,22 +91,30 @@ def test_report_json_numbers(run):
     assert undo["role"] == "student" and undo["alpha"] == 0.6 and undo["beta"] == 0.1
     assert undo["full_distill"] is False and m["distill"]["full_distill"] is True
     assert (undo["retain_before"], undo["forget_before"]) == (0.92, 0.03)
+    # per-seed worst cases: two seeds, so the bootstrap means are a, (a + b) / 2 and b: the 95 % interval is [b, a]
     assert undo["after"] == [
-        {"requested_step": 50, "step": 50, "mean": 0.25, "std": 0.05},
-        {"requested_step": 100, "step": 100, "mean": 0.35, "std": 0.05},
-        {"requested_step": 300, "step": 200, "mean": 0.5, "std": 0.1},  # beyond the attack: last step, recorded
+        {"requested_step": 50, "step": 50, "mean": 0.25, "std": 0.05, "ci": [0.2, 0.3]},
+        {"requested_step": 100, "step": 100, "mean": 0.35, "std": 0.05, "ci": [0.3, 0.4]},
+        # beyond the attack: last step, recorded
+        {"requested_step": 300, "step": 200, "mean": 0.5, "std": 0.1, "ci": [0.4, 0.6]},
     ]
     # trapezoids 50*(0+.25)/2 + 50*(.25+.35)/2 + 100*(.35+.5)/2 = 63.75 over 200 steps
     assert undo["auc"] == 0.31875
     # (0.5 - 0.9) / (0.3 - 0.9)
     assert undo["relative_robustness"] == 0.666667
+    # paired seeds (teacher 0.9/0.9, oracle 0.3/0.3): seed 0 alone (0.6) gives 0.5, seed 1 alone (0.4) 0.833333
+    assert undo["relative_robustness_ci"] == [0.5, 0.833333]
     assert undo["relative_compute"] == 0.25 and undo["flops"] == 2.5e11
     assert undo["tokens"] == 250_000 and "wall_time_s" not in undo and undo["global_step"] == 100
-    assert undo["attack"] == {"n_runs": 4, "lrs": [0.0001, 0.001], "seeds": [0, 1]}
+    assert undo["runs"] == {"n_runs": 4, "lrs": [0.0001, 0.001], "seeds": [0, 1]}
 
-    assert m["teacher"]["after"][-1] == {"requested_step": 300, "step": 200, "mean": 0.9, "std": 0.0}
+    assert m["teacher"]["after"][-1] == {"requested_step": 300, "step": 200, "mean": 0.9, "std": 0.0,
+                                         "ci": [0.9, 0.9]}
     assert m["teacher"]["after"][0]["mean"] == 0.5 and m["teacher"]["after"][0]["std"] == 0.1
-    assert m["teacher"]["attack"]["n_runs"] == 4  # the retain-data attack is not counted
+    assert m["teacher"]["runs"]["n_runs"] == 4  # the retain-data attack is not counted
+    retain = by_name(rep, "retain")
+    assert retain["teacher"]["runs"]["n_runs"] == 1 and retain["teacher"]["after"][-1]["mean"] == 1.0
+    assert retain["undo_a0.6"]["runs"] is None and retain["undo_a0.6"]["after"][-1]["mean"] is None
     rr = {n: e["relative_robustness"] for n, e in m.items()}
     assert rr == {"reference": -0.0833333, "oracle": 1.0, "teacher": 0.0, "undo_a0.2": 0.166667,
                   "undo_a0.6": 0.666667, "distill": 0.916667, "maxent_sam": None}
@@ -110,24 +123,32 @@ def test_report_json_numbers(run):
                   "distill": 0.5, "maxent_sam": 0.15}
     # never attacked: numbers before the attack only, NaN -> null
     sam = m["maxent_sam"]
-    assert sam["attack"] is None and sam["auc"] is None
-    assert sam["after"][0] == {"requested_step": 50, "step": None, "mean": None, "std": None}
-    assert rep["curves"]["undo_a0.6"] == {"steps": STEPS, "mean": [0.0, 0.25, 0.35, 0.5],
-                                          "std": [0.0, 0.05, 0.05, 0.1]}
-    assert "maxent_sam" not in rep["curves"]
+    assert sam["runs"] is None and sam["auc"] is None and sam["relative_robustness_ci"] == [None, None]
+    assert sam["after"][0] == {"requested_step": 50, "step": None, "mean": None, "std": None, "ci": [None, None]}
+    assert rep["curves"]["forget"]["undo_a0.6"] == {"steps": STEPS, "mean": [0.0, 0.25, 0.35, 0.5],
+                                                    "std": [0.0, 0.05, 0.05, 0.1]}
+    assert "maxent_sam" not in rep["curves"]["forget"] and list(rep["curves"]["retain"]) == ["teacher"]
 
 
 def test_report_md_rows(run):
     write_report(run, steps=[50, 100, 300])
     md = (run / "report.md").read_text()
-    assert ("| model | role | α | β | retain_acc before | forget_acc before | worst forget_acc @50 | "
-            "worst forget_acc @100 | worst forget_acc @300 | AUC | rel. robustness @300 | rel. compute | "
-            "wall time (s) | tokens |") in md
-    assert ("| undo_a0.6 | student | 0.6 | 0.1 | 0.920 | 0.030 | 0.250 ± 0.050 | 0.350 ± 0.050 | "
-            "0.500 ± 0.100 (@200) | 0.319 | 0.667 | 25 % | 7.5 | 250,000 |") in md
-    assert "| oracle | oracle | – | – | 0.940 | 0.050 | 0.100 ± 0.000 | 0.200 ± 0.000 | 0.300 ± 0.000 (@200) |" in md
-    assert "| maxent_sam | baseline | – | – | 0.900 | 0.100 | – | – | – | – | – | 15 % | 6.0 | 150,000 |" in md
-    assert "| teacher | teacher |" in md and "-0.000" not in md  # (0.9 - 0.9) / negative is shown as 0.000
+    assert ("| model | role | α | β | retain_acc before | forget_acc before | rel. compute | wall time (s) | tokens |"
+            ) in md
+    assert "| undo_a0.6 | student | 0.6 | 0.1 | 0.920 | 0.030 | 25 % | 7.5 | 250,000 |" in md
+    assert "| maxent_sam | baseline | – | – | 0.900 | 0.100 | 15 % | 6.0 | 150,000 |" in md
+    # one table per attack setting, forget first
+    forget, retain = md.index("## attack `forget` (fine-tuned on forget data)"), \
+        md.index("## attack `retain` (fine-tuned on retain data only)")
+    assert forget < retain
+    assert ("| model | worst forget_acc @50 | worst forget_acc @100 | worst forget_acc @300 | AUC | "
+            "rel. robustness @300 | runs (LRs × seeds) |") in md
+    assert ("| undo_a0.6 | 0.250 ± 0.050 [0.200, 0.300] | 0.350 ± 0.050 [0.300, 0.400] | "
+            "0.500 ± 0.100 [0.400, 0.600] (@200) | 0.319 | 0.667 [0.500, 0.833] | 2 × 2 |") in md[forget:retain]
+    assert "| oracle | 0.100 ± 0.000 [0.100, 0.100] | 0.200 ± 0.000 [0.200, 0.200] |" in md[forget:retain]
+    assert "| maxent_sam | – | – | – | – | – | – |" in md[forget:retain]
+    assert "| teacher | 1.000 ± 0.000 [1.000, 1.000] |" in md[retain:]
+    assert "| teacher |" in md and "-0.000" not in md  # (0.9 - 0.9) / negative is shown as 0.000
     for word in ("worst case", "rel. robustness", "rel. compute", "Legend"):
         assert word.lower() in md.lower()
 
@@ -149,7 +170,8 @@ def test_pngs_written_and_valid(run):
     from matplotlib.image import imread
 
     write_report(run, steps=[50, 300], tradeoff_y="relative_robustness")
-    for name in ("relearn_curves.png", "robustness_vs_compute.png", "retain_vs_forget.png"):
+    for name in ("relearn_curves.png", "relearn_curves_retain.png", "robustness_vs_compute.png",
+                 "retain_vs_forget.png"):
         data = (run / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", name
         img = imread(run / name)
@@ -182,7 +204,7 @@ def test_language_setting_ce_min(run):
     rep = write_report(run, steps=[100, 300], metric="val/forget_ce", mode="min")
     assert rep["retain_metric"] == "val/retain_ce"
     undo = by_name(rep)["undo_a0.6"]
-    assert undo["after"][-1] == {"requested_step": 300, "step": 200, "mean": 2.0, "std": 0.2}
+    assert undo["after"][-1] == {"requested_step": 300, "step": 200, "mean": 2.0, "std": 0.2, "ci": [1.8, 2.2]}
     assert undo["relative_robustness"] == 0.666667
     assert undo["forget_before"] == 2.94 and undo["retain_before"] == 1.0
     assert "worst forget_ce @300" in (run / "report.md").read_text()
@@ -194,7 +216,7 @@ def test_utility_bound_and_compute_basis(tmp_path):
     run = make_run(tmp_path / "run", {("undo_a0.6", 0.001, 0): [0.9, 0.9, 0.5, 0.5]})
     rep = write_report(run, steps=[300], max_retain_drop=0.2, include_unlearning_compute=True)
     undo = by_name(rep)["undo_a0.6"]
-    assert undo["after"] == [{"requested_step": 300, "step": 200, "mean": 0.35, "std": 0.05}]
+    assert undo["after"] == [{"requested_step": 300, "step": 200, "mean": 0.35, "std": 0.05, "ci": [0.3, 0.4]}]
     # (0.35 - 0.9) / (0.3 - 0.9)
     assert undo["relative_robustness"] == 0.916667
     # distillation 2.5e11 + teacher unlearning 1e11 over oracle 1e12; non-students unchanged
@@ -209,13 +231,13 @@ def test_missing_anchor_gives_null_relative_robustness(run):
     shutil.rmtree(run / "relearn" / "oracle")
     rep = write_report(run, steps=[300])
     assert rep["anchors"]["oracle"] is None
-    assert all(m["relative_robustness"] is None and m["relative_compute"] is None for m in rep["models"])
+    assert all(m["relative_robustness"] is None and m["relative_compute"] is None for m in by_name(rep).values())
 
 
 def test_degenerate_anchors_warn(run):
     with pytest.warns(UserWarning, match="degenerate anchors"):
         rep = build_report(run, steps=[0])  # at step 0 oracle and teacher both sit at 0.0
-    assert all(math.isnan(m["relative_robustness"]) for m in rep["models"])
+    assert all(math.isnan(m["relative_robustness"]) for m in by_name(rep).values())
 
 
 def test_errors(tmp_path):
@@ -239,3 +261,21 @@ def test_main_through_jsonargparse(run, capsys):
     out = capsys.readouterr().out
     assert "| undo_a0.6 |" in out and "report.json" in out
     assert json.loads((run / "report.json").read_text())["steps"] == [50, 300]
+
+
+def test_undo_report_keeps_the_runs_own_settings(run, capsys):
+    """`undo report RUN` on a pipeline folder rewrites the pipeline's report: its `report:` section and attack
+    settings are the defaults; options given on the command line still win."""
+    import yaml
+    from jsonargparse import CLI
+
+    (run / "config.yaml").write_text(yaml.safe_dump({"report": {"steps": [50, 300], "ddof": 1, "ci_level": 0.5},
+                                                     "relearn": {"attacks": {"forget": {}}}}))
+    CLI(main, args=[str(run)])
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["steps"] == [50, 300] and rep["std_ddof"] == 1 and rep["interval"]["level"] == 0.5
+    assert list(rep["attacks"]) == ["forget"]  # the run's settings, not every setting found (retain)
+    assert "relearn_curves_retain.png" not in capsys.readouterr().out
+    CLI(main, args=[str(run), "--steps", "[100]", "--attacks", "[retain]"])
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["steps"] == [100] and list(rep["attacks"]) == ["retain"] and rep["std_ddof"] == 1

@@ -10,6 +10,8 @@ import pytest
 from undo_lightning.experiment.robustness import (
     Curve,
     area_under_curve,
+    bootstrap_interval,
+    bootstrap_relative_robustness,
     common_steps,
     load_curves,
     recovery_threshold,
@@ -41,8 +43,11 @@ def test_worst_case_max_over_lrs_then_mean_std_over_seeds():
     assert wc.steps.tolist() == STEPS
     np.testing.assert_allclose(wc.mean, [0.15, 0.6, 0.85])
     np.testing.assert_allclose(wc.std, [0.05, 0.1, 0.05])
-    _steps, mean, _std = wc  # unpacks as the documented (steps, mean, std)
-    assert mean is wc.mean
+    _steps, mean, _std, per_seed, seeds = wc  # unpacks as the documented (steps, mean, std, per_seed, seeds)
+    assert mean is wc.mean and seeds == (0, 1)
+    np.testing.assert_allclose(per_seed, [[0.1, 0.5, 0.9], [0.2, 0.7, 0.8]])
+    np.testing.assert_allclose(wc.seed_values(15), [0.5, 0.7])  # between evaluations: the last step before it
+    assert wc.seed_values(-1).shape == (0,)
 
 
 def test_worst_case_min_mode_and_sample_std():
@@ -226,3 +231,58 @@ def test_load_curves_bad_files(tmp_path):
     (d2 / "curve.json").write_text(json.dumps({"lr": 0.1, "seed": 0, "steps": [0], "metrics": {"x": [1.0]}}))
     with pytest.raises(ValueError, match="duplicate relearning run lr=0.1 seed=0"):
         load_curves(tmp_path, "m2", "x")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bootstrap intervals over seeds
+
+
+def _slow_bootstrap_means(values, resamples, seed):
+    """Reference: the same resampling, one resample at a time in plain Python."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(resamples, len(values)))
+    return sorted(sum(values[i] for i in row) / len(row) for row in idx.tolist())
+
+
+def test_bootstrap_interval_matches_a_slow_reference_and_the_normal_theory():
+    values = np.random.default_rng(3).normal(0.4, 0.1, size=50)
+    lo, hi = bootstrap_interval(values, level=0.9, resamples=4000, seed=7)
+    means = _slow_bootstrap_means(values.tolist(), 4000, 7)
+    # numpy's linear-interpolation percentile of the sorted resampled means
+    assert lo == pytest.approx(np.percentile(means, 5)) and hi == pytest.approx(np.percentile(means, 95))
+    # 50 seeds: the percentile interval is close to mean ± 1.645 sigma / sqrt(n)
+    half = 1.645 * values.std() / np.sqrt(len(values))
+    assert lo == pytest.approx(values.mean() - half, abs=0.006) and hi == pytest.approx(values.mean() + half, abs=0.006)
+    assert bootstrap_interval(values, level=0.9, resamples=4000, seed=7) == (lo, hi)  # seeded: reproducible
+
+
+def test_bootstrap_interval_known_answers():
+    assert bootstrap_interval([0.3, 0.3, 0.3]) == (0.3, 0.3)  # no spread, no interval
+    # two seeds: resampled means are a, (a + b) / 2, b with probabilities 1/4, 1/2, 1/4 -> the 95 % interval is [a, b]
+    assert bootstrap_interval([0.2, 0.6]) == pytest.approx((0.2, 0.6))
+    assert bootstrap_interval([0.2, math.nan, 0.6]) == pytest.approx((0.2, 0.6))  # NaN seeds are left out
+    lo, hi = bootstrap_interval([math.nan])
+    assert math.isnan(lo) and math.isnan(hi)
+    with pytest.raises(ValueError, match="level=1.5"):
+        bootstrap_interval([0.1], level=1.5)
+    with pytest.raises(ValueError, match="resamples=0"):
+        bootstrap_interval([0.1], resamples=0)
+
+
+def test_bootstrap_relative_robustness_pairs_seeds():
+    # Attack seed 1 is a lucky order for every model alike (+0.2): paired resampling cancels it.
+    teacher, oracle = np.array([0.8, 1.0]), np.array([0.2, 0.4])
+    model = np.array([0.5, 0.7])  # always halfway between the anchors
+    assert bootstrap_relative_robustness(model, teacher, oracle) == pytest.approx((0.5, 0.5))
+    lo, hi = bootstrap_relative_robustness(model, teacher, oracle, paired=False)
+    assert lo < 0.3 and hi > 0.7  # unpaired, the shared luck widens the interval
+    # slow reference of the paired interval on uneven data
+    model, teacher, oracle = np.array([0.5, 0.3, 0.6]), np.array([0.9, 0.8, 0.95]), np.array([0.2, 0.3, 0.1])
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 3, size=(500, 3)).tolist()
+    rr = [(np.mean(model[r]) - np.mean(teacher[r])) / (np.mean(oracle[r]) - np.mean(teacher[r])) for r in rows]
+    got = bootstrap_relative_robustness(model, teacher, oracle, resamples=500, seed=0)
+    assert got == pytest.approx((np.percentile(rr, 2.5), np.percentile(rr, 97.5)))
+    with pytest.raises(ValueError, match="paired=False"):
+        bootstrap_relative_robustness([0.1, 0.2], [0.9], [0.1])
+    assert all(math.isnan(x) for x in bootstrap_relative_robustness([0.1], [0.5], [0.5]))  # anchors coincide

@@ -72,21 +72,41 @@ class UndoSection(StageSection):
 
 
 @dataclass
+class AttackSetting:
+    """One named way of attacking every model (the report shows each setting side by side).
+
+    Args:
+        train_on: what the attacker fine-tunes on: ``forget`` data (the paper's arithmetic attack; the strongest per
+            step), ``retain`` data only (retain-only attack, arXiv 2505.22310) or the ``mixture`` of the attack's
+            data (the authors' default attack: their pretraining mix, about 12.5 % forget tokens; give the mix as
+            ``data: {mixture: {retain: 0.875, forget: 0.125}}``).
+        data: ``RetainForgetDataModule`` arguments merged over the relearning data for this setting only, e.g.
+            ``{forget: {init_args: {eval_fact_fraction: 0.5}}}``: the attacker never trains on the evaluated facts
+            (does the *capability* come back, or only memorised facts?).
+    """
+
+    train_on: Attack = "forget"
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RelearnSection:
-    """The relearning attack: every model fine-tuned on forget data over an LR × seed grid.
+    """The relearning attack: every model fine-tuned over an LR × seed grid, once per attack setting.
 
     Args:
         lrs: learning-rate grid (each LR a run; the worst case over LRs is reported).
-        seeds: attack seeds (the order of the attack's batches).
+        seeds: attack seeds (the order of the attack's batches); the report gives mean ± std and a bootstrap
+            interval over them.
         steps: attack steps per run.
         eval_every: evaluation interval in steps (step 0 and the last step are always evaluated).
         batch_size: attack batch size (``None``: the data's).
-        attack: ``forget`` (the paper's attack) or ``retain`` (retain-only attack, arXiv 2505.22310).
+        attacks: the attack settings by name (letters, digits, ``_.-``; the name ``forget`` keeps the plain run
+            folders ``lr=<lr>_seed=<s>``, another NAME gets ``..._NAME``); every model is attacked with each. Empty
+            (default): ``{forget: {}}``, the forget-data attack alone.
         report_steps: steps the sweep's ``relearn_summary.json`` reports (default: first evaluation, middle, end).
         reference: model whose step-0 forget accuracy defines "recovered" in the summary.
         recovery_fraction: fraction of that accuracy that counts as recovered.
-        data: ``RetainForgetDataModule`` arguments merged over the shared ``data:`` for the attack only (e.g.
-            held-out facts).
+        data: ``RetainForgetDataModule`` arguments merged over the shared ``data:`` for every attack setting.
         trainer: ``lightning.Trainer`` arguments merged over the shared ``trainer:`` for every attack run.
     """
 
@@ -95,7 +115,7 @@ class RelearnSection:
     steps: int = 150
     eval_every: int = 25
     batch_size: int | None = None
-    attack: Attack = "forget"
+    attacks: dict[str, AttackSetting] = field(default_factory=dict)
     report_steps: list[int] | None = None
     reference: str | None = "reference"
     recovery_fraction: float = 0.9
@@ -118,6 +138,9 @@ class ReportSection:
         include_unlearning_compute: add the teacher's unlearning FLOPs to the students' relative compute.
         ddof: delta degrees of freedom of the std over seeds.
         tradeoff_y: y axis of ``robustness_vs_compute.png``: ``forget`` or ``relative_robustness``.
+        ci_level: level of the bootstrap intervals over attack seeds.
+        ci_resamples: bootstrap resamples.
+        ci_seed: seed of the bootstrap resampling.
     """
 
     steps: list[int] = field(default_factory=lambda: [25, 100, 300])
@@ -130,6 +153,9 @@ class ReportSection:
     include_unlearning_compute: bool = False
     ddof: int = 0
     tradeoff_y: TradeoffY = "forget"
+    ci_level: float = 0.95
+    ci_resamples: int = 2000
+    ci_seed: int = 0
 
 
 @dataclass
@@ -208,6 +234,10 @@ def check_keys(raw: dict, where: str) -> None:
             raise ValueError(f"{where}: section {label!r} has `module:`; stage sections now take the LightningCLI "
                              "shape `model:` (the module's arguments), `data:`, `trainer:` — rename `module:` to "
                              "`model:`")
+        if cls is RelearnSection and "attack" in section:
+            raise ValueError(f"{where}: relearn: `attack: {section['attack']}` is now one of named attack settings: "
+                             f"write `attacks: {{{section['attack']}: {{train_on: {section['attack']}}}}}` (several "
+                             "settings are attacked and reported side by side)")
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(section) - set(known) - (set(RUN_OPTIONS) if cls is ExperimentConfig else set()))
         if unknown:
@@ -219,6 +249,8 @@ def check_keys(raw: dict, where: str) -> None:
                 check(value, kind, f"{label}.{name}".lstrip("."))
         for name, value in (section.get("baselines") or {}).items() if cls is ExperimentConfig else ():
             check(value, StageSection, f"baselines.{name}")
+        for name, value in (section.get("attacks") or {}).items() if cls is RelearnSection else ():
+            check(value, AttackSetting, f"{label}.attacks.{name}")
 
     check(raw, ExperimentConfig, "")
 

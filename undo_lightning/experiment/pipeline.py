@@ -152,6 +152,7 @@ def validate(cfg: dict) -> list[Stage]:
         _datamodule(cfg, stage.data)
         if not stage.evaluate_only:
             _check_budget(stage.name, deep_merge(deep_merge(STAGE_TRAINER, cfg.get("trainer")), stage.trainer))
+    _check_attacks(cfg)
     return stages
 
 
@@ -248,16 +249,40 @@ def run_stage(stage: Stage, cfg: dict, out: Path) -> dict:
     return metrics
 
 
+def attack_sweeps(cfg: dict) -> dict[str, dict[str, Any]]:
+    """``run_sweep`` keyword arguments (all but ``models`` and ``out_dir``) of each attack setting of the config's
+    ``relearn:`` section, by setting name: the shared data and Trainer merged with the section's and the setting's."""
+    spec = dict(cfg.get("relearn") or {})
+    attacks = spec.pop("attacks", None) or {"forget": {}}
+    data = deep_merge(cfg.get("data", {}), spec.pop("data", {}))
+    trainer = deep_merge(cfg.get("trainer", {}), spec.pop("trainer", {}))
+    return {name: {**spec, "attack": setting.get("train_on", "forget"), "setting": name, "trainer": trainer,
+                   "data": deep_merge(data, setting.get("data", {}))}
+            for name, setting in attacks.items()}
+
+
+def _check_attacks(cfg: dict) -> None:
+    """Every attack setting's sweep settings and data, checked before any stage trains."""
+    from undo_lightning.data import RetainForgetDataModule
+    from undo_lightning.experiment.sweep import check_sweep_settings
+
+    for name, sweep in attack_sweeps(cfg).items():
+        try:
+            check_sweep_settings(**{k: v for k, v in sweep.items() if k not in ("data", "reference")})
+            RetainForgetDataModule.from_config(sweep["data"])
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"relearn (attack setting {name!r}): {err}") from None
+
+
 def run_relearn(cfg: dict, out: Path, stages: list[Stage]) -> None:
     from undo_lightning.experiment.sweep import run_sweep
 
-    spec = dict(cfg.get("relearn") or {})
     models = {s.name: s.hf for s in stages}
-    data = deep_merge(cfg.get("data", {}), spec.pop("data", {}))
-    _log(f"relearn: attacking {len(models)} models")
+    sweeps = attack_sweeps(cfg)
+    _log(f"relearn: attacking {len(models)} models with {len(sweeps)} attack setting(s): {', '.join(sweeps)}")
     started = time.perf_counter()
-    run_sweep(models=models, out_dir=str(out), data=data, trainer=deep_merge(cfg.get("trainer", {}),
-                                                                           spec.pop("trainer", {})), **spec)
+    for sweep in sweeps.values():
+        run_sweep(models=models, out_dir=str(out), **sweep)
     _log(f"relearn: finished in {time.perf_counter() - started:.1f} s")
 
 
@@ -299,8 +324,8 @@ def run_experiment(cfg: dict, overwrite: bool = False, only: list[str] | None = 
     run_relearn(cfg, out, stages)
     from undo_lightning.experiment.report import write_report
 
-    # the report aggregates the attack the sweep ran
-    report = write_report(out, **cfg.get("report", {}), attack=cfg.get("relearn", {}).get("attack", "forget"))
+    # the report shows the attack settings the sweep ran, in the config's order
+    report = write_report(out, **cfg.get("report", {}), attacks=list(attack_sweeps(cfg)))
     _log(f"all done in {time.perf_counter() - started:.1f} s; report: {out / 'report.md'}")
     print((out / "report.md").read_text())
     return report

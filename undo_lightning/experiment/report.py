@@ -28,12 +28,16 @@ from typing import Any, Literal
 import numpy as np
 
 from undo_lightning.experiment.robustness import (
+    Mode,
+    bootstrap_interval,
+    bootstrap_relative_robustness,
     check_mode,
     load_curves,
     relative_robustness,
     worst_case,
 )
 from undo_lightning.io import atomic_write, check_choice, json_safe
+from undo_lightning.modules.relearn import ATTACK_DESCRIPTIONS, check_setting_name
 
 DEFAULT_STEPS = (25, 100, 300)
 #: y axis of ``robustness_vs_compute.png``
@@ -127,10 +131,36 @@ def _find_anchor(stages: dict[str, dict], role: str, explicit: str | None) -> st
 # building the report dict
 
 
+def _attack_names(relearn_dir: Path) -> list[str]:
+    """Attack settings with runs under ``relearn/``: ``forget`` first, then by name (``["forget"]`` when none)."""
+    names = set()
+    for path in relearn_dir.glob("*/*/curve.json"):
+        with open(path) as f:
+            names.add(json.load(f).get("attack", "forget"))
+    return sorted(names, key=lambda n: (n != "forget", n)) or ["forget"]
+
+
+def _attack_info(relearn_dir: Path, name: str) -> dict[str, Any]:
+    """What an attack setting trains on, from the first of its curves (``train_on`` None when it has no runs)."""
+    for path in sorted(relearn_dir.glob("*/*/curve.json")):
+        with open(path) as f:
+            curve = json.load(f)
+        if curve.get("attack", "forget") == name:
+            train_on = curve.get("train_on", name)  # curves written before settings had names: the name is the data
+            return {"train_on": train_on, "description": ATTACK_DESCRIPTIONS.get(train_on)}
+    return {"train_on": None, "description": None}
+
+
+def _empty_after(steps: Sequence[int]) -> list[dict[str, Any]]:
+    return [{"requested_step": s, "step": None, "mean": math.nan, "std": math.nan, "ci": [math.nan, math.nan]}
+            for s in steps]
+
+
 def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metric: str = "val/forget_acc",
                  mode: str = "max", *, retain_metric: str | None = None, max_retain_drop: float | None = None,
-                 attack: str = "forget", oracle: str | None = None, teacher: str | None = None,
-                 include_unlearning_compute: bool = False, ddof: int = 0) -> dict[str, Any]:
+                 attacks: Sequence[str] | None = None, oracle: str | None = None, teacher: str | None = None,
+                 include_unlearning_compute: bool = False, ddof: int = 0, ci_level: float = 0.95,
+                 ci_resamples: int = 2000, ci_seed: int = 0) -> dict[str, Any]:
     """Collect the report numbers of one run folder.
 
     Args:
@@ -145,20 +175,27 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
         max_retain_drop: optional utility bound for the worst case (see
             :func:`~undo_lightning.experiment.robustness.worst_case`);
             the retain metric's direction is taken to match ``mode`` (higher is better when ``mode="max"``).
-        attack: which relearning runs to aggregate (``curve.json["attack"]``).
+        attacks: attack settings to report (``curve.json["attack"]``), in table order; default: every setting with
+            runs, ``forget`` first.
         oracle: stage to use as the oracle anchor; default: the unique stage with role ``oracle``.
         teacher: stage to use as the unlearn-only anchor; default: the unique stage with role ``teacher``.
         include_unlearning_compute: for students, add the teacher anchor's (unlearning) FLOPs to their distillation
             FLOPs in the relative compute; default reports distillation FLOPs only.
         ddof: delta degrees of freedom of the std over seeds.
+        ci_level: level of the bootstrap intervals over attack seeds (worst case and relative robustness).
+        ci_resamples: bootstrap resamples.
+        ci_seed: seed of the bootstrap resampling (same run folder and settings -> same intervals).
 
     Returns:
-        A dict (Python floats, NaN where unavailable) with the settings, ``"anchors"``, ``"models"`` (a list, one
-        dict per stage in table order) and ``"curves"`` (``{stage: {"steps", "mean", "std"}}`` worst-case curves).
+        A dict (Python floats, NaN where unavailable) with the settings, ``"anchors"``, ``"attacks"`` (per setting:
+        what it trains on), ``"models"`` (a list, one dict per stage in table order; per attack setting under
+        ``"attacks"``: the worst case after the attack with ``ci`` intervals, its AUC, relative robustness and its
+        interval) and ``"curves"`` (``{setting: {stage: {"steps", "mean", "std"}}}`` worst-case curves).
 
     Raises:
         FileNotFoundError: ``run_dir`` does not exist or holds no ``<stage>/metrics.json``.
-        ValueError: unknown ``mode``, empty/negative ``steps``, an explicit anchor that does not exist.
+        ValueError: unknown ``mode``, empty/negative ``steps``, an explicit anchor that does not exist, a bad attack
+            setting name or bootstrap setting.
     """
     check_mode(mode)
     req_steps = sorted({int(s) for s in steps})
@@ -170,19 +207,27 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
     anchors = {"oracle": _find_anchor(stages, Role.ORACLE, oracle),
                "teacher": _find_anchor(stages, Role.TEACHER, teacher)}
     rr_step = req_steps[-1]
+    relearn_dir = run_dir / "relearn"
+    attacks = list(attacks) if attacks is not None else _attack_names(relearn_dir)
+    if not attacks or len(set(attacks)) != len(attacks):
+        raise ValueError(f"attacks={attacks}: expected a non-empty list of distinct attack setting names")
+    for name in attacks:
+        check_setting_name(name)
+    bootstrap = {"level": ci_level, "resamples": ci_resamples, "seed": ci_seed}
+    bootstrap_interval([0.0], **bootstrap)  # checks level and resamples before any work
 
     def flops_of(name: str | None) -> float:
         return math.nan if name is None else _num(stages[name].get("compute", {}).get("flops"))
 
     oracle_flops, teacher_flops = flops_of(anchors["oracle"]), flops_of(anchors["teacher"])
 
-    relearn_dir = run_dir / "relearn"
     if relearn_dir.is_dir():
         orphans = sorted(p.name for p in relearn_dir.iterdir() if p.is_dir() and p.name not in stages)
         if orphans:
             warnings.warn(f"relearning runs without a <stage>/metrics.json are not reported: {orphans}", stacklevel=2)
 
-    curves: dict[str, dict[str, list]] = {}
+    curves: dict[str, dict[str, dict[str, list]]] = {a: {} for a in attacks}
+    per_seed: dict[str, dict[str, dict[int, float]]] = {a: {} for a in attacks}  # at rr_step, for the RR interval
     models = []
     for name, m in stages.items():
         role, alpha, beta = m.get("role"), m.get("alpha"), m.get("beta")
@@ -191,37 +236,37 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
             "name": name, "role": role, "alpha": alpha, "beta": beta,
             "full_distill": _is_full_distill(role, alpha, beta, m.get("student_init")),
             "retain_before": _num(val.get(retain_metric)), "forget_before": _num(val.get(metric)),
-            "after": [{"requested_step": s, "step": None, "mean": math.nan, "std": math.nan} for s in req_steps],
-            "auc": math.nan, "relative_robustness": math.nan,
             "flops": flops_of(name), "relative_compute": math.nan,
             "tokens": m.get("compute", {}).get("tokens"), "wall_time_s": _num(m.get("wall_time_s")),
-            "global_step": m.get("global_step"), "attack": None,
+            "global_step": m.get("global_step"),
             # a student that reached its step budget without meeting the stop rule (not a converged student)
-            "budget_hit": m.get("budget_hit"),
+            "budget_hit": m.get("budget_hit"), "attacks": {},
         }
         flops = entry["flops"] + (teacher_flops if include_unlearning_compute and role == Role.STUDENT else 0.0)
         if oracle_flops > 0:
             entry["relative_compute"] = flops / oracle_flops
-
-        runs = load_curves(run_dir, name, metric, attack) if (relearn_dir / name).is_dir() else {}
-        if runs:
-            retain_runs = load_curves(run_dir, name, retain_metric, attack) if max_retain_drop is not None else None
-            wc = worst_case(runs, mode, retain_runs, max_retain_drop, retain_higher_is_better=(mode == "max"),
-                            ddof=ddof)
-            summary = wc.summary(req_steps)
-            curves[name] = {k: summary[k] for k in ("steps", "mean", "std")}
-            entry["attack"] = {"n_runs": len(runs), "lrs": sorted({lr for lr, _ in runs}),
-                               "seeds": sorted({s for _, s in runs})}
-            entry["after"], entry["auc"] = summary["at"], summary["auc"]
+        for attack in attacks:
+            result: dict[str, Any] = {"runs": None, "after": _empty_after(req_steps), "auc": math.nan,
+                                      "relative_robustness": math.nan, "relative_robustness_ci": [math.nan, math.nan]}
+            runs = load_curves(run_dir, name, metric, attack) if (relearn_dir / name).is_dir() else {}
+            if runs:
+                retain_runs = load_curves(run_dir, name, retain_metric, attack) if max_retain_drop is not None \
+                    else None
+                wc = worst_case(runs, mode, retain_runs, max_retain_drop, retain_higher_is_better=(mode == "max"),
+                                ddof=ddof)
+                summary = wc.summary(req_steps)
+                curves[attack][name] = {k: summary[k] for k in ("steps", "mean", "std")}
+                for cell in summary["at"]:
+                    cell["ci"] = list(bootstrap_interval(wc.seed_values(cell["requested_step"]), **bootstrap))
+                per_seed[attack][name] = dict(zip(wc.seeds, wc.seed_values(rr_step).tolist(), strict=True))
+                result.update({"runs": {"n_runs": len(runs), "lrs": sorted({lr for lr, _ in runs}),
+                                        "seeds": sorted({s for _, s in runs})},
+                               "after": summary["at"], "auc": summary["auc"]})
+            entry["attacks"][attack] = result
         models.append(entry)
 
-    # Relative robustness at the last requested step, one vectorised call so degenerate anchors warn once.
-    after_last = {e["name"]: e["after"][-1]["mean"] for e in models}
-    p_oracle = after_last.get(anchors["oracle"], math.nan)
-    p_teacher = after_last.get(anchors["teacher"], math.nan)
-    rr = np.atleast_1d(relative_robustness(np.array([after_last[e["name"]] for e in models]), p_teacher, p_oracle))
-    for e, r in zip(models, rr, strict=True):
-        e["relative_robustness"] = float(r)
+    for attack in attacks:
+        _relative_robustness(models, attack, anchors, per_seed[attack], bootstrap)
 
     def order(e: dict) -> tuple:
         alpha = e["alpha"] if e["alpha"] is not None and not e["full_distill"] else math.inf
@@ -229,14 +274,38 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
 
     models.sort(key=order)
     return {
-        "metric": metric, "retain_metric": retain_metric, "mode": mode, "attack": attack, "steps": req_steps,
+        "metric": metric, "retain_metric": retain_metric, "mode": mode, "steps": req_steps,
         "relative_robustness_step": rr_step, "max_retain_drop": max_retain_drop, "std_ddof": ddof,
+        "interval": {**bootstrap, "method": "percentile bootstrap over attack seeds (paired across models)"},
         "compute_basis": ("students: distillation + teacher unlearning FLOPs" if include_unlearning_compute
                           else "students: distillation FLOPs only"),
         "anchors": anchors,
+        "attacks": {a: _attack_info(relearn_dir, a) for a in attacks},
         "models": models,
-        "curves": {e["name"]: curves[e["name"]] for e in models if e["name"] in curves},
+        "curves": {a: {e["name"]: curves[a][e["name"]] for e in models if e["name"] in curves[a]} for a in attacks},
     }
+
+
+def _relative_robustness(models: list[dict], attack: str, anchors: dict[str, str | None],
+                         per_seed: dict[str, dict[int, float]], bootstrap: dict[str, Any]) -> None:
+    """Relative robustness of every model under one attack setting at the last requested step, and its bootstrap
+    interval over attack seeds (paired when the model and both anchors were attacked with the same seeds)."""
+    after_last = {e["name"]: e["attacks"][attack]["after"][-1]["mean"] for e in models}
+    p_oracle = after_last.get(anchors["oracle"], math.nan)
+    p_teacher = after_last.get(anchors["teacher"], math.nan)
+    # one vectorised call, so degenerate anchors warn once
+    rr = np.atleast_1d(relative_robustness(np.array([after_last[e["name"]] for e in models]), p_teacher, p_oracle))
+    oracle_seeds, teacher_seeds = per_seed.get(anchors["oracle"] or ""), per_seed.get(anchors["teacher"] or "")
+    for e, r in zip(models, rr, strict=True):
+        result = e["attacks"][attack]
+        result["relative_robustness"] = float(r)
+        own = per_seed.get(e["name"])
+        if own is None or oracle_seeds is None or teacher_seeds is None:
+            continue
+        paired = set(own) == set(oracle_seeds) == set(teacher_seeds)
+        seeds = sorted(own)
+        values = [[d[s] for s in (seeds if paired else sorted(d))] for d in (own, teacher_seeds, oracle_seeds)]
+        result["relative_robustness_ci"] = list(bootstrap_relative_robustness(*values, paired=paired, **bootstrap))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -269,8 +338,21 @@ def _short(metric: str) -> str:
     return metric.rsplit("/", 1)[-1]
 
 
+def _interval(ci: Sequence[float] | None) -> str:
+    if not ci or not all(isinstance(x, float) and math.isfinite(x) for x in ci):
+        return ""
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _attack_title(name: str, info: dict[str, Any]) -> str:
+    trained = {"forget": "fine-tuned on forget data", "retain": "fine-tuned on retain data only",
+               "mixture": "fine-tuned on the retain/forget mixture"}.get(info.get("train_on") or "", "no runs")
+    return f"attack `{name}` ({trained})"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    """Markdown text of a report: settings, one table row per model, and a legend.
+    """Markdown text of a report: settings, a table of the models before the attack, one table per attack setting
+    (worst case after the attack, relative robustness), and a legend.
 
     Args:
         report: dict from :func:`build_report`.
@@ -280,25 +362,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     """
     fm, rm = _short(report["metric"]), _short(report["retain_metric"])
     last = report["relative_robustness_step"]
-    head = (["model", "role", "α", "β", f"{rm} before", f"{fm} before"]
-            + [f"worst {fm} @{s}" for s in report["steps"]]
-            + ["AUC", f"rel. robustness @{last}", "rel. compute", "wall time (s)", "tokens"])
+    level = f"{report['interval']['level']:.0%}"
+    head = ["model", "role", "α", "β", f"{rm} before", f"{fm} before", "rel. compute", "wall time (s)", "tokens"]
     rows = []
     for e in report["models"]:
-        after = []
-        for a in e["after"]:
-            cell = f"{_fmt(a['mean'])} ± {_fmt(a['std'])}" if a["step"] is not None else "–"
-            if a["step"] is not None and a["step"] != a["requested_step"]:
-                cell += f" (@{a['step']})"
-            after.append(cell)
         rc = e["relative_compute"]
         rel_compute = f"{rc * 100:.3g} %" if rc is not None and math.isfinite(rc) else "–"
         tokens = e["tokens"]
         tokens = f"{int(tokens):,}" if isinstance(tokens, (int, float)) and math.isfinite(tokens) else "–"
         name = f"{e['name']} ⚠ budget hit" if e.get("budget_hit") else e["name"]
-        rows.append([name, str(e["role"]), _fmt(e["alpha"], "g"), _fmt(e["beta"], "g"),
-                     _fmt(e["retain_before"]), _fmt(e["forget_before"]), *after, _fmt(e["auc"]),
-                     _fmt(e["relative_robustness"]), rel_compute, _fmt(e["wall_time_s"], ".1f"), tokens])
+        rows.append([name, str(e["role"]), _fmt(e["alpha"], "g"), _fmt(e["beta"], "g"), _fmt(e["retain_before"]),
+                     _fmt(e["forget_before"]), rel_compute, _fmt(e["wall_time_s"], ".1f"), tokens])
     better = "higher" if report["mode"] == "max" else "lower"
     anchors = report["anchors"]
     bound = (f"LR runs whose `{report['retain_metric']}` dropped more than {report['max_retain_drop']} below its "
@@ -307,31 +381,61 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# UNDO report", "",
         (f"- forget metric: `{report['metric']}` ({better} = better for the attacker); retain metric: "
          f"`{report['retain_metric']}`"),
-        (f"- attack: `{report['attack']}`; anchors: oracle = {_anchor(anchors['oracle'])}, unlearn-only = "
-         f"{_anchor(anchors['teacher'])}"),
+        (f"- attacks: {', '.join(f'`{a}`' for a in report['attacks'])}; anchors: oracle = "
+         f"{_anchor(anchors['oracle'])}, unlearn-only = {_anchor(anchors['teacher'])}"),
         f"- utility bound: {bound}",
         f"- compute basis: {report['compute_basis']}", "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join("---" for _ in head) + "|",
-        *("| " + " | ".join(r) + " |" for r in rows),
+        "## Models before the attack", "",
+        *_table(head, rows),
+    ]
+    for attack, info in report["attacks"].items():
+        head = (["model"] + [f"worst {fm} @{s}" for s in report["steps"]]
+                + ["AUC", f"rel. robustness @{last}", "runs (LRs × seeds)"])
+        rows = []
+        for e in report["models"]:
+            result = e["attacks"][attack]
+            after = []
+            for a in result["after"]:
+                cell = f"{_fmt(a['mean'])} ± {_fmt(a['std'])}{_interval(a.get('ci'))}" if a["step"] is not None \
+                    else "–"
+                if a["step"] is not None and a["step"] != a["requested_step"]:
+                    cell += f" (@{a['step']})"
+                after.append(cell)
+            runs = result["runs"]
+            runs = f"{len(runs['lrs'])} × {len(runs['seeds'])}" if runs else "–"
+            name = f"{e['name']} ⚠ budget hit" if e.get("budget_hit") else e["name"]
+            rows.append([name, *after, _fmt(result["auc"]),
+                         _fmt(result["relative_robustness"]) + _interval(result.get("relative_robustness_ci")), runs])
+        lines += ["", f"## {_attack_title(attack, info)}", ""]
+        if info.get("description"):
+            lines += [info["description"][0].upper() + info["description"][1:] + ".", ""]
+        lines += _table(head, rows)
+    lines += [
         "",
         "**Legend**", "",
         "- *before*: `metrics.json` validation values of the stage, before any relearning attack.",
-        (f"- *worst {fm} @k* (worst case): for each seed and attack step, the attacker's best value over the LR grid "
+        (f"- *worst {fm} @k* (worst case): for each attack seed and step, the attacker's best value over the LR grid "
          f"({'max' if report['mode'] == 'max' else 'min'} of `{report['metric']}`), then mean ± std over seeds "
-         f"(ddof={report['std_ddof']}). `(@s)`: the attack was not evaluated at k, the last evaluated step s ≤ k is "
-         "shown."),
+         f"(ddof={report['std_ddof']}) and, in brackets, a {level} percentile bootstrap interval of the mean over "
+         f"seeds ({report['interval']['resamples']} resamples; with two seeds it spans their two values). `(@s)`: "
+         "the attack was not evaluated at k, the last evaluated step s ≤ k is shown."),
         ("- *AUC*: trapezoidal area under the worst-case mean curve divided by its step span, i.e. the mean level "
          "during the attack."),
         (f"- *rel. robustness* = (P − P_unlearn) / (P_oracle − P_unlearn), P = worst-case `{report['metric']}` at "
          f"step {last}: 1 = as robust as the oracle (data filtering), 0 = no better than unlearning alone; – when an "
-         "anchor is missing or the anchors coincide."),
+         f"anchor is missing or the anchors coincide. Brackets: {level} bootstrap interval, the same attack seeds "
+         "drawn for the model and both anchors."),
         f"- *rel. compute*: stage FLOPs / oracle pretraining FLOPs ({report['compute_basis']}).",
         ("- *⚠ budget hit*: a distilled student that reached its step budget without meeting its stop rule (retain "
          "gap to the teacher): under-trained, so part of its robustness may be missing capability, not removal."),
         "- –: not available.", "",
     ]
     return "\n".join(lines)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -382,25 +486,32 @@ def _label(e: dict) -> str:
     return e["name"]
 
 
-def _plot_relearn_curves(report: dict, path: Path) -> None:
+def curves_plot_name(attack: str) -> str:
+    """File of an attack setting's worst-case curves plot: ``relearn_curves.png`` for ``forget``, else
+    ``relearn_curves_<attack>.png``."""
+    return "relearn_curves.png" if attack == "forget" else f"relearn_curves_{attack}.png"
+
+
+def _plot_relearn_curves(report: dict, attack: str, path: Path) -> None:
     fig, ax = _new_figure()
     styles = _styles(report["models"])
+    curves = report["curves"][attack]
     for e in report["models"]:
-        c = report["curves"].get(e["name"])
+        c = curves.get(e["name"])
         if c is None:
             continue
         steps, mean, std = np.asarray(c["steps"]), np.asarray(c["mean"], float), np.asarray(c["std"], float)
         st = styles[e["name"]]
         ax.plot(steps, mean, label=_label(e), **st)
         ax.fill_between(steps, mean - std, mean + std, color=st["color"], alpha=0.15, lw=0)
-    last = max((c["steps"][-1] for c in report["curves"].values()), default=None)
+    last = max((c["steps"][-1] for c in curves.values()), default=None)
     for s in report["steps"]:
         if last is not None and s <= last:  # mark the reported steps that the attacks actually reach
             ax.axvline(s, color="0.8", lw=0.8, zorder=0)
     ax.set_xlabel("relearning attack step")
     ax.set_ylabel(f"worst-case {report['metric']}\n(mean ± std over seeds)")
-    ax.set_title(f"Relearning attack, best LR per step ({report['mode']} over LRs)")
-    if report["curves"]:
+    ax.set_title(f"Relearning {_attack_title(attack, report['attacks'][attack]).replace('`', '')}, best LR per step")
+    if curves:
         ax.legend(fontsize=8, loc="best")
     else:
         ax.text(0.5, 0.5, "no relearning runs", ha="center", va="center", transform=ax.transAxes)
@@ -410,9 +521,11 @@ def _plot_relearn_curves(report: dict, path: Path) -> None:
 def _plot_tradeoff(report: dict, path: Path, y: str) -> None:
     check_choice("tradeoff_y", y, TradeoffY)
     step = report["relative_robustness_step"]
+    attack = next(iter(report["attacks"]))  # the first attack setting (``forget`` when it ran)
 
     def yval(e: dict) -> float:
-        return e["after"][-1]["mean"] if y == "forget" else e["relative_robustness"]
+        result = e["attacks"][attack]
+        return result["after"][-1]["mean"] if y == "forget" else result["relative_robustness"]
 
     fig, ax = _new_figure()
     styles = _styles(report["models"])
@@ -444,7 +557,7 @@ def _plot_tradeoff(report: dict, path: Path, y: str) -> None:
         ax.set_xscale("log")
     ax.set_xlabel(f"relative compute (FLOPs / oracle pretraining; {report['compute_basis']})")
     ax.set_ylabel(f"worst-case {report['metric']} @{step}" if y == "forget" else f"relative robustness @{step}")
-    ax.set_title("Robustness vs compute")
+    ax.set_title(f"Robustness vs compute (attack {attack})")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="best")
     else:
@@ -479,10 +592,10 @@ def _plot_retain_forget(report: dict, path: Path) -> None:
 def write_report(run_dir: str | Path, *, tradeoff_y: TradeoffY = "forget", **kw: Any) -> dict[str, Any]:
     """Build the report and write ``report.json``, ``report.md`` and three PNGs into ``run_dir`` (atomically).
 
-    Files: ``report.json`` (:func:`report_to_json`), ``report.md`` (:func:`render_markdown`),
-    ``relearn_curves.png`` (worst-case curves of all models, ±std bands), ``robustness_vs_compute.png`` (UNDO
-    students over α vs relative compute, anchors as lines, full distillation as a star), ``retain_vs_forget.png``
-    (retain vs forget before the attack).
+    Files: ``report.json`` (:func:`report_to_json`), ``report.md`` (:func:`render_markdown`), one curves plot per
+    attack setting (:func:`curves_plot_name`: worst-case curves of all models, ±std bands),
+    ``robustness_vs_compute.png`` (UNDO students over α vs relative compute under the first attack setting, anchors
+    as lines, full distillation as a star), ``retain_vs_forget.png`` (retain vs forget before the attack).
 
     Args:
         run_dir: experiment folder.
@@ -503,36 +616,66 @@ def write_report(run_dir: str | Path, *, tradeoff_y: TradeoffY = "forget", **kw:
     atomic_write(run_dir / "report.json", lambda f: f.write(text.encode()))
     md = render_markdown(report)
     atomic_write(run_dir / "report.md", lambda f: f.write(md.encode()))
-    _plot_relearn_curves(report, run_dir / "relearn_curves.png")
+    for attack in report["attacks"]:
+        _plot_relearn_curves(report, attack, run_dir / curves_plot_name(attack))
     _plot_tradeoff(report, run_dir / "robustness_vs_compute.png", tradeoff_y)
     _plot_retain_forget(report, run_dir / "retain_vs_forget.png")
     return json.loads(text)
 
 
-def main(run_dir: str, steps: list[int] = list(DEFAULT_STEPS), metric: str = "val/forget_acc",  # noqa: B006
-         mode: str = "max", retain_metric: str | None = None, max_retain_drop: float | None = None,
-         attack: str = "forget", oracle: str | None = None, teacher: str | None = None,
-         include_unlearning_compute: bool = False, tradeoff_y: TradeoffY = "forget") -> None:
+def main(run_dir: str, steps: list[int] | None = None, metric: str | None = None, mode: Mode | None = None,
+         retain_metric: str | None = None, max_retain_drop: float | None = None, attacks: list[str] | None = None,
+         oracle: str | None = None, teacher: str | None = None, include_unlearning_compute: bool | None = None,
+         tradeoff_y: TradeoffY | None = None) -> None:
     """Write report.md, report.json and plots for a finished run folder (``undo report RUN_DIR``).
+
+    An option left out takes the run's own setting (the ``report:`` section and attack settings of the
+    ``config.yaml`` that ``undo pipeline`` wrote there), else the library default; so ``undo report RUN`` rewrites
+    the pipeline's report unchanged.
 
     Args:
         run_dir: experiment folder holding ``<stage>/metrics.json`` and ``relearn/<stage>/lr=*_seed=*/curve.json``.
         steps: attack steps at which to report the worst-case forget metric (the last one is used for relative
-            robustness); beyond the attack length the last evaluated step is used and shown.
-        metric: forget metric: ``val/forget_acc`` (arithmetic, MCQ) or ``val/forget_ce`` (language).
-        mode: attacker's direction: ``max`` for accuracy, ``min`` for cross-entropy.
+            robustness); beyond the attack length the last evaluated step is used and shown (default 25, 100, 300).
+        metric: forget metric: ``val/forget_acc`` (arithmetic, MCQ; default) or ``val/forget_ce`` (language).
+        mode: attacker's direction: ``max`` for accuracy (default), ``min`` for cross-entropy.
         retain_metric: retain metric (default: ``metric`` with forget -> retain).
         max_retain_drop: ignore an LR run at a step once its retain metric is worse than at step 0 by more than this.
-        attack: which relearning runs to aggregate (``forget`` or ``retain``).
+        attacks: attack settings to report, e.g. ``[forget, heldout]`` (default: every setting with runs).
         oracle: stage used as the oracle anchor (default: the stage with role ``oracle``).
         teacher: stage used as the unlearn-only anchor (default: the stage with role ``teacher``).
         include_unlearning_compute: add the teacher's unlearning FLOPs to the students' relative compute.
-        tradeoff_y: y axis of the trade-off plot: ``forget`` or ``relative_robustness``.
+        tradeoff_y: y axis of the trade-off plot: ``forget`` (default) or ``relative_robustness``.
     """
     path = Path(run_dir)
-    write_report(path, steps=steps, metric=metric, mode=mode, retain_metric=retain_metric,
-                 max_retain_drop=max_retain_drop, attack=attack, oracle=oracle, teacher=teacher,
-                 include_unlearning_compute=include_unlearning_compute, tradeoff_y=tradeoff_y)
+    given = {"steps": steps, "metric": metric, "mode": mode, "retain_metric": retain_metric,
+             "max_retain_drop": max_retain_drop, "attacks": attacks, "oracle": oracle, "teacher": teacher,
+             "include_unlearning_compute": include_unlearning_compute, "tradeoff_y": tradeoff_y}
+    settings = {**run_settings(path), **{k: v for k, v in given.items() if v is not None}}
+    report = write_report(path, **settings)
     print((path / "report.md").read_text())
-    print("wrote " + ", ".join(str(path / n) for n in ("report.json", "report.md", "relearn_curves.png",
+    plots = [curves_plot_name(a) for a in report["attacks"]]
+    print("wrote " + ", ".join(str(path / n) for n in ("report.json", "report.md", *plots,
                                                          "robustness_vs_compute.png", "retain_vs_forget.png")))
+
+
+def run_settings(run_dir: Path) -> dict[str, Any]:
+    """The report settings a pipeline run folder was made with: its ``config.yaml``'s ``report:`` section and the
+    names of its attack settings (empty for a folder without ``config.yaml``)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    settings = {k: v for k, v in (cfg.get("report") or {}).items() if k in REPORT_OPTIONS}
+    attacks = (cfg.get("relearn") or {}).get("attacks")
+    if attacks:
+        settings["attacks"] = list(attacks)
+    return settings
+
+
+#: ``write_report`` keyword arguments a run's ``report:`` section may hold
+REPORT_OPTIONS = ("steps", "metric", "mode", "retain_metric", "max_retain_drop", "oracle", "teacher",
+                  "include_unlearning_compute", "ddof", "tradeoff_y", "ci_level", "ci_resamples", "ci_seed")

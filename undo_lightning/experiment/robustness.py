@@ -63,11 +63,24 @@ class Curve:
 
 
 class WorstCase(NamedTuple):
-    """Worst-case relearning curve: ``steps``, and the ``mean`` and ``std`` over seeds of the per-seed worst case."""
+    """Worst-case relearning curve: ``steps``, the ``mean`` and ``std`` over seeds of the per-seed worst case, and
+    that per-seed worst case itself (``per_seed[i]`` is seed ``seeds[i]``'s curve, ``[n_seeds, n_steps]``, NaN where a
+    seed has no usable value), which the bootstrap intervals resample."""
 
     steps: np.ndarray
     mean: np.ndarray
     std: np.ndarray
+    per_seed: np.ndarray
+    seeds: tuple[int, ...]
+
+    def seed_values(self, step: int) -> np.ndarray:
+        """Per-seed worst-case values ``[n_seeds]`` at ``step`` or the last evaluated step before it (empty when every
+        evaluated step is after ``step``)."""
+        try:
+            used = resolve_step(self.steps, step)
+        except ValueError:
+            return np.empty(0)
+        return self.per_seed[:, int(np.searchsorted(self.steps, used))]
 
     def at(self, step: int) -> dict[str, Any]:
         """``{"requested_step", "step", "mean", "std"}`` at ``step`` or the last evaluated step before it
@@ -250,7 +263,7 @@ def worst_case(curves: Mapping[RunKey, Curve], mode: str = "max", retain_curves:
         ddof: delta degrees of freedom of the std over seeds (0: population std, 0.0 for a single seed).
 
     Returns:
-        :class:`WorstCase` ``(steps, mean, std)``, three 1-D arrays.
+        :class:`WorstCase` ``(steps, mean, std, per_seed, seeds)``.
 
     Raises:
         ValueError: empty ``curves``, unknown ``mode``, only one of ``retain_curves``/``max_retain_drop`` given, a
@@ -308,7 +321,7 @@ def worst_case(curves: Mapping[RunKey, Curve], mode: str = "max", retain_curves:
     mean[has] = np.nanmean(per_seed[:, has], axis=0)
     enough = n - ddof > 0
     std[enough] = np.nanstd(per_seed[:, enough], axis=0, ddof=ddof)
-    return WorstCase(steps, mean, std)
+    return WorstCase(steps, mean, std, per_seed, tuple(seeds))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -463,3 +476,104 @@ def relative_robustness(p_model: float | np.ndarray, p_unlearn: float | np.ndarr
     if out.ndim == 0:
         return float(out)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# uncertainty over seeds
+
+
+def _percentiles(samples: np.ndarray, level: float) -> tuple[float, float]:
+    samples = samples[np.isfinite(samples)]
+    if len(samples) == 0:
+        return math.nan, math.nan
+    lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)]) + 0.0  # -0.0 -> 0.0, as relative_robustness
+    return float(lo), float(hi)
+
+
+def _check_bootstrap(level: float, resamples: int) -> None:
+    if not 0 < level < 1:
+        raise ValueError(f"level={level}: expected a confidence level strictly between 0 and 1 (e.g. 0.95)")
+    if resamples < 1:
+        raise ValueError(f"resamples={resamples}: expected at least 1 bootstrap resample (e.g. 2000)")
+
+
+def _resampled_means(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Mean of ``values[idx[b]]`` for every resample ``b`` (NaN seeds ignored; all-NaN resamples give NaN)."""
+    taken = values[idx]
+    counts = np.sum(~np.isnan(taken), axis=1)
+    sums = np.nansum(taken, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def bootstrap_interval(values: Sequence[float] | np.ndarray, level: float = 0.95, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over seeds.
+
+    The seeds are resampled with replacement ``resamples`` times; the interval is the ``(1 - level) / 2`` and
+    ``(1 + level) / 2`` quantiles of the resampled means. With few seeds the interval is coarse (two seeds can only
+    give means of ``a``, ``(a + b) / 2`` and ``b``), which is exactly the uncertainty two seeds leave.
+
+    Args:
+        values: one value per seed ``[n_seeds]``; NaN values are left out.
+        level: confidence level, e.g. 0.95.
+        resamples: number of bootstrap resamples.
+        seed: seed of the resampling (same inputs and seed -> same interval).
+
+    Returns:
+        ``(low, high)``; ``(nan, nan)`` when no value is finite.
+    """
+    _check_bootstrap(level, resamples)
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    if len(v) == 0:
+        return math.nan, math.nan
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(resamples, len(v)))
+    return _percentiles(v[idx].mean(axis=1), level)
+
+
+def bootstrap_relative_robustness(model: Sequence[float] | np.ndarray, teacher: Sequence[float] | np.ndarray,
+                                  oracle: Sequence[float] | np.ndarray, level: float = 0.95, resamples: int = 2000,
+                                  seed: int = 0, paired: bool = True, eps: float = 1e-12) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`relative_robustness` of the seed means.
+
+    Each resample draws seeds with replacement, averages each model's per-seed worst-case values and computes
+    ``(P_model - P_unlearn) / (P_oracle - P_unlearn)`` from those means. ``paired=True`` draws the same seed indices
+    for the three models: attack seed ``s`` trains every model on the same batch order, so a lucky order helps all
+    three alike and pairing keeps that shared part out of the interval. Resamples whose anchors coincide
+    (``|P_oracle - P_unlearn| < eps``) are left out.
+
+    Args:
+        model: the model's per-seed values ``[n_seeds]``.
+        teacher: the unlearn-only anchor's per-seed values.
+        oracle: the oracle's per-seed values.
+        level: confidence level, e.g. 0.95.
+        resamples: number of bootstrap resamples.
+        seed: seed of the resampling.
+        paired: resample the same seed indices for the three (the arrays must then have one length, seed ``i`` of
+            each being the same attack seed); ``False`` resamples each independently.
+        eps: anchors closer than this count as coinciding.
+
+    Returns:
+        ``(low, high)``; ``(nan, nan)`` when an input has no finite value or every resample is degenerate.
+
+    Raises:
+        ValueError: ``paired`` with arrays of different lengths, or a bad ``level`` / ``resamples``.
+    """
+    _check_bootstrap(level, resamples)
+    arrays = [np.asarray(a, dtype=float) for a in (model, teacher, oracle)]
+    if any(len(a) == 0 or np.all(np.isnan(a)) for a in arrays):
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    if paired:
+        if len({len(a) for a in arrays}) != 1:
+            raise ValueError(f"paired bootstrap needs one value per seed for every model, got lengths "
+                             f"{[len(a) for a in arrays]}; pass paired=False for models attacked with other seeds")
+        idx = rng.integers(0, len(arrays[0]), size=(resamples, len(arrays[0])))
+        m, u, o = (_resampled_means(a, idx) for a in arrays)
+    else:
+        m, u, o = (_resampled_means(a, rng.integers(0, len(a), size=(resamples, len(a)))) for a in arrays)
+    denom = o - u
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rr = np.where(np.abs(denom) < eps, np.nan, (m - u) / np.where(np.abs(denom) < eps, 1.0, denom))
+    return _percentiles(rr, level)

@@ -5,11 +5,17 @@ fine-tuned on forget data with an LR x seed grid (docs/reference.md §8); what c
 the attacker's best LR at each step (:func:`undo_lightning.experiment.robustness.worst_case`). Layout under
 ``out_dir``::
 
-    relearn/<model>/lr=<lr>_seed=<s>/           one attack run (retain-only attack: ``..._seed=<s>_retain``)
+    relearn/<model>/lr=<lr>_seed=<s>/           one run of the ``forget`` attack setting (another setting NAME:
+                                                ``..._seed=<s>_NAME``, e.g. ``_heldout``, ``_retain``)
         tb/                                     TensorBoard events
         curve.json                              written last: marks the run finished (skipped on re-run)
     relearn_summary.json                        worst-case curves, values at chosen steps, AUC, steps to reach
-                                                (``relearn_summary_retain.json`` for the retain-only attack)
+                                                (``relearn_summary_NAME.json`` for another attack setting)
+
+An **attack setting** is a name for one way of attacking: what the attacker trains on (``train_on``: forget data,
+retain data only, or a retain/forget mixture) and the data it is given (e.g. forget data with half of the facts held
+out). Curves record the setting's name (``"attack"``) and what it trained on (``"train_on"``); the report shows
+every setting side by side.
 
 A run folder without ``curve.json`` (interrupted) is deleted and redone; attacked models are not kept.
 """
@@ -42,7 +48,13 @@ from undo_lightning.experiment.robustness import (
 from undo_lightning.experiment.trainer import TRAINER_DEFAULTS, tensorboard_logger
 from undo_lightning.io import check_choice, json_safe, write_json_atomic
 from undo_lightning.models import is_hf_folder
-from undo_lightning.modules.relearn import ATTACK_DESCRIPTIONS, Attack, RelearnAttackModule, model_label
+from undo_lightning.modules.relearn import (
+    ATTACK_DESCRIPTIONS,
+    Attack,
+    RelearnAttackModule,
+    check_setting_name,
+    model_label,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +84,8 @@ def format_lr(lr: float) -> str:
 
 
 def run_folder(out_dir: str | Path, model: str, lr: float, seed: int, attack: str = "forget") -> Path:
-    """``<out_dir>/relearn/<model>/lr=<lr>_seed=<s>`` (``..._retain`` for the retain-only attack)."""
+    """``<out_dir>/relearn/<model>/lr=<lr>_seed=<s>`` for the ``forget`` attack setting, ``..._<attack>`` for another
+    setting name."""
     suffix = "" if attack == "forget" else f"_{attack}"
     return Path(out_dir) / "relearn" / model / f"lr={format_lr(lr)}_seed={seed}{suffix}"
 
@@ -189,7 +202,8 @@ _PER_RUN_TRAINER = ("max_steps", "val_check_interval", "default_root_dir", "logg
 
 
 def run_attack(model: str, name: str, lr: float, seed: int, folder: str | Path, datamodule: RetainForgetDataModule,
-               steps: int, eval_every: int, attack: str = "forget", trainer: Mapping[str, Any] | None = None) -> dict:
+               steps: int, eval_every: int, attack: str = "forget", trainer: Mapping[str, Any] | None = None,
+               setting: str | None = None) -> dict:
     """One attack run in ``folder`` (TensorBoard events in ``folder/tb``, ``folder/curve.json`` written last).
 
     Args:
@@ -201,14 +215,17 @@ def run_attack(model: str, name: str, lr: float, seed: int, folder: str | Path, 
         datamodule: serves ``attack`` training batches and the validation sets.
         steps: optimizer steps.
         eval_every: validation interval in steps (plus step 0 and the last step).
-        attack: ``forget`` or ``retain`` (retain-only attack, arXiv 2505.22310).
+        attack: what the attacker trains on: ``forget``, ``retain`` (retain-only attack, arXiv 2505.22310) or
+            ``mixture`` (the data module's retain/forget mixture).
         trainer: Lightning Trainer arguments over :data:`ATTACK_TRAINER`.
+        setting: the attack setting's name recorded in ``curve.json`` (default: ``attack``).
 
     Returns:
         The curve dict written to ``curve.json``.
     """
     L.seed_everything(seed, verbose=False)
-    module = RelearnAttackModule(model=model, attack=attack, name=name, optimizer={"lr": lr}, seed=seed)
+    module = RelearnAttackModule(model=model, attack=attack, name=name, optimizer={"lr": lr}, seed=seed,
+                                 setting=setting)
     settings = {**ATTACK_TRAINER, "log_every_n_steps": min(eval_every, 50), **(trainer or {}), **_FIXED_TRAINER}
     L.Trainer(max_steps=steps, val_check_interval=eval_every, default_root_dir=str(folder),
               logger=tensorboard_logger(folder), **settings).fit(module, datamodule=datamodule)
@@ -219,11 +236,14 @@ def run_attack(model: str, name: str, lr: float, seed: int, folder: str | Path, 
 # the sweep
 
 
-def _check_sweep_args(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[int], steps: int,
-                      eval_every: int, attack: str, batch_size: int | None, trainer: Mapping[str, Any],
-                      report_steps: Sequence[int] | None, recovery_fraction: float) -> None:
-    if not models:
-        raise ValueError("models={}: nothing to attack")
+def check_sweep_settings(lrs: Sequence[float], seeds: Sequence[int], steps: int, eval_every: int, attack: str,
+                         setting: str, batch_size: int | None, trainer: Mapping[str, Any],
+                         report_steps: Sequence[int] | None, recovery_fraction: float) -> None:
+    """Checks a sweep's settings (everything but the models, which may not exist yet); see :func:`run_sweep`.
+
+    Raises:
+        ValueError: naming the bad setting and what would be accepted.
+    """
     if not lrs:
         raise ValueError("lrs=[]: the LR grid is empty; give at least one learning rate (paper grid: "
                          f"{list(PAPER_LRS)})")
@@ -237,6 +257,7 @@ def _check_sweep_args(models: Mapping[str, str], lrs: Sequence[float], seeds: Se
     if steps < 1 or eval_every < 1:
         raise ValueError(f"steps={steps}, eval_every={eval_every}: expected positive integers")
     check_choice("attack", attack, Attack)
+    check_setting_name(setting)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive integer")
     if report_steps is not None and (not report_steps or min(report_steps) < 0):
@@ -247,6 +268,16 @@ def _check_sweep_args(models: Mapping[str, str], lrs: Sequence[float], seeds: Se
     if managed:
         raise ValueError(f"trainer settings {managed} are set by the relearning sweep (steps, eval_every, run folders, "
                          f"TensorBoard logger, {_FIXED_TRAINER}); remove them")
+
+
+def _check_sweep_args(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[int], steps: int,
+                      eval_every: int, attack: str, setting: str, batch_size: int | None,
+                      trainer: Mapping[str, Any], report_steps: Sequence[int] | None,
+                      recovery_fraction: float) -> None:
+    if not models:
+        raise ValueError("models={}: nothing to attack")
+    check_sweep_settings(lrs, seeds, steps, eval_every, attack, setting, batch_size, trainer, report_steps,
+                         recovery_fraction)
     for name, path in models.items():
         if not is_hf_folder(path):
             raise ValueError(f"model {name!r}: {path!r} is not a Hugging Face model folder (no config.json there); "
@@ -267,11 +298,12 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
               steps: int, eval_every: int, batch_size: int | None = None, data: DataSpec = None,
               attack: Attack = "forget", precision: str = "32-true",
               trainer: Mapping[str, Any] | None = None, report_steps: Sequence[int] | None = None,
-              reference: str | None = "reference", recovery_fraction: float = 0.9) -> dict:
+              reference: str | None = "reference", recovery_fraction: float = 0.9,
+              setting: str | None = None) -> dict:
     """Attack every model with every (LR, seed), then write ``relearn_summary.json`` (see :func:`summarize`).
 
-    Finished runs (``curve.json`` of the same LR, seed, attack and evaluated steps) are skipped; a run folder without
-    one is deleted and redone. All arguments are checked, and the data built, before the first run starts.
+    Finished runs (``curve.json`` of the same LR, seed, attack setting and evaluated steps) are skipped; a run folder
+    without one is deleted and redone. All arguments are checked, and the data built, before the first run starts.
 
     Args:
         models: ``{name: HF folder}``; the name is the folder under ``relearn/`` (use the stage name so
@@ -286,7 +318,8 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
         batch_size: training batch size, overriding the data's (paper arithmetic: 15; CPU: 32).
         data: ``RetainForgetDataModule`` keyword arguments (``order_seed`` is set to the run seed), or a factory
             ``seed -> RetainForgetDataModule``; default: the arithmetic setting's defaults.
-        attack: ``forget`` (the paper's attack) or ``retain`` (retain-only attack, arXiv 2505.22310).
+        attack: what the attacker trains on: ``forget`` (the paper's attack), ``retain`` (retain-only attack, arXiv
+            2505.22310) or ``mixture`` (the data's ``mixture``, e.g. the authors' pretraining mix).
         precision: Lightning precision (``32-true`` on CPU; ``bf16-mixed`` on GPU, docs/reference.md §13).
         trainer: further Lightning Trainer arguments of every run (e.g. ``accelerator``, ``devices``; a
             ``precision`` here wins over ``precision``); see :data:`ATTACK_TRAINER`.
@@ -294,12 +327,15 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
             ``steps``).
         reference: model name whose step-0 forget accuracy defines "recovered" (``steps_to_reach``); ignored if absent.
         recovery_fraction: fraction of the reference's forget accuracy that counts as recovered.
+        setting: name of this attack setting (run folder suffix, ``curve.json["attack"]``, summary file); default:
+            ``attack``.
 
     Returns:
         The summary dict (also written to :func:`summary_path`).
     """
     trainer = {"precision": precision, **(trainer or {})}
-    _check_sweep_args(models, lrs, seeds, steps, eval_every, attack, batch_size, trainer, report_steps,
+    setting = setting or attack
+    _check_sweep_args(models, lrs, seeds, steps, eval_every, attack, setting, batch_size, trainer, report_steps,
                       recovery_fraction)
     make_data = _datamodule_factory(data, batch_size)
     datamodule = make_data(seeds[0])
@@ -308,15 +344,15 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
     _check_vocabularies(models, len(datamodule.tokenizer))
     grid = expected_steps(steps, eval_every)
     total = len(models) * len(lrs) * len(seeds)
-    log.info("%s: %d models x %d LRs x %d seeds = %d runs of %d steps in %s", ATTACK_DESCRIPTIONS[attack],
-             len(models), len(lrs), len(seeds), total, steps, Path(out_dir) / "relearn")
+    log.info("attack setting %r, %s: %d models x %d LRs x %d seeds = %d runs of %d steps in %s", setting,
+             ATTACK_DESCRIPTIONS[attack], len(models), len(lrs), len(seeds), total, steps, Path(out_dir) / "relearn")
     done = 0
     for name, path in models.items():
         for seed in seeds:
             for lr in lrs:
                 done += 1
-                folder = run_folder(out_dir, name, lr, seed, attack)
-                if _finished(folder, lr, seed, attack, grid):
+                folder = run_folder(out_dir, name, lr, seed, setting)
+                if _finished(folder, lr, seed, setting, grid):
                     log.info("[%d/%d] %s lr=%s seed=%d: finished earlier, skipped", done, total, name,
                              format_lr(lr), seed)
                     continue
@@ -327,18 +363,18 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
                 started = time.perf_counter()
                 with _quiet():
                     curve = run_attack(path, name, lr, seed, folder, make_data(seed), steps, eval_every, attack,
-                                       trainer)
+                                       trainer, setting)
                 metrics = curve["metrics"]
                 log.info("[%d/%d] %s lr=%s seed=%d: forget_acc %s -> %s, retain_acc %s -> %s (%.1f s)", done, total,
                          name, format_lr(lr), seed, *_ends(metrics.get("val/forget_acc")),
                          *_ends(metrics.get("val/retain_acc")), time.perf_counter() - started)
-    summary = summarize(out_dir, list(models), attack=attack, report_steps=report_steps or _default_report_steps(
+    summary = summarize(out_dir, list(models), attack=setting, train_on=attack, report_steps=report_steps or _default_report_steps(
         steps, eval_every), reference=reference, recovery_fraction=recovery_fraction,
         runs=[(float(lr), int(seed)) for lr in lrs for seed in seeds])
     summary.update({"paths": dict(models), "lrs": [float(lr) for lr in lrs], "seeds": list(seeds),
                     "attack_steps": steps, "eval_every": eval_every, "precision": trainer["precision"],
                     "batch_size": make_data(seeds[0]).batch_size})
-    write_json_atomic(str(summary_path(out_dir, attack)), json_safe(summary))
+    write_json_atomic(str(summary_path(out_dir, setting)), json_safe(summary))
     return summary
 
 
@@ -374,7 +410,8 @@ def _load(out_dir, model: str, metric: str, attack: str, runs: Sequence[tuple[fl
 
 def summarize(out_dir: str | Path, models: Sequence[str], attack: str = "forget",
               report_steps: Sequence[int] = (25, 100, 200), reference: str | None = "reference",
-              recovery_fraction: float = 0.9, runs: Sequence[tuple[float, int]] | None = None) -> dict:
+              recovery_fraction: float = 0.9, runs: Sequence[tuple[float, int]] | None = None,
+              train_on: Attack | None = None) -> dict:
     """Worst-case relearning summary of finished runs (the aggregation of :mod:`undo_lightning.experiment.robustness`).
 
     Per model and forget metric (:data:`SUMMARY_METRICS`, those present): the worst-case curve over LRs (mean and std
@@ -386,18 +423,20 @@ def summarize(out_dir: str | Path, models: Sequence[str], attack: str = "forget"
     Args:
         out_dir: the sweep's experiment folder.
         models: model names under ``relearn/``.
-        attack: which attack's runs to aggregate.
+        attack: which attack setting's runs to aggregate.
         report_steps: attack steps to report.
         reference: model name defining the recovery threshold (skipped when not among ``models``).
         recovery_fraction: fraction of the reference's step-0 forget accuracy that counts as recovered.
         runs: the ``(lr, seed)`` runs to aggregate (default: every run found, e.g. also LRs of an earlier sweep).
+        train_on: what that setting trains on (default: ``attack``, a setting named after its data).
 
     Returns:
-        ``{"attack", "attack_description", "report_steps", "reference", "recovery_fraction", "recovery_threshold",
+        ``{"attack", "train_on", "attack_description", "report_steps", "reference", "recovery_fraction", "recovery_threshold",
         "models": {name: {"worst_case": {metric: {...}}, "steps_to_reach": int | None, "final_by_lr": {...}}}}``.
     """
-    out: dict[str, Any] = {"attack": attack, "attack_description": ATTACK_DESCRIPTIONS[attack],
-                           "report_steps": list(report_steps), "reference": None,
+    train_on = train_on or attack
+    out: dict[str, Any] = {"attack": attack, "train_on": train_on,
+                           "attack_description": ATTACK_DESCRIPTIONS[train_on], "report_steps": list(report_steps), "reference": None,
                            "recovery_fraction": recovery_fraction, "recovery_threshold": None, "models": {}}
     for name in models:
         available = _metric_names(out_dir, name, attack, runs)
@@ -443,7 +482,7 @@ def format_summary(summary: dict, metric: str = "val/forget_acc") -> str:
     reach = metric == "val/forget_acc"
     steps = next(iter(curves.values()))["steps"]
     width = max(len(n) for n in curves)
-    lines = [f"{summary['attack_description']}", f"worst case over LRs of {metric} (mean over seeds) by attack step:",
+    lines = [f"attack setting {summary['attack']!r}: {summary['attack_description']}", f"worst case over LRs of {metric} (mean over seeds) by attack step:",
              f"{'model':<{width}} " + " ".join(f"{s:>6d}" for s in steps) + "    AUC" + ("  reached" if reach else "")]
     for name, c in curves.items():
         values = dict(zip(c["steps"], c["mean"]))
@@ -469,7 +508,7 @@ def _cell(value: float | None) -> str:
 
 def relearn_command(models: list[str], lrs: list[float] = list(CPU_LRS), seeds: list[int] = [0],  # noqa: B006
                     steps: int = 200, eval_every: int = 25, out_dir: str = "runs/arithmetic",
-                    attack: Attack = "forget", config: str | None = None,
+                    attack: Attack = "forget", setting: str | None = None, config: str | None = None,
                     batch_size: int = 32, eval_prompts_per_set: int | None = 50, precision: str = "32-true",
                     report_steps: list[int] | None = None, reference: str | None = "reference",
                     recovery_fraction: float = 0.9, accelerator: str = "auto", devices: int = 1) -> None:
@@ -492,7 +531,9 @@ def relearn_command(models: list[str], lrs: list[float] = list(CPU_LRS), seeds: 
         eval_every: evaluate forget/retain metrics every this many steps (and at step 0 and the end).
         out_dir: experiment folder; runs go to ``<out_dir>/relearn/<model>/lr=<lr>_seed=<s>/``.
         attack: ``forget`` fine-tunes on forget data (the paper's attack); ``retain`` fine-tunes on retain data only
-            (retain-only attack of "From Dormant to Deleted", arXiv 2505.22310) and still measures forget metrics.
+            (retain-only attack of "From Dormant to Deleted", arXiv 2505.22310) and still measures forget metrics;
+            ``mixture`` fine-tunes on the config's retain/forget ``mixture``.
+        setting: name of this attack setting (run folders ``..._seed=<s>_<setting>``; default: ``attack``).
         config: a stage YAML whose ``data:`` section describes the data (default: the arithmetic setting).
         batch_size: attack batch size (overrides the config's).
         eval_prompts_per_set: evaluation prompts per answer-scored set (overrides the config's; ``null`` keeps it).
@@ -511,7 +552,7 @@ def relearn_command(models: list[str], lrs: list[float] = list(CPU_LRS), seeds: 
     if eval_prompts_per_set is not None:
         data["eval_prompts_per_set"] = eval_prompts_per_set
     summary = run_sweep(parse_models(models), lrs, seeds, out_dir, steps, eval_every, batch_size=batch_size,
-                        data=data, attack=attack, precision=precision,
+                        data=data, attack=attack, setting=setting, precision=precision,
                         trainer={"accelerator": accelerator, "devices": devices}, report_steps=report_steps,
                         reference=reference, recovery_fraction=recovery_fraction)
     print(format_summary(summary))
@@ -519,4 +560,4 @@ def relearn_command(models: list[str], lrs: list[float] = list(CPU_LRS), seeds: 
         if metric not in SUMMARY_METRICS:
             print()
             print(format_summary(summary, metric))
-    print(f"\nwrote {summary_path(out_dir, attack)}")
+    print(f"\nwrote {summary_path(out_dir, setting or attack)}")

@@ -8,12 +8,16 @@ marks a finished attack run.
 
 ``attack="retain"`` is a different attack, the **retain-only** attack of "From Dormant to Deleted" (arXiv 2505.22310):
 fine-tune on RETAIN data only and measure whether the forget capability returns anyway (suppressed knowledge
-resurfacing under benign fine-tuning). Its curves carry ``"attack": "retain"`` and are never mixed with forget attacks.
+resurfacing under benign fine-tuning). ``attack="mixture"`` fine-tunes on the data module's retain/forget ``mixture``:
+the authors' default attack trains on their pretraining mix, in which forget data is about 12.5 % of the tokens, so
+per step it is weaker than the forget-only attack. A curve records its attack *setting* name (``"attack"``, e.g.
+``forget`` or ``heldout``) and what it trained on (``"train_on"``); settings are never mixed in one aggregate.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Literal
 
 import torch
@@ -25,13 +29,24 @@ from undo_lightning.io import check_choice
 from undo_lightning.losses import causal_lm_loss
 from undo_lightning.modules.base import OptimizerConfig, UndoModule
 
-#: the data an attack fine-tunes on: forget data (the paper's attack) or retain data only (arXiv 2505.22310)
-Attack = Literal["forget", "retain"]
+#: the data an attack fine-tunes on: forget data (the paper's arithmetic attack), retain data only (arXiv
+#: 2505.22310), or a retain/forget mixture (the authors' default attack: their pretraining mix)
+Attack = Literal["forget", "retain", "mixture"]
 ATTACK_DESCRIPTIONS = {
     "forget": "relearning attack: fine-tuning on FORGET data only (the paper's attack, docs/reference.md §8)",
     "retain": "RETAIN-ONLY attack ('From Dormant to Deleted', arXiv 2505.22310): fine-tuning on RETAIN data only, "
               "measuring whether the forget capability returns",
+    "mixture": "MIXTURE attack: fine-tuning on the data's retain/forget mixture (the authors' default attack trains "
+               "on their pretraining mix, about 12.5 % forget tokens; docs/reference.md §8)",
 }
+_SETTING_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_setting_name(setting: str) -> None:
+    """An attack setting's name ends up in run-folder and file names: letters, digits, ``_``, ``.``, ``-``."""
+    if not isinstance(setting, str) or not _SETTING_NAME.match(setting):
+        raise ValueError(f"attack setting name {setting!r}: expected letters, digits, '_', '.' or '-' (it names run "
+                         "folders and files), e.g. 'forget', 'heldout', 'mixture'")
 
 
 def model_label(path: str) -> str:
@@ -62,6 +77,8 @@ class RelearnAttackModule(UndoModule):
         seed: seed recorded with the curve (the sweep also uses it as the data module's seed).
         checkpoint_every: save ``checkpoints/last.ckpt`` every this many steps; 0 (default) saves none.
         export: also write ``metrics.json`` and the attacked model to ``<default_root_dir>/hf`` (default: no).
+        setting: name of the attack setting recorded as ``curve.json["attack"]`` (default: ``attack``); the sweep
+            names settings such as ``heldout`` (forget data with held-out facts) this way.
     """
 
     #: the paper's attack (docs/reference.md §8): constant LR after a 1-step warm-up, weight decay 0
@@ -76,11 +93,14 @@ class RelearnAttackModule(UndoModule):
         seed: int = 0,
         checkpoint_every: int = 0,
         export: bool = False,
+        setting: str | None = None,
     ) -> None:
         check_choice("attack", attack, Attack)
+        check_setting_name(setting or attack)
         super().__init__(model=model, optimizer=optimizer, seed=seed, checkpoint_every=checkpoint_every,
                          export=export)
         self.attack = attack
+        self.setting = setting or attack
         self.train_data = attack  # what RetainForgetDataModule serves
         self.name = name or model_label(model)
         self.relearn_curve = RelearnCurve()
@@ -109,14 +129,15 @@ class RelearnAttackModule(UndoModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         return {"model": self.name, "model_path": self.model_name, "lr": float(self.optimizer_config.lr),
                 "seed": int(self.hparams.seed), "data_seed": getattr(datamodule, "seed", None),
-                "attack": self.attack, "attack_description": ATTACK_DESCRIPTIONS[self.attack]}
+                "attack": self.setting, "train_on": self.attack,
+                "attack_description": ATTACK_DESCRIPTIONS[self.attack]}
 
     def curve(self) -> dict:
         """The relearning curve as written to ``curve.json`` (see :class:`~undo_lightning.callbacks.RelearnCurve`)."""
         return self.relearn_curve.curve(self._trainer, self)
 
     def on_train_start(self) -> None:
-        rank_zero_info(f"{ATTACK_DESCRIPTIONS[self.attack]}; model {self.name} ({self.model_name}), "
+        rank_zero_info(f"attack setting {self.setting!r}, {ATTACK_DESCRIPTIONS[self.attack]}; model {self.name} ({self.model_name}), "
                        f"lr={self.optimizer_config.lr}, seed={self.hparams.seed}")
 
     # -------------------------------------------------------------------------------- callbacks / checkpoints
@@ -127,4 +148,5 @@ class RelearnAttackModule(UndoModule):
         return [*callbacks, self.relearn_curve]  # after HFExport, whose final evaluation it reuses
 
     def summary(self) -> dict:
-        return {**super().summary(), "attack": self.attack, "attack_description": ATTACK_DESCRIPTIONS[self.attack]}
+        return {**super().summary(), "attack": self.setting, "train_on": self.attack,
+                "attack_description": ATTACK_DESCRIPTIONS[self.attack]}
