@@ -250,3 +250,36 @@ def test_each_attack_setting_is_one_sweep_with_its_own_data(monkeypatch, tmp_pat
 
     for stage in plan(cfg):  # the training stages never see the attack's override
         assert _datamodule(cfg, stage.data).forget.eval_fact_fraction is None, stage.name
+
+
+def test_students_name_their_teacher_and_init_by_stage():
+    """Oracle matching and distilling a baseline teacher: `students:` resolve stage names to model folders."""
+    cfg = load_config(SMOKE)
+    cfg["baselines"] = {"graddiff": {"model": {"method": "graddiff"}}}
+    cfg["students"] = {"match_reference": {"model": {"teacher": "oracle", "student_init": "reference"}},
+                       "distill_graddiff": {"model": {"teacher": "graddiff"}},
+                       "undo_graddiff": {"model": {"teacher": "graddiff", "student_init": "teacher", "alpha": 0.4}}}
+    stages = {s.name: s for s in plan(cfg)}
+    out = Path(cfg["out_dir"])
+    match = stages["match_reference"]
+    assert (match.module["teacher"], match.module["student_init"]) == (str(out / "oracle/hf"), str(out / "reference/hf"))
+    assert match.record == {"alpha": None, "beta": None, "teacher_stage": "oracle", "student_init_stage": "reference"}
+    assert match.module["optimizer"] == cfg["distill"]["model"]["optimizer"]  # merged over the distill section
+    assert match.trainer == cfg["distill"]["trainer"]
+    graddiff = stages["distill_graddiff"]
+    assert graddiff.module["teacher"] == str(out / "graddiff/hf") and graddiff.module["student_init"] == "random"
+    assert stages["undo_graddiff"].record["alpha"] == 0.4 and stages["undo_graddiff"].record["beta"] == 0.1
+    assert stages["distill"].record["teacher_stage"] == "unlearn"
+    assert list(stages)[-3:] == ["match_reference", "distill_graddiff", "undo_graddiff"]
+    cfg["students"] = {"oracle": {"model": {"teacher": "unlearn"}}}
+    with pytest.raises(ValueError, match="students.oracle: a stage named 'oracle' exists already"):
+        plan(cfg)
+
+
+def test_a_misspelt_key_in_a_student_fails(tmp_path):
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["students"] = {"match": {"modle": {"teacher": "oracle"}}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=r"students.match: unknown key\(s\) \['modle'\]"):
+        run_pipeline(str(path), out_dir=str(tmp_path / "run"))

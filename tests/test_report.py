@@ -279,3 +279,38 @@ def test_undo_report_keeps_the_runs_own_settings(run, capsys):
     CLI(main, args=[str(run), "--steps", "[100]", "--attacks", "[retain]"])
     rep = json.loads((run / "report.json").read_text())
     assert rep["steps"] == [100] and list(rep["attacks"]) == ["retain"] and rep["std_ddof"] == 1
+
+
+def _add_stage(run, name, role, forget_curve, **record):
+    (run / name).mkdir()
+    (run / name / "metrics.json").write_text(json.dumps({
+        "stage": name, "role": role, "alpha": None, "beta": None, "val": {"val/retain_acc": 0.9, "val/forget_acc": 0.0},
+        "compute": {"tokens": 1, "flops": 1e11}, "global_step": 10, **record}))
+    for lr in LRS:
+        for seed in (0, 1):
+            d = run / "relearn" / name / f"lr={lr}_seed={seed}"
+            d.mkdir(parents=True)
+            (d / "curve.json").write_text(json.dumps({
+                "model": name, "lr": lr, "seed": seed, "attack": "forget", "steps": STEPS,
+                "metrics": {"val/forget_acc": forget_curve, "val/retain_acc": [0.9] * 4}}))
+
+
+def test_a_student_of_a_baseline_is_measured_against_its_own_teacher(run):
+    # graddiff relearns to 0.7 at step 200, its student to 0.5; oracle 0.3: (0.5 - 0.7) / (0.3 - 0.7) = 0.5
+    _add_stage(run, "graddiff", "baseline", [0.0, 0.5, 0.6, 0.7])
+    _add_stage(run, "distill_graddiff", "student", [0.0, 0.2, 0.4, 0.5], teacher_stage="graddiff",
+               student_init="random")
+    # oracle matching: a student of the oracle, initialised from the reference; not an unlearned teacher's student
+    _add_stage(run, "match_reference", "student", [0.0, 0.1, 0.2, 0.3], teacher_stage="oracle",
+               student_init="runs/x/reference/hf")
+    rep = write_report(run, steps=[300], attacks=["forget"])
+    m = by_name(rep)
+    assert m["distill_graddiff"]["teacher_anchor"] == "graddiff"
+    assert m["distill_graddiff"]["relative_robustness"] == 0.5
+    assert m["distill_graddiff"]["relative_robustness_ci"] == [0.5, 0.5]
+    # the experiment's anchor for the rest: graddiff itself (0.7 - 0.9) / (0.3 - 0.9) = 0.333333
+    assert m["graddiff"]["teacher_anchor"] == "teacher" and m["graddiff"]["relative_robustness"] == 0.333333
+    assert m["match_reference"]["teacher_anchor"] == "teacher" and m["match_reference"]["relative_robustness"] == 1.0
+    assert m["match_reference"]["full_distill"] is False and m["distill_graddiff"]["full_distill"] is True
+    md = (run / "report.md").read_text()
+    assert "| distill_graddiff | 0.500 ± 0.000 [0.500, 0.500] (@200) | " in md and "0.500 [0.500, 0.500] (vs graddiff)" in md

@@ -174,6 +174,11 @@ class ExperimentConfig:
             none (relative robustness and compute are then not available).
         unlearn: the teacher (``UnlearnModule``).
         baselines: further ``UnlearnModule`` runs by name (merged over ``unlearn``), attacked like every model.
+        students: further ``DistillModule`` runs by name (merged over ``distill``), attacked like every model. Their
+            ``model.teacher`` and ``model.student_init`` may name a stage of this experiment (``oracle``, a
+            baseline, ...): e.g. oracle matching (``{teacher: oracle, student_init: reference}``) or distilling a
+            baseline teacher (``{teacher: graddiff}``); a student's relative robustness is measured against its own
+            teacher when that is an unlearned model.
         distill: full distillation of the teacher into a random student (``DistillModule``); ``null``: none.
         undo: UNDO students, one per alpha; ``null``: none.
         relearn: the relearning attack.
@@ -190,6 +195,7 @@ class ExperimentConfig:
     oracle: ModelSection | None = field(default_factory=ModelSection)
     unlearn: StageSection = field(default_factory=StageSection)
     baselines: dict[str, StageSection] = field(default_factory=dict)
+    students: dict[str, StageSection] = field(default_factory=dict)
     distill: StageSection | None = field(default_factory=StageSection)
     undo: UndoSection | None = field(default_factory=UndoSection)
     relearn: RelearnSection = field(default_factory=RelearnSection)
@@ -247,8 +253,9 @@ def check_keys(raw: dict, where: str) -> None:
             kind = _SECTION_TYPES.get((cls, name))
             if kind is not None:
                 check(value, kind, f"{label}.{name}".lstrip("."))
-        for name, value in (section.get("baselines") or {}).items() if cls is ExperimentConfig else ():
-            check(value, StageSection, f"baselines.{name}")
+        for key in ("baselines", "students"):
+            for name, value in (section.get(key) or {}).items() if cls is ExperimentConfig else ():
+                check(value, StageSection, f"{key}.{name}")
         for name, value in (section.get("attacks") or {}).items() if cls is RelearnSection else ():
             check(value, AttackSetting, f"{label}.attacks.{name}")
 

@@ -9,6 +9,8 @@ Stages run in order, each in ``<out_dir>/<stage>/`` and each reading its inputs 
     <baseline>                 optional further UnlearnModule runs (e.g. MaxEnt+SAM, RepNoise, RMU)
     distill                    DistillModule: the teacher into a random student (full distillation)
     undo_a<alpha>              DistillModule: the teacher into its own noised copy, one per alpha (UNDO)
+    <student>                  optional further DistillModule runs whose teacher / student init may name a stage
+                               (oracle matching, distilling a baseline teacher)
     relearn/<model>/...        relearning attack on every model over an LR x seed grid
     report.md/.json/*.png      tables and plots
 
@@ -120,8 +122,8 @@ def plan(cfg: dict) -> list[Stage]:
         stages.append(Stage("distill", Role.STUDENT, "undo_lightning.DistillModule",
                             {"teacher": hf("unlearn"), "student_init": "random", "seed": seed,
                              **distill.get("model", {})},
-                            distill.get("trainer", {}), distill.get("data", {}), {"alpha": None, "beta": None},
-                            hf=hf("distill")))
+                            distill.get("trainer", {}), distill.get("data", {}),
+                            {"alpha": None, "beta": None, "teacher_stage": "unlearn"}, hf=hf("distill")))
     undo = cfg.get("undo") or {}
     for alpha in undo.get("alphas", []):
         module = {"teacher": hf("unlearn"), "student_init": "teacher", "seed": seed, "noise_seed": seed,
@@ -129,8 +131,43 @@ def plan(cfg: dict) -> list[Stage]:
         name = f"undo_a{alpha:g}"
         stages.append(Stage(name, Role.STUDENT, "undo_lightning.DistillModule", module,
                             undo.get("trainer", {}), undo.get("data", {}),
-                            {"alpha": float(alpha), "beta": module.get("beta")}, hf=hf(name)))
+                            {"alpha": float(alpha), "beta": module.get("beta"), "teacher_stage": "unlearn"},
+                            hf=hf(name)))
+    stages += _students(cfg, stages, hf)
     return stages
+
+
+def _students(cfg: dict, stages: list[Stage], hf) -> list[Stage]:
+    """The ``students:`` section: DistillModule stages merged over ``distill``, whose ``teacher`` and
+    ``student_init`` may name an earlier stage (resolved to its model folder)."""
+    import inspect
+
+    from undo_lightning.modules.distill import DistillModule
+
+    defaults = {k: v.default for k, v in inspect.signature(DistillModule.__init__).parameters.items()}
+    by_name = {s.name: s for s in stages}
+    out = []
+    for name, spec in (cfg.get("students") or {}).items():
+        if name in by_name:
+            raise ValueError(f"students.{name}: a stage named {name!r} exists already; choose another name")
+        spec = deep_merge(cfg.get("distill") or {}, spec)
+        module = {"teacher": "unlearn", "student_init": "random", "seed": cfg["seed"], **spec.get("model", {})}
+        teacher, init = module["teacher"], module["student_init"]
+        if not isinstance(teacher, str):
+            raise ValueError(f"students.{name}.model.teacher={teacher!r}: expected a stage name "
+                             f"({sorted(by_name)}) or a model folder")
+        module["teacher"] = by_name[teacher].hf if teacher in by_name else teacher
+        if init in by_name:
+            module["student_init"] = by_name[init].hf
+        noised = module["student_init"] == "teacher"
+        record = {"alpha": float(module.get("alpha", defaults["alpha"])) if noised else None,
+                  "beta": float(module.get("beta", defaults["beta"])) if noised else None,
+                  "teacher_stage": teacher if teacher in by_name else None,
+                  "student_init_stage": init if init in by_name else None}
+        out.append(Stage(name, Role.STUDENT, "undo_lightning.DistillModule", module, spec.get("trainer", {}),
+                         spec.get("data", {}), record, hf=hf(name)))
+        by_name[name] = out[-1]
+    return out
 
 
 def _datamodule(cfg: dict, overrides: dict):

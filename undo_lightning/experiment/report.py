@@ -103,8 +103,10 @@ def _num(x: Any) -> float:
 
 
 def _is_full_distill(role: str | None, alpha: float | None, beta: float | None, student_init: str | None) -> bool:
-    # a random student, a student without noise settings, or α = β = 1 (≈ random init, docs/reference.md §6)
-    return role == Role.STUDENT and (student_init == "random" or alpha is None or (alpha == 1 and beta == 1))
+    # a random student, α = β = 1 (≈ random init, docs/reference.md §6), or a student recorded without its init or
+    # noise settings; a student initialised from another model (oracle matching) is not one
+    return role == Role.STUDENT and (student_init == "random" or (alpha == 1 and beta == 1)
+                                     or (alpha is None and student_init is None))
 
 
 def _anchor(name: str | None) -> str:
@@ -240,7 +242,10 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
             "tokens": m.get("compute", {}).get("tokens"), "wall_time_s": _num(m.get("wall_time_s")),
             "global_step": m.get("global_step"),
             # a student that reached its step budget without meeting the stop rule (not a converged student)
-            "budget_hit": m.get("budget_hit"), "attacks": {},
+            "budget_hit": m.get("budget_hit"),
+            # the unlearn-only anchor of this model's relative robustness: its own teacher when that is an unlearned
+            # model of this run (a student of a baseline), else the experiment's teacher anchor
+            "teacher_anchor": _own_teacher(stages, m) or anchors["teacher"], "attacks": {},
         }
         flops = entry["flops"] + (teacher_flops if include_unlearning_compute and role == Role.STUDENT else 0.0)
         if oracle_flops > 0:
@@ -286,20 +291,26 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
     }
 
 
+def _own_teacher(stages: dict[str, dict], m: dict) -> str | None:
+    teacher = m.get("teacher_stage")
+    return teacher if teacher in stages and stages[teacher].get("role") in (Role.TEACHER, Role.BASELINE) else None
+
+
 def _relative_robustness(models: list[dict], attack: str, anchors: dict[str, str | None],
                          per_seed: dict[str, dict[int, float]], bootstrap: dict[str, Any]) -> None:
-    """Relative robustness of every model under one attack setting at the last requested step, and its bootstrap
-    interval over attack seeds (paired when the model and both anchors were attacked with the same seeds)."""
+    """Relative robustness of every model under one attack setting at the last requested step (against the model's
+    ``teacher_anchor``), and its bootstrap interval over attack seeds (paired when the model and both anchors were
+    attacked with the same seeds)."""
     after_last = {e["name"]: e["attacks"][attack]["after"][-1]["mean"] for e in models}
     p_oracle = after_last.get(anchors["oracle"], math.nan)
-    p_teacher = after_last.get(anchors["teacher"], math.nan)
+    p_teacher = np.array([after_last.get(e["teacher_anchor"], math.nan) for e in models])
     # one vectorised call, so degenerate anchors warn once
     rr = np.atleast_1d(relative_robustness(np.array([after_last[e["name"]] for e in models]), p_teacher, p_oracle))
-    oracle_seeds, teacher_seeds = per_seed.get(anchors["oracle"] or ""), per_seed.get(anchors["teacher"] or "")
+    oracle_seeds = per_seed.get(anchors["oracle"] or "")
     for e, r in zip(models, rr, strict=True):
         result = e["attacks"][attack]
         result["relative_robustness"] = float(r)
-        own = per_seed.get(e["name"])
+        own, teacher_seeds = per_seed.get(e["name"]), per_seed.get(e["teacher_anchor"] or "")
         if own is None or oracle_seeds is None or teacher_seeds is None:
             continue
         paired = set(own) == set(oracle_seeds) == set(teacher_seeds)
@@ -404,8 +415,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             runs = result["runs"]
             runs = f"{len(runs['lrs'])} × {len(runs['seeds'])}" if runs else "–"
             name = f"{e['name']} ⚠ budget hit" if e.get("budget_hit") else e["name"]
-            rows.append([name, *after, _fmt(result["auc"]),
-                         _fmt(result["relative_robustness"]) + _interval(result.get("relative_robustness_ci")), runs])
+            rr = _fmt(result["relative_robustness"]) + _interval(result.get("relative_robustness_ci"))
+            if e["teacher_anchor"] != report["anchors"]["teacher"] and math.isfinite(result["relative_robustness"]):
+                rr += f" (vs {e['teacher_anchor']})"
+            rows.append([name, *after, _fmt(result["auc"]), rr, runs])
         lines += ["", f"## {_attack_title(attack, info)}", ""]
         if info.get("description"):
             lines += [info["description"][0].upper() + info["description"][1:] + ".", ""]
@@ -424,7 +437,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         (f"- *rel. robustness* = (P − P_unlearn) / (P_oracle − P_unlearn), P = worst-case `{report['metric']}` at "
          f"step {last}: 1 = as robust as the oracle (data filtering), 0 = no better than unlearning alone; – when an "
          f"anchor is missing or the anchors coincide. Brackets: {level} bootstrap interval, the same attack seeds "
-         "drawn for the model and both anchors."),
+         "drawn for the model and both anchors. `(vs T)`: a student of another unlearned model T is measured "
+         "against its own teacher T."),
         f"- *rel. compute*: stage FLOPs / oracle pretraining FLOPs ({report['compute_basis']}).",
         ("- *⚠ budget hit*: a distilled student that reached its step budget without meeting its stop rule (retain "
          "gap to the teacher): under-trained, so part of its robustness may be missing capability, not removal."),
@@ -440,6 +454,11 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # plots
+
+
+def _is_undo(e: dict) -> bool:
+    """An UNDO student: distilled into a noised copy of its teacher (it has an α)."""
+    return e["role"] == Role.STUDENT and not e["full_distill"] and e["alpha"] is not None
 
 
 def _styles(models: list[dict]) -> dict[str, dict[str, Any]]:
@@ -458,7 +477,7 @@ def _styles(models: list[dict]) -> dict[str, dict[str, Any]]:
             st = {"color": "tab:gray", "ls": ":", "lw": 2.0}
         elif e["full_distill"]:
             st = {"color": "tab:purple", "ls": "-.", "lw": 1.8}
-        elif e["role"] == Role.STUDENT:
+        elif _is_undo(e):
             st = {"color": ramp(0.1 + 0.8 * min(max(float(e["alpha"]), 0.0), 1.0)), "ls": "-", "lw": 1.6}
         else:
             st = {"color": next(others), "ls": "-", "lw": 1.3}
@@ -481,7 +500,7 @@ def _save(fig, path: Path) -> None:
 
 
 def _label(e: dict) -> str:
-    if e["role"] == Role.STUDENT and not e["full_distill"]:
+    if _is_undo(e):
         return f"{e['name']} (α={e['alpha']:g})"
     return e["name"]
 
@@ -529,7 +548,7 @@ def _plot_tradeoff(report: dict, path: Path, y: str) -> None:
 
     fig, ax = _new_figure()
     styles = _styles(report["models"])
-    undo = sorted((e for e in report["models"] if e["role"] == Role.STUDENT and not e["full_distill"]),
+    undo = sorted((e for e in report["models"] if _is_undo(e)),
                   key=lambda e: e["alpha"])
     pts = [(e["relative_compute"], yval(e), e) for e in undo]
     pts = [(x, v, e) for x, v, e in pts if math.isfinite(x) and math.isfinite(v)]
@@ -550,7 +569,7 @@ def _plot_tradeoff(report: dict, path: Path, y: str) -> None:
         elif e["full_distill"] and math.isfinite(x):
             ax.plot([x], [v], marker="*", ms=14, ls="none", color=st["color"], label=f"{e['name']} (full distill)")
             xs.append(x)
-        elif e["role"] != Role.STUDENT and math.isfinite(x):
+        elif not _is_undo(e) and math.isfinite(x):
             ax.plot([x], [v], marker="X", ms=9, ls="none", color=st["color"], label=e["name"])
             xs.append(x)
     if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
