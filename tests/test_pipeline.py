@@ -283,3 +283,27 @@ def test_a_misspelt_key_in_a_student_fails(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match=r"students.match: unknown key\(s\) \['modle'\]"):
         run_pipeline(str(path), out_dir=str(tmp_path / "run"))
+
+
+def test_noise_seeds_give_one_student_per_alpha_and_seed():
+    cfg = load_config(SMOKE)
+    cfg["undo"]["noise_seeds"] = [3, 4]
+    stages = {s.name: s for s in plan(cfg)}
+    names = [n for n in stages if n.startswith("undo_")]
+    assert names == ["undo_a0.3_n3", "undo_a0.3_n4", "undo_a0.7_n3", "undo_a0.7_n4"]
+    a, b = stages["undo_a0.7_n3"], stages["undo_a0.7_n4"]
+    assert (a.module["noise_seed"], b.module["noise_seed"]) == (3, 4) and a.module["seed"] == b.module["seed"] == 0
+    assert {k: v for k, v in a.module.items() if k != "noise_seed"} == {k: v for k, v in b.module.items()
+                                                                        if k != "noise_seed"}
+    assert a.record == {"alpha": 0.7, "beta": 0.1, "teacher_stage": "unlearn", "noise_seed": 3}
+    cfg["undo"]["noise_seeds"] = None  # one seed: the plain stage names, the model's noise_seed if it sets one
+    cfg["undo"]["model"]["noise_seed"] = 9
+    assert [s.module["noise_seed"] for s in plan(cfg) if s.name.startswith("undo_")] == [9, 9]
+    assert [s.name for s in plan(cfg) if s.name.startswith("undo_")] == ["undo_a0.3", "undo_a0.7"]
+    cfg["undo"]["noise_seeds"] = [1, 2]
+    with pytest.raises(ValueError, match="both model.noise_seed and noise_seeds"):
+        plan(cfg)
+    del cfg["undo"]["model"]["noise_seed"]
+    cfg["undo"]["noise_seeds"] = [1, 1]
+    with pytest.raises(ValueError, match=r"undo.noise_seeds=\[1, 1\]: expected distinct"):
+        plan(cfg)

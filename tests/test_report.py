@@ -314,3 +314,23 @@ def test_a_student_of_a_baseline_is_measured_against_its_own_teacher(run):
     assert m["match_reference"]["full_distill"] is False and m["distill_graddiff"]["full_distill"] is True
     md = (run / "report.md").read_text()
     assert "| distill_graddiff | 0.500 ± 0.000 [0.500, 0.500] (@200) | " in md and "0.500 [0.500, 0.500] (vs graddiff)" in md
+
+
+def test_undo_students_over_noise_seeds_are_summarised_per_alpha(run):
+    # a second noise seed of α 0.6: worst case at step 200 is 0.7 for both attack seeds -> RR (0.7 - 0.9) / -0.6
+    _add_stage(run, "undo_a0.6_n1", "student", [0.0, 0.3, 0.5, 0.7], teacher_stage="unlearn", student_init="teacher")
+    for name, seed in (("undo_a0.6_n1", 1), ("undo_a0.6", 0)):
+        record = json.loads((run / name / "metrics.json").read_text())
+        record.update({"alpha": 0.6, "beta": 0.1, "noise_seed": seed, "student_init": "teacher"})
+        (run / name / "metrics.json").write_text(json.dumps(record))
+    rep = write_report(run, steps=[300], attacks=["forget"], ddof=0)
+    [group] = rep["noise_seed_groups"]  # α 0.2 has one student: no group
+    assert (group["alpha"], group["beta"], group["noise_seeds"]) == (0.6, 0.1, [0, 1])
+    assert sorted(group["members"]) == ["undo_a0.6", "undo_a0.6_n1"]
+    # worst case 0.5 and 0.7; relative robustness 0.666667 and 0.333333
+    assert group["attacks"]["forget"]["worst_case"] == {"mean": 0.6, "std": 0.1, "min": 0.5, "max": 0.7}
+    rr = group["attacks"]["forget"]["relative_robustness"]
+    assert rr["mean"] == 0.5 and rr["min"] == 0.333333 and rr["max"] == 0.666667 and rr["std"] == 0.166667
+    md = (run / "report.md").read_text()
+    assert "## UNDO students over noise seeds" in md
+    assert "| 0.6 | 0.1 | 0, 1 | 0.600 ± 0.100 (range 0.500 – 0.700) | 0.500 ± 0.167 (range 0.333 – 0.667) |" in md

@@ -59,16 +59,20 @@ class ModelSection(StageSection):
 
 @dataclass
 class UndoSection(StageSection):
-    """UNDO: the teacher distilled into its own shrunk-and-perturbed copy, one stage ``undo_a<alpha>`` per alpha.
+    """UNDO: the teacher distilled into its own shrunk-and-perturbed copy, one stage ``undo_a<alpha>`` per alpha
+    (``undo_a<alpha>_n<noise seed>`` per alpha and noise seed when there are several noise seeds).
 
     Args:
         alphas: the noise mixes α (paper eq. 1); none: no UNDO stage.
+        noise_seeds: seeds of the noise draw N (paper eq. 1), one student per alpha and seed; the report then gives
+            each α's spread over noise seeds. Default: the experiment's ``seed`` only.
         model: ``DistillModule`` arguments shared by every alpha (``beta``, ``optimizer``, ``stop_threshold``, ...).
         data: ``RetainForgetDataModule`` arguments merged over the shared ``data:``.
         trainer: ``lightning.Trainer`` arguments merged over the shared ``trainer:``.
     """
 
     alphas: list[float] = field(default_factory=list)
+    noise_seeds: list[int] | None = None
 
 
 @dataclass

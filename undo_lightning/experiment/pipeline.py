@@ -125,14 +125,21 @@ def plan(cfg: dict) -> list[Stage]:
                             distill.get("trainer", {}), distill.get("data", {}),
                             {"alpha": None, "beta": None, "teacher_stage": "unlearn"}, hf=hf("distill")))
     undo = cfg.get("undo") or {}
+    if undo.get("noise_seeds") and "noise_seed" in undo.get("model", {}):
+        raise ValueError("undo: both model.noise_seed and noise_seeds are set; give the seeds as noise_seeds only")
+    noise_seeds = undo.get("noise_seeds") or [undo.get("model", {}).get("noise_seed", seed)]
+    if len(set(noise_seeds)) != len(noise_seeds):
+        raise ValueError(f"undo.noise_seeds={noise_seeds}: expected distinct integers")
     for alpha in undo.get("alphas", []):
-        module = {"teacher": hf("unlearn"), "student_init": "teacher", "seed": seed, "noise_seed": seed,
-                  **undo.get("model", {}), "alpha": float(alpha)}
-        name = f"undo_a{alpha:g}"
-        stages.append(Stage(name, Role.STUDENT, "undo_lightning.DistillModule", module,
-                            undo.get("trainer", {}), undo.get("data", {}),
-                            {"alpha": float(alpha), "beta": module.get("beta"), "teacher_stage": "unlearn"},
-                            hf=hf(name)))
+        for noise_seed in noise_seeds:
+            # the noise seed varies the noise draw only: data order and everything else stay those of `seed`
+            module = {"teacher": hf("unlearn"), "student_init": "teacher", "seed": seed, **undo.get("model", {}),
+                      "noise_seed": noise_seed, "alpha": float(alpha)}
+            name = f"undo_a{alpha:g}" + (f"_n{noise_seed}" if len(noise_seeds) > 1 else "")
+            stages.append(Stage(name, Role.STUDENT, "undo_lightning.DistillModule", module,
+                                undo.get("trainer", {}), undo.get("data", {}),
+                                {"alpha": float(alpha), "beta": module.get("beta"), "teacher_stage": "unlearn",
+                                 "noise_seed": noise_seed}, hf=hf(name)))
     stages += _students(cfg, stages, hf)
     return stages
 

@@ -235,7 +235,7 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
         role, alpha, beta = m.get("role"), m.get("alpha"), m.get("beta")
         val = m.get("val", {})
         entry: dict[str, Any] = {
-            "name": name, "role": role, "alpha": alpha, "beta": beta,
+            "name": name, "role": role, "alpha": alpha, "beta": beta, "noise_seed": m.get("noise_seed"),
             "full_distill": _is_full_distill(role, alpha, beta, m.get("student_init")),
             "retain_before": _num(val.get(retain_metric)), "forget_before": _num(val.get(metric)),
             "flops": flops_of(name), "relative_compute": math.nan,
@@ -287,8 +287,38 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
         "anchors": anchors,
         "attacks": {a: _attack_info(relearn_dir, a) for a in attacks},
         "models": models,
+        "noise_seed_groups": _noise_seed_groups(models, attacks, ddof),
         "curves": {a: {e["name"]: curves[a][e["name"]] for e in models if e["name"] in curves[a]} for a in attacks},
     }
+
+
+def _spread(values: list[float], ddof: int) -> dict[str, float]:
+    v = np.array([x for x in values if math.isfinite(x)])
+    if len(v) == 0:
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=ddof)) if len(v) > ddof else math.nan,
+            "min": float(v.min()), "max": float(v.max())}
+
+
+def _noise_seed_groups(models: list[dict], attacks: list[str], ddof: int) -> list[dict[str, Any]]:
+    """UNDO students of one α (and β and teacher) that differ only in their noise seed: the spread over noise seeds
+    of the worst case at the last requested step and of relative robustness, per attack setting."""
+    groups: dict[tuple, list[dict]] = {}
+    for e in models:
+        if _is_undo(e):
+            groups.setdefault((e["alpha"], e["beta"], e["teacher_anchor"]), []).append(e)
+    out = []
+    for (alpha, beta, _), members in groups.items():
+        if len(members) < 2:
+            continue
+        out.append({"alpha": alpha, "beta": beta, "members": [e["name"] for e in members],
+                    "noise_seeds": [e["noise_seed"] for e in members],
+                    "attacks": {a: {"worst_case": _spread([e["attacks"][a]["after"][-1]["mean"] for e in members],
+                                                          ddof),
+                                    "relative_robustness": _spread([e["attacks"][a]["relative_robustness"]
+                                                                    for e in members], ddof)}
+                                for a in attacks}})
+    return out
 
 
 def _own_teacher(stages: dict[str, dict], m: dict) -> str | None:
@@ -423,6 +453,22 @@ def render_markdown(report: dict[str, Any]) -> str:
         if info.get("description"):
             lines += [info["description"][0].upper() + info["description"][1:] + ".", ""]
         lines += _table(head, rows)
+    if report["noise_seed_groups"]:
+        head = ["α", "β", "noise seeds"]
+        for attack in report["attacks"]:
+            head += [f"`{attack}`: worst {fm} @{last}", f"`{attack}`: rel. robustness @{last}"]
+        rows = []
+        for g in report["noise_seed_groups"]:
+            row = [_fmt(g["alpha"], "g"), _fmt(g["beta"], "g"), ", ".join(str(n) for n in g["noise_seeds"])]
+            for attack in report["attacks"]:
+                for key in ("worst_case", "relative_robustness"):
+                    d = g["attacks"][attack][key]
+                    row.append(f"{_fmt(d['mean'])} ± {_fmt(d['std'])} (range {_fmt(d['min'])} – {_fmt(d['max'])})"
+                               if math.isfinite(d["mean"]) else "–")
+            rows.append(row)
+        lines += ["", "## UNDO students over noise seeds", "",
+                  "Each α's students differ only in the noise draw N (paper eq. 1): mean ± std over noise seeds of "
+                  "their seed-mean values above.", "", *_table(head, rows)]
     lines += [
         "",
         "**Legend**", "",
@@ -548,14 +594,20 @@ def _plot_tradeoff(report: dict, path: Path, y: str) -> None:
 
     fig, ax = _new_figure()
     styles = _styles(report["models"])
-    undo = sorted((e for e in report["models"] if _is_undo(e)),
-                  key=lambda e: e["alpha"])
-    pts = [(e["relative_compute"], yval(e), e) for e in undo]
-    pts = [(x, v, e) for x, v, e in pts if math.isfinite(x) and math.isfinite(v)]
+    by_alpha: dict[float, list[tuple[float, float]]] = {}  # students of one α over noise seeds: one point, ± std
+    for e in report["models"]:
+        x, v = e["relative_compute"], yval(e)
+        if _is_undo(e) and math.isfinite(x) and math.isfinite(v):
+            by_alpha.setdefault(e["alpha"], []).append((x, v))
+    pts = [(float(np.mean([x for x, _ in xy])), float(np.mean([v for _, v in xy])),
+            float(np.std([v for _, v in xy])), alpha) for alpha, xy in sorted(by_alpha.items())]
     if pts:
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue", label="UNDO (α sweep)")
-        for x, v, e in pts:
-            ax.annotate(f"α={e['alpha']:g}", (x, v), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        several = any(len(xy) > 1 for xy in by_alpha.values())
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts] if several else None,
+                    fmt="o-", color="tab:blue", capsize=3,
+                    label="UNDO (α sweep" + (", mean ± std over noise seeds)" if several else ")"))
+        for x, v, _, alpha in pts:
+            ax.annotate(f"α={alpha:g}", (x, v), textcoords="offset points", xytext=(5, 5), fontsize=8)
     xs = [p[0] for p in pts]
     for e in report["models"]:
         x, v = e["relative_compute"], yval(e)
