@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from conftest import small_datamodule
@@ -36,10 +37,31 @@ def test_oracle_mixture_has_no_forget_data(tokenizer):
 def test_mixture_respects_probabilities(tokenizer):
     dm = small_datamodule(tokenizer, docs=4000, mixture={"retain": 0.8, "forget": 0.2})
     dm.setup()
-    docs = dm._mixture_docs()
+    docs, is_forget = dm._mixture_docs()
     forget = {tuple(d) for d in dm._docs[("forget", "train")]}
-    share = sum(tuple(d) in forget for d in docs) / len(docs)
+    assert is_forget == [tuple(d) in forget for d in docs]  # the flags name each document's split
+    share = sum(is_forget) / len(docs)
     assert 0.17 < share < 0.23
+
+
+def test_forget_tokens_per_block_and_in_mixture_batches(tokenizer):
+    from undo_lightning.data.module import forget_tokens_per_block, pack_documents
+
+    docs = [np.arange(n) for n in (3, 7, 2, 9, 4)]
+    flags = [False, True, True, False, True]
+    # slow reference: the packed stream token by token, each token (separator included) labelled by its document
+    labels = [f for doc, f in zip(docs, flags) for _ in range(len(doc) + 1)]
+    blocks = pack_documents(docs, 5, separator_id=99)
+    expected = [sum(labels[i * 5:(i + 1) * 5]) for i in range(blocks.shape[0])]
+    assert forget_tokens_per_block(docs, flags, 5).tolist() == expected == [1, 5, 5, 0, 0, 5]
+    # the mixture loader's batches carry each row's forget-token count
+    dm = small_datamodule(tokenizer, mixture={"retain": 0.5, "forget": 0.5})
+    dm.trainer = _FakeTrainer("mixture")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["forget_tokens"].shape == (batch["input_ids"].shape[0],)
+    assert 0 < int(batch["forget_tokens"].sum()) < batch["input_ids"].numel()
+    dm.trainer = _FakeTrainer("forget")
+    assert "forget_tokens" not in next(iter(dm.train_dataloader()))
 
 
 class _FakeModule:

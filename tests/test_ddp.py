@@ -79,6 +79,9 @@ def test_two_rank_ddp_equals_one_process_with_the_combined_batch(tmp_path):
 
     assert ddp["global_step"] == single["global_step"] == 4
     assert ddp["compute"]["tokens"] == single["compute"]["tokens"] == 4 * 8 * 24  # steps x blocks x block size
+    # per split too: each rank counts its own rows' forget tokens, summed over ranks
+    assert ddp["compute"]["tokens_by_split"] == single["compute"]["tokens_by_split"]
+    assert 0 < ddp["compute"]["tokens_by_split"]["forget"] < ddp["compute"]["tokens"]
     final = {name: json.loads((tmp_path / name / "final_evaluation.json").read_text()) for name in ("ddp", "single")}
     for ddp_val, single_val in ((ddp["val"], single["val"]), (final["ddp"], final["single"])):
         assert ddp_val.keys() == single_val.keys()

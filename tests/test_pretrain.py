@@ -35,6 +35,7 @@ def test_short_pretraining_learns_and_exports(tokenizer, tmp_path):
     assert module.tokens_seen == 150 * 16 * 32
     record = json.loads((root / "metrics.json").read_text())
     assert record["compute"]["tokens"] == 150 * 16 * 32
+    assert record["compute"]["tokens_by_split"] == {"retain": 150 * 16 * 32, "forget": 0}  # the oracle's mixture
     assert record["compute"]["flops"] == 6 * record["parameters"] * record["compute"]["tokens"]
     assert record["val"]["val/retain_acc"] == after["val/retain_acc"] and record["global_step"] == 150
     assert (root / "checkpoints" / "last.ckpt").is_file()

@@ -36,6 +36,10 @@ STAGES = {  # name: (role, alpha, beta, retain_acc, forget_acc, flops, tokens, w
 }
 
 
+SPLIT_TOKENS = {"reference": {"tokens_by_split": {"retain": 1_000_000, "forget": 1_000_000}},
+                "oracle": {"tokens_by_split": {"retain": 1_000_000, "forget": 0}}}
+
+
 def ce(acc):  # a forget CE that falls as accuracy rises, for the mode="min" (language-style) check
     return round(3.0 - 2.0 * acc, 10)
 
@@ -46,7 +50,8 @@ def make_run(root, retain_override=None):
         (root / name / "metrics.json").write_text(json.dumps({
             "stage": name, "role": role, "alpha": alpha, "beta": beta,
             "val": {"val/retain_acc": ret, "val/forget_acc": fgt, "val/retain_ce": 1.0, "val/forget_ce": ce(fgt)},
-            "compute": {"tokens": tokens, "flops": flops}, "wall_time_s": wall, "global_step": 100}))
+            "compute": {"tokens": tokens, "flops": flops, **SPLIT_TOKENS.get(name, {})}, "wall_time_s": wall,
+            "global_step": 100}))
     for model, runs in FORGET.items():
         for (lr, seed), acc in runs.items():
             d = root / "relearn" / model / f"lr={lr}_seed={seed}"
@@ -133,8 +138,12 @@ def test_report_json_numbers(run):
 def test_report_md_rows(run):
     write_report(run, steps=[50, 100, 300])
     md = (run / "report.md").read_text()
-    assert ("| model | role | α | β | retain_acc before | forget_acc before | rel. compute | wall time (s) | tokens |"
-            ) in md
+    assert ("| model | role | α | β | retain_acc before | forget_acc before | rel. compute | wall time (s) | "
+            "tokens (retain / forget) |") in md
+    # the anchors' exposure to each split is stated
+    assert "- reference `reference` trained on 2,000,000 (1,000,000 / 1,000,000) tokens" in md
+    assert "- oracle `oracle` trained on 1,000,000 (1,000,000 / 0) tokens" in md
+    assert "| oracle | oracle | – | – | 0.940 | 0.050 | 100 % | 10.0 | 1,000,000 (1,000,000 / 0) |" in md
     assert "| undo_a0.6 | student | 0.6 | 0.1 | 0.920 | 0.030 | 25 % | 7.5 | 250,000 |" in md
     assert "| maxent_sam | baseline | – | – | 0.900 | 0.100 | 15 % | 6.0 | 150,000 |" in md
     # one table per attack setting, forget first

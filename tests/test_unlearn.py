@@ -98,6 +98,7 @@ def test_maxent_raises_forget_entropy_and_exports(reference, tokenizer, tmp_path
                                                                          "convex": False}
     assert not record["repnoise"] and not record["sam"]
     assert record["compute"]["tokens"] == 12 * 2 * 16 * 32  # forget + retain tokens
+    assert record["compute"]["tokens_by_split"] == {"retain": 12 * 16 * 32, "forget": 12 * 16 * 32}
     assert record["compute"]["flops"] == 6 * record["parameters"] * record["compute"]["tokens"]
     assert record["val"]["val/forget_ce"] > 2.0
     exported = build_model(str(root / "hf"), tokenizer)

@@ -82,21 +82,45 @@ def pack_documents(docs, block_size: int, separator_id: int) -> torch.Tensor:
     return torch.from_numpy(stream[: n * block_size].reshape(n, block_size))
 
 
+def forget_tokens_per_block(docs, is_forget, block_size: int) -> torch.Tensor:
+    """How many tokens of each block :func:`pack_documents` makes come from forget documents (a document's separator
+    counts with it).
+
+    Args:
+        docs: token ids per document, as given to :func:`pack_documents`.
+        is_forget: one flag per document.
+        block_size: tokens per block ``T``.
+
+    Returns:
+        ``[num_blocks]`` int64 tensor.
+    """
+    mask = np.repeat(np.asarray(is_forget, dtype=np.int64), [len(doc) + 1 for doc in docs])
+    n = len(mask) // block_size
+    return torch.from_numpy(mask[: n * block_size].reshape(n, block_size).sum(axis=1))
+
+
 class _Blocks(Dataset):
-    def __init__(self, blocks: torch.Tensor) -> None:
-        self.blocks = blocks
+    """Packed blocks; with ``forget_tokens`` (mixture blocks) each item also says how many of its tokens are forget
+    data, so a stage can count the tokens it saw per split."""
+
+    def __init__(self, blocks: torch.Tensor, forget_tokens: torch.Tensor | None = None) -> None:
+        self.blocks, self.forget_tokens = blocks, forget_tokens
 
     def __len__(self) -> int:
         return self.blocks.shape[0]
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.blocks[i]
+    def __getitem__(self, i: int):
+        return self.blocks[i] if self.forget_tokens is None else (self.blocks[i], self.forget_tokens[i])
 
 
-def _collate_blocks(rows: list[torch.Tensor], split: str) -> dict:
-    ids = torch.stack(rows)
-    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids), "split": split,
-            "kind": BatchKind.LM}
+def _collate_blocks(rows: list, split: str) -> dict:
+    mixed = isinstance(rows[0], tuple)
+    ids = torch.stack([r[0] for r in rows] if mixed else rows)
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids), "split": split,
+             "kind": BatchKind.LM}
+    if mixed:
+        batch["forget_tokens"] = torch.stack([r[1] for r in rows])  # [B]: tokens of each row from forget documents
+    return batch
 
 
 class EvalShard(DistributedSampler):
@@ -250,6 +274,7 @@ class RetainForgetDataModule(L.LightningDataModule):
         self._tokenizer = None
         self._docs: dict[tuple[str, str], list[np.ndarray]] = {}
         self._blocks: dict[str, torch.Tensor] = {}
+        self._forget_tokens: torch.Tensor | None = None  # [N]: forget tokens per mixture block
         self.eval_sets: dict[str, list[EvalItem]] = {}
         self.eval_set_split: dict[str, str] = {}
         self.eval_set_group: dict[str, str] = {}  # set name -> group, e.g. "mul_equation" -> "equation"
@@ -342,13 +367,16 @@ class RetainForgetDataModule(L.LightningDataModule):
         if kind not in self._blocks:
             self.setup()
             if kind == "mixture":
-                self._blocks[kind] = self._pack(self._mixture_docs(), f"mixture {self.mixture}")
+                docs, is_forget = self._mixture_docs()
+                self._blocks[kind] = self._pack(docs, f"mixture {self.mixture}")
+                self._forget_tokens = forget_tokens_per_block(docs, is_forget, self.block_size)
             else:
                 self._blocks[kind] = self._pack(self._docs[(kind, "train")], f"{kind} train")
         return self._blocks[kind]
 
-    def _mixture_docs(self) -> list[np.ndarray]:
-        """Draws documents from the splits with ``mixture`` probabilities, each split's pool shuffled and cycled."""
+    def _mixture_docs(self) -> tuple[list[np.ndarray], list[bool]]:
+        """Draws documents from the splits with ``mixture`` probabilities, each split's pool shuffled and cycled;
+        returns them and whether each is a forget document."""
         rng = random.Random(self.order_seed)
         pools = {s: self._docs[(s, "train")] for s, p in self.mixture.items() if p > 0}
         orders = {s: rng.sample(range(len(pool)), len(pool)) for s, pool in pools.items()}
@@ -356,11 +384,12 @@ class RetainForgetDataModule(L.LightningDataModule):
         total = sum(len(p) for p in pools.values())
         names, weights = list(pools), [self.mixture[s] for s in pools]
         cursor = dict.fromkeys(pools, 0)
-        docs = []
+        docs, is_forget = [], []
         for split in rng.choices(names, weights=weights, k=total):
             docs.append(pools[split][orders[split][cursor[split] % len(pools[split])]])
+            is_forget.append(split == "forget")
             cursor[split] += 1
-        return docs
+        return docs, is_forget
 
     # ---------------------------------------------------------------------------------------------- loaders
     def _train_kind(self) -> str:
@@ -380,7 +409,8 @@ class RetainForgetDataModule(L.LightningDataModule):
     def _train_loader(self, blocks: torch.Tensor, split: str, batches_per_epoch: int) -> DataLoader:
         sampler = StepSampler(blocks.shape[0], self.batch_size, batches_per_epoch, self.order_seed + _SPLIT_SEED[split],
                               self._start_batch, self._rank_world)
-        return DataLoader(_Blocks(blocks), batch_size=self.batch_size, sampler=sampler, drop_last=True,
+        dataset = _Blocks(blocks, self._forget_tokens if split == "mixture" else None)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, collate_fn=partial(_collate_blocks, split=split))
 
     def _epoch_batches(self, *sizes: int) -> int:

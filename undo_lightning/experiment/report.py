@@ -240,6 +240,7 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
             "retain_before": _num(val.get(retain_metric)), "forget_before": _num(val.get(metric)),
             "flops": flops_of(name), "relative_compute": math.nan,
             "tokens": m.get("compute", {}).get("tokens"), "wall_time_s": _num(m.get("wall_time_s")),
+            "tokens_by_split": m.get("compute", {}).get("tokens_by_split"),
             "global_step": m.get("global_step"),
             # a student that reached its step budget without meeting the stop rule (not a converged student)
             "budget_hit": m.get("budget_hit"),
@@ -385,6 +386,16 @@ def _interval(ci: Sequence[float] | None) -> str:
     return f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _tokens(e: dict) -> str:
+    """``409,600 (204,800 / 204,800)``: trained tokens, and per split (retain / forget) when recorded."""
+    tokens = e["tokens"]
+    if not (isinstance(tokens, (int, float)) and math.isfinite(tokens)):
+        return "–"
+    split = e.get("tokens_by_split") or {}
+    parts = f" ({split['retain']:,} / {split['forget']:,})" if {"retain", "forget"} <= set(split) else ""
+    return f"{int(tokens):,}{parts}"
+
+
 def _attack_title(name: str, info: dict[str, Any]) -> str:
     trained = {"forget": "fine-tuned on forget data", "retain": "fine-tuned on retain data only",
                "mixture": "fine-tuned on the retain/forget mixture"}.get(info.get("train_on") or "", "no runs")
@@ -404,18 +415,20 @@ def render_markdown(report: dict[str, Any]) -> str:
     fm, rm = _short(report["metric"]), _short(report["retain_metric"])
     last = report["relative_robustness_step"]
     level = f"{report['interval']['level']:.0%}"
-    head = ["model", "role", "α", "β", f"{rm} before", f"{fm} before", "rel. compute", "wall time (s)", "tokens"]
+    head = ["model", "role", "α", "β", f"{rm} before", f"{fm} before", "rel. compute", "wall time (s)",
+            "tokens (retain / forget)"]
     rows = []
     for e in report["models"]:
         rc = e["relative_compute"]
         rel_compute = f"{rc * 100:.3g} %" if rc is not None and math.isfinite(rc) else "–"
-        tokens = e["tokens"]
-        tokens = f"{int(tokens):,}" if isinstance(tokens, (int, float)) and math.isfinite(tokens) else "–"
+        tokens = _tokens(e)
         name = f"{e['name']} ⚠ budget hit" if e.get("budget_hit") else e["name"]
         rows.append([name, str(e["role"]), _fmt(e["alpha"], "g"), _fmt(e["beta"], "g"), _fmt(e["retain_before"]),
                      _fmt(e["forget_before"]), rel_compute, _fmt(e["wall_time_s"], ".1f"), tokens])
     better = "higher" if report["mode"] == "max" else "lower"
     anchors = report["anchors"]
+    by_name = {e["name"]: e for e in report["models"]}
+    reference = next((e["name"] for e in report["models"] if e["role"] == Role.REFERENCE), None)
     bound = (f"LR runs whose `{report['retain_metric']}` dropped more than {report['max_retain_drop']} below its "
              f"step-0 value are excluded at that step" if report["max_retain_drop"] is not None else "none")
     lines = [
@@ -425,7 +438,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         (f"- attacks: {', '.join(f'`{a}`' for a in report['attacks'])}; anchors: oracle = "
          f"{_anchor(anchors['oracle'])}, unlearn-only = {_anchor(anchors['teacher'])}"),
         f"- utility bound: {bound}",
-        f"- compute basis: {report['compute_basis']}", "",
+        f"- compute basis: {report['compute_basis']}",
+        *(f"- {role} `{anchor}` trained on {_tokens(by_name[anchor])} tokens" for role, anchor in
+          (("reference", reference), ("oracle", anchors["oracle"])) if anchor in by_name), "",
         "## Models before the attack", "",
         *_table(head, rows),
     ]

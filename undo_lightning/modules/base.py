@@ -209,6 +209,21 @@ class UndoModule(L.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         n = sum(b["attention_mask"].sum() for b in batches) * world
         self._counts[counter] = self._counts.get(counter, 0) + n
+        if counter != "tokens":
+            return
+        for b in batches:  # the trained tokens per split as well: what the report states for its anchors
+            tokens = b["attention_mask"].sum() * world
+            if "forget_tokens" in b:  # mixture blocks: each row says how many of its tokens are forget data
+                forget = b["forget_tokens"].sum()
+                if world > 1:  # ranks hold different rows: one all-reduce of a scalar, no host sync
+                    forget = self.trainer.strategy.reduce(forget.to(self.device), reduce_op="sum")
+                parts = {"retain": tokens - forget, "forget": forget}
+            elif b.get("split") in ("retain", "forget"):
+                parts = {b["split"]: tokens}
+            else:
+                continue
+            for split, count in parts.items():
+                self._counts[f"tokens_{split}"] = self._counts.get(f"tokens_{split}", 0) + count
 
     def counted(self, counter: str = "tokens") -> int:
         """The value of a token counter (read on the host)."""
@@ -225,8 +240,13 @@ class UndoModule(L.LightningModule):
     def tokens_seen(self, value: int) -> None:
         self._counts["tokens"] = value
 
+    def tokens_by_split(self) -> dict[str, int]:
+        """Trained tokens per data split (``retain``/``forget``; blocks of a mixture counted by their documents)."""
+        return {split: self.counted(f"tokens_{split}") for split in ("retain", "forget")}
+
     def compute_summary(self) -> dict[str, float]:
-        return {"tokens": self.tokens_seen, "flops": self.tokens_seen * self.flops_per_token()}
+        return {"tokens": self.tokens_seen, "tokens_by_split": self.tokens_by_split(),
+                "flops": self.tokens_seen * self.flops_per_token()}
 
     # -------------------------------------------------------------------------------------------- validation
     def validation_metrics(self) -> ValidationMetrics:

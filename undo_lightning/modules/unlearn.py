@@ -265,7 +265,8 @@ class UnlearnModule(UndoModule):
         n = count_parameters(self.model)
         passes = 1 if self.automatic_optimization else 2  # SAM: forward + backward at θ and at θ + ε
         flops = self.tokens_seen * 6 * n * passes + self.frozen_tokens_seen * 2 * n
-        return {"tokens": self.tokens_seen, "frozen_tokens": self.frozen_tokens_seen, "flops": flops}
+        return {"tokens": self.tokens_seen, "tokens_by_split": self.tokens_by_split(),
+                "frozen_tokens": self.frozen_tokens_seen, "flops": flops}
 
     def summary(self) -> dict:
         options = {name: dataclasses.asdict(value) if value is not None else None
