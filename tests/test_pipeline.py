@@ -307,3 +307,22 @@ def test_noise_seeds_give_one_student_per_alpha_and_seed():
     cfg["undo"]["noise_seeds"] = [1, 1]
     with pytest.raises(ValueError, match=r"undo.noise_seeds=\[1, 1\]: expected distinct"):
         plan(cfg)
+
+
+def test_oracle_exposure_equal_retain_tokens_scales_its_step_budget():
+    cfg = load_config(SMOKE)
+    stages = {s.name: s for s in plan(cfg)}
+    assert stages["oracle"].trainer["max_steps"] == stages["reference"].trainer["max_steps"] == 30  # equal steps
+    cfg["oracle_exposure"] = "equal_retain_tokens"
+    stages = {s.name: s for s in plan(cfg)}
+    # the reference trains on a 50/50 mixture, the oracle on retain only: half the steps, the same retain tokens
+    assert stages["oracle"].trainer["max_steps"] == 15 and stages["reference"].trainer["max_steps"] == 30
+    assert stages["oracle"].record["exposure"] == "equal_retain_tokens"
+    cfg["oracle"] = {"data": {"batch_size": 8}}  # half the rows per step: back to 30 steps
+    assert {s.name: s for s in plan(cfg)}["oracle"].trainer["max_steps"] == 30
+    cfg["oracle"] = {"trainer": {"max_steps": 7}}
+    with pytest.raises(ValueError, match="remove oracle.trainer.max_steps"):
+        plan(cfg)
+    cfg["oracle"] = None
+    with pytest.raises(ValueError, match="needs a pretrained reference and a pretrained oracle"):
+        plan(cfg)

@@ -15,13 +15,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from undo_lightning.experiment.report import TradeoffY
 from undo_lightning.experiment.robustness import Mode
 from undo_lightning.io import json_safe
 from undo_lightning.modules.relearn import Attack
 
+#: how much the pretrained oracle trains relative to the reference (see ``ExperimentConfig.oracle_exposure``)
+OracleExposure = Literal["equal_steps", "equal_retain_tokens"]
 #: command-line options of ``undo pipeline`` that ``--print_config`` writes beside the experiment (not part of it)
 RUN_OPTIONS = ("overwrite", "only")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "arithmetic" / "quick.yaml"
@@ -176,6 +178,10 @@ class ExperimentConfig:
         reference: the model to unlearn (pretrained on retain + forget data, or an existing model).
         oracle: the data-filtering gold standard (pretrained on retain data only, or an existing model); ``null``:
             none (relative robustness and compute are then not available).
+        oracle_exposure: how much the pretrained oracle trains: ``equal_steps`` (default: the reference's step
+            budget, so with a 50/50 reference mixture the oracle sees twice the reference's retain tokens) or
+            ``equal_retain_tokens`` (its step budget scaled so that it sees the same retain tokens as the reference;
+            the authors kept add/sub exposure equal and filled the rest with English, which this data lacks).
         unlearn: the teacher (``UnlearnModule``).
         baselines: further ``UnlearnModule`` runs by name (merged over ``unlearn``), attacked like every model.
         students: further ``DistillModule`` runs by name (merged over ``distill``), attacked like every model. Their
@@ -197,6 +203,7 @@ class ExperimentConfig:
     pretrain: StageSection = field(default_factory=StageSection)
     reference: ModelSection | None = field(default_factory=ModelSection)
     oracle: ModelSection | None = field(default_factory=ModelSection)
+    oracle_exposure: OracleExposure = "equal_steps"
     unlearn: StageSection = field(default_factory=StageSection)
     baselines: dict[str, StageSection] = field(default_factory=dict)
     students: dict[str, StageSection] = field(default_factory=dict)

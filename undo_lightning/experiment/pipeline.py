@@ -106,6 +106,8 @@ def plan(cfg: dict) -> list[Stage]:
         stages.append(Stage(name, role, "undo_lightning.PretrainModule", {"seed": seed, **spec.get("model", {})},
                             spec.get("trainer", {}), deep_merge({"mixture": mixture}, spec.get("data")),
                             hf=str(out / name / "hf")))
+    if cfg.get("oracle_exposure", "equal_steps") == "equal_retain_tokens":
+        _equal_retain_tokens(cfg, stages)
     reference = stages[0].hf
     hf = lambda stage: str(out / stage / "hf")  # noqa: E731 - the hand-off convention of docs/architecture.md
     unlearn = cfg.get("unlearn", {})
@@ -142,6 +144,31 @@ def plan(cfg: dict) -> list[Stage]:
                                  "noise_seed": noise_seed}, hf=hf(name)))
     stages += _students(cfg, stages, hf)
     return stages
+
+
+def _equal_retain_tokens(cfg: dict, stages: list[Stage]) -> None:
+    """Scales the pretrained oracle's step budget so that it trains on as many retain tokens as the reference:
+    ``steps_oracle = steps_reference * tokens_per_step_reference * retain_share_reference /
+    (tokens_per_step_oracle * retain_share_oracle)``."""
+    reference, oracle = stages[0], next((s for s in stages if s.role == Role.ORACLE), None)
+    if oracle is None or oracle.evaluate_only or reference.evaluate_only:
+        raise ValueError("oracle_exposure=equal_retain_tokens: needs a pretrained reference and a pretrained oracle "
+                         "(an existing model's training data is not ours to scale); use equal_steps")
+    if "max_steps" in ((cfg.get("oracle") or {}).get("trainer") or {}):
+        raise ValueError("oracle_exposure=equal_retain_tokens sets the oracle's trainer.max_steps; remove "
+                         "oracle.trainer.max_steps (or use oracle_exposure: equal_steps)")
+    steps = deep_merge(cfg.get("trainer", {}), reference.trainer).get("max_steps")
+    if not (isinstance(steps, int) and steps > 0):
+        raise ValueError(f"oracle_exposure=equal_retain_tokens: the reference's trainer.max_steps={steps}; expected "
+                         "a positive step budget to scale")
+    ref, orc = _datamodule(cfg, reference.data), _datamodule(cfg, oracle.data)
+    ref_retain = ref.batch_size * ref.block_size * ref.mixture.get("retain", 0.0)
+    orc_retain = orc.batch_size * orc.block_size * orc.mixture.get("retain", 0.0)
+    if ref_retain <= 0 or orc_retain <= 0:
+        raise ValueError(f"oracle_exposure=equal_retain_tokens: retain shares reference {ref.mixture}, oracle "
+                         f"{orc.mixture}; both must train on retain data")
+    oracle.trainer = {**oracle.trainer, "max_steps": max(1, round(steps * ref_retain / orc_retain))}
+    oracle.record["exposure"] = "equal_retain_tokens"
 
 
 def _students(cfg: dict, stages: list[Stage], hf) -> list[Stage]:
