@@ -13,8 +13,10 @@ from undo_lightning.cli import _lightning_cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 PIPELINE_CONFIGS = {"quick.yaml", "paper.yaml", "smoke.yaml", "local.yaml", "pipeline.yaml"}  # experiment files read by `undo pipeline`
+CLAIMS_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "arithmetic", "claims", "*.yaml")))  # pipelines too
 DATA_CONFIGS = [c for c in CONFIGS if os.path.basename(c) == "data.yaml"]  # shared `data:` blocks of stage configs
-STAGE_CONFIGS = [c for c in CONFIGS if os.path.basename(c) not in PIPELINE_CONFIGS and c not in DATA_CONFIGS]
+STAGE_CONFIGS = [c for c in CONFIGS if os.path.basename(c) not in PIPELINE_CONFIGS and c not in DATA_CONFIGS
+                 and c not in CLAIMS_CONFIGS]
 
 
 def test_there_are_configs():
@@ -89,6 +91,43 @@ def test_pipeline_configs_validate(name):
         assert names[0] == "reference" and "unlearn" in names and any(n.startswith("undo_a") for n in names)
         with open(path) as f:
             assert f.readline().startswith("#")
+
+
+#: the stages each claims config must run (the paper's three arithmetic claims, one command each)
+CLAIM_STAGES = {
+    "oracle_matching.yaml": ["reference", "oracle", "unlearn", "match_reference", "match_random"],
+    "methods.yaml": ["reference", "oracle", "unlearn", "graddiff", "rmu", "distill", "distill_graddiff", "distill_rmu"],
+    "alpha_grid.yaml": ["reference", "oracle", "unlearn", "distill"]
+                       + [f"undo_a{a}_n{n}" for a in (0.1, 0.3, 0.5, 0.7, 0.9) for n in (0, 1)],
+}
+
+
+@pytest.mark.parametrize("path", CLAIMS_CONFIGS, ids=os.path.basename)
+def test_claims_configs_validate(path):
+    from undo_lightning.experiment.pipeline import attack_sweeps, load_config, validate
+
+    cfg = load_config(path)
+    stages = {s.name: s for s in validate(cfg)}
+    assert list(stages) == CLAIM_STAGES[os.path.basename(path)]
+    # every claim: both attacks, at least 3 attack seeds (the demo has 2)
+    sweeps = attack_sweeps(cfg)
+    assert list(sweeps) == ["forget", "heldout"] and all(len(s["seeds"]) >= 3 for s in sweeps.values())
+    assert cfg["out_dir"].startswith("runs/claims/")
+    if "match_reference" in stages:  # oracle matching: the oracle into the reference and into a random init
+        ref, rnd = stages["match_reference"], stages["match_random"]
+        assert ref.module["teacher"] == rnd.module["teacher"] == stages["oracle"].hf
+        assert (ref.module["student_init"], rnd.module["student_init"]) == (stages["reference"].hf, "random")
+        assert ref.trainer == rnd.trainer and "stop_threshold" not in ref.module  # equal compute, no stop rule
+    if "graddiff" in stages:  # each method's teacher distilled with the same settings
+        for method in ("graddiff", "rmu"):
+            student = stages[f"distill_{method}"]
+            assert student.module["teacher"] == stages[method].hf and student.record["teacher_stage"] == method
+            assert {k: v for k, v in student.module.items() if k != "teacher"} == \
+                {k: v for k, v in stages["distill"].module.items() if k != "teacher"}
+    if "undo_a0.1_n0" in stages:  # 2 noise seeds per alpha
+        assert stages["undo_a0.5_n1"].module["noise_seed"] == 1 and stages["undo_a0.5_n0"].module["noise_seed"] == 0
+    with open(path) as f:
+        assert f.readline().startswith("#")
 
 
 @pytest.mark.slow

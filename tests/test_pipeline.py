@@ -326,3 +326,17 @@ def test_oracle_exposure_equal_retain_tokens_scales_its_step_budget():
     cfg["oracle"] = None
     with pytest.raises(ValueError, match="needs a pretrained reference and a pretrained oracle"):
         plan(cfg)
+
+
+def test_deep_merge_merges_mappings_but_replaces_an_object_of_another_class():
+    from undo_lightning.experiment.pipeline import deep_merge
+
+    base = {"model": {"method": {"class_path": "undo_lightning.MaxEnt", "init_args": {"retain_weight": 1.0,
+                                                                                       "convex": False}},
+                      "optimizer": {"lr": 0.1, "schedule": "constant"}}}
+    same = deep_merge(base, {"model": {"method": {"init_args": {"retain_weight": 2.0}}, "optimizer": {"lr": 0.2}}})
+    assert same["model"]["method"]["init_args"] == {"retain_weight": 2.0, "convex": False}
+    assert same["model"]["optimizer"] == {"lr": 0.2, "schedule": "constant"}
+    other = deep_merge(base, {"model": {"method": {"class_path": "undo_lightning.RMU", "init_args": {"layer": 1}}}})
+    assert other["model"]["method"] == {"class_path": "undo_lightning.RMU", "init_args": {"layer": 1}}  # no MaxEnt args
+    assert base["model"]["method"]["init_args"] == {"retain_weight": 1.0, "convex": False}  # inputs untouched

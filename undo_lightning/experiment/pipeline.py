@@ -59,11 +59,14 @@ class Stage:
 
 
 def deep_merge(base: dict, override: dict | None) -> dict:
-    """``base`` updated recursively with ``override`` (per-stage settings override shared ones)."""
+    """``base`` updated recursively with ``override`` (per-stage settings override shared ones). An object of another
+    class (a different ``class_path``) replaces the base object whole: its ``init_args`` are another signature's."""
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else copy.deepcopy(value)
+        old = out.get(key)
+        merge = isinstance(value, dict) and isinstance(old, dict) and value.get("class_path", old.get("class_path")) \
+            == old.get("class_path")
+        out[key] = deep_merge(old, value) if merge else copy.deepcopy(value)
     return out
 
 
