@@ -92,6 +92,16 @@ def test_sweep_writes_runs_and_summary_then_resumes(tokenizer, models, tmp_path,
     assert count_runs == [] and small["lrs"] == [1e-3]
     np.testing.assert_allclose(small["models"]["teacher"]["worst_case"]["val/forget_ce"]["mean"],
                                _curve(tmp_path, "teacher", 1e-3)["metrics"]["val/forget_ce"])
+    # a sweep with other steps into the same folders refuses before running anything: finished runs are not deleted
+    count_runs.clear()
+    with pytest.raises(ValueError, match=r"finished attack run\(s\) of another configuration .*another out_dir"):
+        run_sweep(models, **{**kwargs, "steps": 6})
+    assert count_runs == [] and (kept / "curve.json").stat().st_mtime_ns == mtime
+    # under another setting name it runs beside them
+    run_sweep({"teacher": models["teacher"]}, **{**kwargs, "lrs": [1e-3], "steps": 6, "setting": "longer"})
+    longer = json.loads((run_folder(tmp_path, "teacher", 1e-3, 0, "longer") / "curve.json").read_text())
+    assert (longer["attack"], longer["train_on"], longer["steps"][-1]) == ("longer", "forget", 6)
+    assert (tmp_path / "relearn_summary_longer.json").is_file()
 
 
 def test_same_seed_same_curve_other_seed_differs(tokenizer, models, tmp_path):

@@ -176,6 +176,20 @@ def _finished(folder: Path, lr: float, seed: int, attack: str, steps: list[int])
             and math.isclose(float(curve.get("lr", math.nan)), lr, rel_tol=1e-12))
 
 
+def _check_no_foreign_runs(out_dir: str | Path, models: Mapping[str, str], lrs: Sequence[float],
+                           seeds: Sequence[int], setting: str, grid: list[int]) -> None:
+    """Refuses, before any run, to overwrite a FINISHED run of another configuration (other steps or evaluation
+    cadence) in a folder this sweep would use: e.g. ``undo relearn --out_dir`` pointed at a pipeline's run folder would
+    otherwise delete its attack runs and mix two attacks in one summary."""
+    foreign = [str(folder) for name in models for lr in lrs for seed in seeds
+               if (folder := run_folder(out_dir, name, lr, seed, setting) / "curve.json").is_file()
+               and not _finished(folder.parent, lr, seed, setting, grid)]
+    if foreign:
+        raise ValueError(f"{len(foreign)} finished attack run(s) of another configuration are in the way (e.g. "
+                         f"{foreign[0]}: other steps or evaluation cadence); attack into another out_dir, name this "
+                         "attack setting differently (setting=...), or delete those folders to redo them")
+
+
 @contextlib.contextmanager
 def _quiet():
     """Hides Lightning's per-run banners and transformers' loading bars during a sweep of many short runs."""
@@ -343,6 +357,7 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
     datamodule.train_blocks(attack)  # raises, naming the split, when the attack's training split is empty
     _check_vocabularies(models, len(datamodule.tokenizer))
     grid = expected_steps(steps, eval_every)
+    _check_no_foreign_runs(out_dir, models, lrs, seeds, setting, grid)
     total = len(models) * len(lrs) * len(seeds)
     log.info("attack setting %r, %s: %d models x %d LRs x %d seeds = %d runs of %d steps in %s", setting,
              ATTACK_DESCRIPTIONS[attack], len(models), len(lrs), len(seeds), total, steps, Path(out_dir) / "relearn")
@@ -356,7 +371,7 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
                     log.info("[%d/%d] %s lr=%s seed=%d: finished earlier, skipped", done, total, name,
                              format_lr(lr), seed)
                     continue
-                if folder.exists():  # interrupted or another configuration: start clean
+                if folder.exists():  # interrupted (no curve.json; finished foreign runs were refused above)
                     log.info("[%d/%d] %s lr=%s seed=%d: removing unfinished run folder %s", done, total, name,
                              format_lr(lr), seed, folder)
                     shutil.rmtree(folder)
