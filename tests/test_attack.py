@@ -190,18 +190,20 @@ def test_cli_with_a_stage_config(tmp_path, models, monkeypatch, capsys):
 data:
   forget:
     class_path: undo_lightning.ArithmeticSource
-    init_args: {operations: [mul, div], train_documents: 200, val_documents: 30}
+    init_args: {operations: [mul, div], train_documents: 200, val_documents: 30, eval_forms: [equation]}
   retain:
     class_path: undo_lightning.ArithmeticSource
-    init_args: {operations: [add, sub], train_documents: 200, val_documents: 30}
+    init_args: {operations: [add, sub], train_documents: 200, val_documents: 30, eval_forms: [equation]}
   block_size: 32
 """)
     main(["relearn", f"[t={models['teacher']}]", "--lrs", "[0.002]", "--steps", "2", "--eval_every", "1",
-          "--config", str(config), "--out_dir", str(tmp_path / "out"), "--eval_prompts_per_set", "2",
+          "--data_config", str(config), "--out_dir", str(tmp_path / "out"), "--eval_prompts_per_set", "2",
           "--batch_size", "4", "--accelerator", "cpu"])
     curve = _curve(tmp_path / "out", "t", 0.002)
     assert curve["steps"] == [0, 1, 2]
     summary = json.loads((tmp_path / "out" / "relearn_summary.json").read_text())
     assert summary["batch_size"] == 4 and summary["reference"] is None  # no model named 'reference' here
     out = capsys.readouterr().out
-    assert "worst case over LRs of val/forget_acc" in out and "val/forget_word_problem_acc" in out
+    # the stage config's data was used: equations only, so no word-problem metric (the default data has one)
+    assert "worst case over LRs of val/forget_acc" in out and "val/forget_equation_acc" in out
+    assert "word_problem" not in out and "word_problem" not in json.dumps(curve["metrics"])

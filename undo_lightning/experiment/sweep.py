@@ -305,7 +305,7 @@ def _check_vocabularies(models: Mapping[str, str], n_tokens: int) -> None:
             vocab = json.load(f).get("vocab_size")
         if vocab is not None and vocab < n_tokens:
             raise ValueError(f"model {name!r} ({path}) has vocab_size={vocab} but the data tokenizer has {n_tokens} "
-                             "tokens; attack it with the data/tokenizer it was trained on (config=...)")
+                             "tokens; attack it with the data/tokenizer it was trained on (data_config=...)")
 
 
 def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[int], out_dir: str | Path,
@@ -523,7 +523,7 @@ def _cell(value: float | None) -> str:
 
 def relearn_command(models: list[str], lrs: list[float] = list(CPU_LRS), seeds: list[int] = [0],  # noqa: B006
                     steps: int = 200, eval_every: int = 25, out_dir: str = "runs/arithmetic",
-                    attack: Attack = "forget", setting: str | None = None, config: str | None = None,
+                    attack: Attack = "forget", setting: str | None = None, data_config: str | None = None,
                     batch_size: int = 32, eval_prompts_per_set: int | None = 50, precision: str = "32-true",
                     report_steps: list[int] | None = None, reference: str | None = "reference",
                     recovery_fraction: float = 0.9, accelerator: str = "auto", devices: int = 1) -> None:
@@ -531,7 +531,7 @@ def relearn_command(models: list[str], lrs: list[float] = list(CPU_LRS), seeds: 
 
     Example (CPU arithmetic setting)::
 
-        undo relearn '[runs/arithmetic/reference/hf, runs/arithmetic/unlearn_maxent/hf]' --config \\
+        undo relearn '[runs/arithmetic/reference/hf, runs/arithmetic/unlearn_maxent/hf]' --data_config \\
             configs/arithmetic/pretrain.yaml
 
     Paper setting (docs/reference.md §8): ``--lrs '[1e-3,7e-4,4e-4,1e-4,7e-5,5e-5,1e-5,7e-6,4e-6,1e-6]' --steps 500
@@ -549,7 +549,8 @@ def relearn_command(models: list[str], lrs: list[float] = list(CPU_LRS), seeds: 
             (retain-only attack of "From Dormant to Deleted", arXiv 2505.22310) and still measures forget metrics;
             ``mixture`` fine-tunes on the config's retain/forget ``mixture``.
         setting: name of this attack setting (run folders ``..._seed=<s>_<setting>``; default: ``attack``).
-        config: a stage YAML whose ``data:`` section describes the data (default: the arithmetic setting).
+        data_config: a stage YAML whose ``data:`` section describes the data (default: the arithmetic setting).
+            Not ``--config``: that option is the command's own (a YAML of these options), as for every command.
         batch_size: attack batch size (overrides the config's).
         eval_prompts_per_set: evaluation prompts per answer-scored set (overrides the config's; ``null`` keeps it).
             Evaluation dominates a CPU sweep's cost.
@@ -563,7 +564,7 @@ def relearn_command(models: list[str], lrs: list[float] = list(CPU_LRS), seeds: 
     if not logging.getLogger().handlers and not log.handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.setLevel(logging.INFO)
-    data: dict[str, Any] = data_kwargs_from_config(config) if config else {}
+    data: dict[str, Any] = data_kwargs_from_config(data_config) if data_config else {}
     if eval_prompts_per_set is not None:
         data["eval_prompts_per_set"] = eval_prompts_per_set
     summary = run_sweep(parse_models(models), lrs, seeds, out_dir, steps, eval_every, batch_size=batch_size,
