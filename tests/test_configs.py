@@ -99,6 +99,9 @@ CLAIM_STAGES = {
     "methods.yaml": ["reference", "oracle", "unlearn", "graddiff", "rmu", "distill", "distill_graddiff", "distill_rmu"],
     "alpha_grid.yaml": ["reference", "oracle", "unlearn", "distill"]
                        + [f"undo_a{a}_n{n}" for a in (0.1, 0.3, 0.5, 0.7, 0.9) for n in (0, 1)],
+    "frontier.yaml": ["reference", "oracle", "unlearn", "distill", "undo_a0.2", "undo_a0.4", "undo_a0.6", "undo_a0.8",
+                      "beta0.5_a0.2", "beta0.5_a0.4", "beta1_a0.2", "mlp_only_a0.4", "attn_only_a0.4",
+                      "forget_heavy_a0.4", "retain_heavy_a0.4"],
 }
 
 
@@ -109,9 +112,11 @@ def test_claims_configs_validate(path):
     cfg = load_config(path)
     stages = {s.name: s for s in validate(cfg)}
     assert list(stages) == CLAIM_STAGES[os.path.basename(path)]
-    # every claim: both attacks, at least 3 attack seeds (the demo has 2)
+    # every claim: both attacks (the frontier search: the forget attack), at least 3 attack seeds (the demo has 2)
     sweeps = attack_sweeps(cfg)
-    assert list(sweeps) == ["forget", "heldout"] and all(len(s["seeds"]) >= 3 for s in sweeps.values())
+    frontier = os.path.basename(path) == "frontier.yaml"
+    assert list(sweeps) == (["forget"] if frontier else ["forget", "heldout"])
+    assert all(len(s["seeds"]) >= 3 for s in sweeps.values())
     assert cfg["out_dir"].startswith("runs/claims/")
     if "match_reference" in stages:  # oracle matching: the oracle into the reference and into a random init
         ref, rnd = stages["match_reference"], stages["match_random"]
@@ -124,6 +129,12 @@ def test_claims_configs_validate(path):
             assert student.module["teacher"] == stages[method].hf and student.record["teacher_stage"] == method
             assert {k: v for k, v in student.module.items() if k != "teacher"} == \
                 {k: v for k, v in stages["distill"].module.items() if k != "teacher"}
+    if frontier:  # each variant is the teacher's noised copy, distilled with the shared settings
+        for name in CLAIM_STAGES["frontier.yaml"][8:]:
+            assert stages[name].module["student_init"] == "teacher" and stages[name].record["alpha"] in (0.2, 0.4)
+            assert stages[name].module["stop_threshold"] == 0.05
+        assert stages["mlp_only_a0.4"].module["noise_include"] == "mlp"
+        assert stages["forget_heavy_a0.4"].data == {"mixture": {"retain": 0.1, "forget": 0.9}}
     if "undo_a0.1_n0" in stages:  # 2 noise seeds per alpha
         assert stages["undo_a0.5_n1"].module["noise_seed"] == 1 and stages["undo_a0.5_n0"].module["noise_seed"] == 0
     with open(path) as f:

@@ -263,7 +263,8 @@ def test_students_name_their_teacher_and_init_by_stage():
     out = Path(cfg["out_dir"])
     match = stages["match_reference"]
     assert (match.module["teacher"], match.module["student_init"]) == (str(out / "oracle/hf"), str(out / "reference/hf"))
-    assert match.record == {"alpha": None, "beta": None, "teacher_stage": "oracle", "student_init_stage": "reference"}
+    assert match.record == {"alpha": None, "beta": None, "teacher_stage": "oracle", "student_init_stage": "reference",
+                            "group": "students"}
     assert match.module["optimizer"] == cfg["distill"]["model"]["optimizer"]  # merged over the distill section
     assert match.trainer == cfg["distill"]["trainer"]
     graddiff = stages["distill_graddiff"]
@@ -295,7 +296,7 @@ def test_noise_seeds_give_one_student_per_alpha_and_seed():
     assert (a.module["noise_seed"], b.module["noise_seed"]) == (3, 4) and a.module["seed"] == b.module["seed"] == 0
     assert {k: v for k, v in a.module.items() if k != "noise_seed"} == {k: v for k, v in b.module.items()
                                                                         if k != "noise_seed"}
-    assert a.record == {"alpha": 0.7, "beta": 0.1, "teacher_stage": "unlearn", "noise_seed": 3}
+    assert a.record == {"alpha": 0.7, "beta": 0.1, "teacher_stage": "unlearn", "noise_seed": 3, "group": "undo"}
     cfg["undo"]["noise_seeds"] = None  # one seed: the plain stage names, the model's noise_seed if it sets one
     cfg["undo"]["model"]["noise_seed"] = 9
     assert [s.module["noise_seed"] for s in plan(cfg) if s.name.startswith("undo_")] == [9, 9]

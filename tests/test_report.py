@@ -332,6 +332,9 @@ def test_undo_students_over_noise_seeds_are_summarised_per_alpha(run):
         record = json.loads((run / name / "metrics.json").read_text())
         record.update({"alpha": 0.6, "beta": 0.1, "noise_seed": seed, "student_init": "teacher"})
         (run / name / "metrics.json").write_text(json.dumps(record))
+    # a noised student of the `students:` section with the same α is a point of its own, not a noise seed of α 0.6
+    _add_stage(run, "other_a0.6", "student", [0.0, 0.0, 0.0, 0.0], alpha=0.6, beta=0.1, noise_seed=2,
+               student_init="teacher", group="students")
     rep = write_report(run, steps=[300], attacks=["forget"], ddof=0)
     [group] = rep["noise_seed_groups"]  # α 0.2 has one student: no group
     assert (group["alpha"], group["beta"], group["noise_seeds"]) == (0.6, 0.1, [0, 1])
@@ -343,3 +346,22 @@ def test_undo_students_over_noise_seeds_are_summarised_per_alpha(run):
     md = (run / "report.md").read_text()
     assert "## UNDO students over noise seeds" in md
     assert "| 0.6 | 0.1 | 0, 1 | 0.600 ± 0.100 (range 0.500 – 0.700) | 0.500 ± 0.167 (range 0.333 – 0.667) |" in md
+
+
+def test_pareto_frontier_by_hand():
+    from undo_lightning.experiment.report import pareto_frontier
+
+    points = [("a", 0.5, 0.2), ("b", 0.3, 0.6), ("c", 0.8, 0.9), ("d", 0.3, 0.4),  # d: same compute, less robust
+              ("e", 0.9, 0.9),  # e: as robust as c, more compute
+              ("f", 0.2, float("nan")), ("g", 1.2, 0.95)]
+    assert pareto_frontier(points) == ["b", "c", "g"]
+    assert pareto_frontier([]) == [] and pareto_frontier([("x", 0.1, 0.1)]) == ["x"]
+
+
+def test_report_lists_the_students_frontier(run):
+    rep = write_report(run, steps=[300], attacks=["forget"])
+    # students: undo_a0.2 (compute 0.1, RR 0.166667), undo_a0.6 (0.25, 0.666667), distill (0.5, 0.916667)
+    assert rep["frontier"] == {"forget": ["undo_a0.2", "undo_a0.6", "distill"]}
+    md = (run / "report.md").read_text()
+    assert ("- attack `forget`: `undo_a0.2` (10 %, 0.167) → `undo_a0.6` (25 %, 0.667) → `distill` (50 %, 0.917)"
+            in md)

@@ -144,7 +144,7 @@ def plan(cfg: dict) -> list[Stage]:
             stages.append(Stage(name, Role.STUDENT, "undo_lightning.DistillModule", module,
                                 undo.get("trainer", {}), undo.get("data", {}),
                                 {"alpha": float(alpha), "beta": module.get("beta"), "teacher_stage": "unlearn",
-                                 "noise_seed": noise_seed}, hf=hf(name)))
+                                 "noise_seed": noise_seed, "group": "undo"}, hf=hf(name)))
     stages += _students(cfg, stages, hf)
     return stages
 
@@ -200,7 +200,7 @@ def _students(cfg: dict, stages: list[Stage], hf) -> list[Stage]:
         record = {"alpha": float(module.get("alpha", defaults["alpha"])) if noised else None,
                   "beta": float(module.get("beta", defaults["beta"])) if noised else None,
                   "teacher_stage": teacher if teacher in by_name else None,
-                  "student_init_stage": init if init in by_name else None}
+                  "student_init_stage": init if init in by_name else None, "group": "students"}
         out.append(Stage(name, Role.STUDENT, "undo_lightning.DistillModule", module, spec.get("trainer", {}),
                          spec.get("data", {}), record, hf=hf(name)))
         by_name[name] = out[-1]

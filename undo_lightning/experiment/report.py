@@ -236,6 +236,8 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
         val = m.get("val", {})
         entry: dict[str, Any] = {
             "name": name, "role": role, "alpha": alpha, "beta": beta, "noise_seed": m.get("noise_seed"),
+            # the pipeline section a stage came from ("undo" for the alpha sweep; None in hand-made folders)
+            "group": m.get("group"),
             "full_distill": _is_full_distill(role, alpha, beta, m.get("student_init")),
             "retain_before": _num(val.get(retain_metric)), "forget_before": _num(val.get(metric)),
             "flops": flops_of(name), "relative_compute": math.nan,
@@ -289,8 +291,29 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
         "attacks": {a: _attack_info(relearn_dir, a) for a in attacks},
         "models": models,
         "noise_seed_groups": _noise_seed_groups(models, attacks, ddof),
+        # students that no other student beats on both relative compute and relative robustness, per attack setting
+        "frontier": {a: pareto_frontier([(e["name"], e["relative_compute"], e["attacks"][a]["relative_robustness"])
+                                         for e in models if e["role"] == Role.STUDENT]) for a in attacks},
         "curves": {a: {e["name"]: curves[a][e["name"]] for e in models if e["name"] in curves[a]} for a in attacks},
     }
+
+
+def pareto_frontier(points: Sequence[tuple[str, float, float]]) -> list[str]:
+    """The robustness-per-compute frontier: points that no other point dominates.
+
+    A point ``(name, compute, robustness)`` is dominated by another with ``compute <= `` and ``robustness >=`` its
+    own, one of them strictly. Points with a NaN coordinate are left out.
+
+    Args:
+        points: ``(name, relative compute, relative robustness)`` per model.
+
+    Returns:
+        The names on the frontier, by increasing compute.
+    """
+    pts = [(n, c, r) for n, c, r in points if math.isfinite(c) and math.isfinite(r)]
+    front = [(c, n) for n, c, r in pts
+             if not any(c2 <= c and r2 >= r and (c2 < c or r2 > r) for _, c2, r2 in pts)]
+    return [n for _, n in sorted(front)]
 
 
 def _spread(values: list[float], ddof: int) -> dict[str, float]:
@@ -484,6 +507,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## UNDO students over noise seeds", "",
                   "Each α's students differ only in the noise draw N (paper eq. 1): mean ± std over noise seeds of "
                   "their seed-mean values above.", "", *_table(head, rows)]
+    if any(report["frontier"].values()):
+        lines += ["", "## Robustness per compute: the students' frontier", "",
+                  "Students that no other student beats on both relative compute and relative robustness @"
+                  f"{last}, cheapest first.", ""]
+        for attack, names in report["frontier"].items():
+            cells = [f"`{n}` ({by_name[n]['relative_compute'] * 100:.3g} %, "
+                     f"{by_name[n]['attacks'][attack]['relative_robustness']:.3f})" for n in names]
+            lines.append(f"- attack `{attack}`: " + (" → ".join(cells) if cells else "–"))
     lines += [
         "",
         "**Legend**", "",
@@ -518,8 +549,10 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _is_undo(e: dict) -> bool:
-    """An UNDO student: distilled into a noised copy of its teacher (it has an α)."""
-    return e["role"] == Role.STUDENT and not e["full_distill"] and e["alpha"] is not None
+    """A student of the UNDO α sweep: distilled into a noised copy of its teacher (it has an α) by the pipeline's
+    ``undo`` section (other noised students, e.g. another β, are points of their own)."""
+    return (e["role"] == Role.STUDENT and not e["full_distill"] and e["alpha"] is not None
+            and e.get("group") in (None, "undo"))
 
 
 def _styles(models: list[dict]) -> dict[str, dict[str, Any]]:
