@@ -341,3 +341,20 @@ def test_deep_merge_merges_mappings_but_replaces_an_object_of_another_class():
     other = deep_merge(base, {"model": {"method": {"class_path": "undo_lightning.RMU", "init_args": {"layer": 1}}}})
     assert other["model"]["method"] == {"class_path": "undo_lightning.RMU", "init_args": {"layer": 1}}  # no MaxEnt args
     assert base["model"]["method"]["init_args"] == {"retain_weight": 1.0, "convex": False}  # inputs untouched
+
+
+def test_collapse_guard_leaves_a_destroyed_teacher_unfinished(tmp_path):
+    from undo_lightning.experiment.pipeline import _check_collapse
+
+    cfg = load_config(SMOKE)
+    stages = {s.name: s for s in plan(cfg)}
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "reference" / "metrics.json").write_text(json.dumps({"val": {"val/retain_acc": 0.84}}))
+    collapsed = {"val": {"val/retain_acc": 0.0, "val/forget_acc": 0.0}}
+    with pytest.raises(ValueError, match=r"unlearn: retain accuracy fell from 0.840 \(reference\) to 0.000, more "
+                                         r"than collapse_guard=0.5.*model.optimizer.lr"):
+        _check_collapse(stages["unlearn"], cfg, tmp_path, collapsed)
+    _check_collapse(stages["unlearn"], cfg, tmp_path, {"val": {"val/retain_acc": 0.40}})  # a drop of 0.44 passes
+    _check_collapse(stages["distill"], cfg, tmp_path, collapsed)  # students are not unlearning stages
+    _check_collapse(stages["unlearn"], {**cfg, "collapse_guard": None}, tmp_path, collapsed)  # guard off
+    _check_collapse(stages["unlearn"], cfg, tmp_path, {"val": {"val/retain_ce": 9.0}})  # no accuracy: not guarded

@@ -316,11 +316,30 @@ def run_stage(stage: Stage, cfg: dict, out: Path) -> dict:
     metrics = json.loads((root / "metrics.json").read_text())
     metrics.update({"role": stage.role.value, **stage.record})
     write_json_atomic(str(root / "metrics.json"), metrics)
+    _check_collapse(stage, cfg, out, metrics)
     (root / DONE).write_text(f"{time.perf_counter() - started:.1f}\n")  # written last: the stage is complete
     _log(f"{stage.name}: finished in {time.perf_counter() - started:.1f} s "
          f"(retain_acc={metrics['val'].get('val/retain_acc', float('nan')):.3f}, "
          f"forget_acc={metrics['val'].get('val/forget_acc', float('nan')):.3f})")
     return metrics
+
+
+def _check_collapse(stage: Stage, cfg: dict, out: Path, metrics: dict) -> None:
+    """An unlearning stage must keep the reference's retain accuracy within ``collapse_guard``; one that does not is
+    left unfinished (no ``DONE``) with a message, instead of becoming the teacher of every later stage."""
+    limit = cfg.get("collapse_guard")
+    reference = out / "reference" / "metrics.json"
+    if limit is None or stage.role not in (Role.TEACHER, Role.BASELINE) or not reference.is_file():
+        return
+    before = json.loads(reference.read_text())["val"].get("val/retain_acc")
+    after = metrics["val"].get("val/retain_acc")
+    if before is None or after is None or before - after <= limit:
+        return  # a setting without answer accuracy (language: CE) is not guarded
+    raise ValueError(f"{stage.name}: retain accuracy fell from {before:.3f} (reference) to {after:.3f}, more than "
+                     f"collapse_guard={limit}: the unlearning destroyed the model instead of removing the forget "
+                     f"capability. Lower the stage's learning rate (model.optimizer.lr) or raise its method's "
+                     f"retain weight, then re-run with --overwrite (or delete {out / stage.name}); collapse_guard: "
+                     "null turns the guard off")
 
 
 def attack_sweeps(cfg: dict) -> dict[str, dict[str, Any]]:
