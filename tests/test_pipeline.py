@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -223,7 +224,7 @@ def test_bad_reference_or_oracle_section(section, match):
         plan(cfg)
 
 
-def test_each_attack_setting_is_one_sweep_with_its_own_data(monkeypatch, tmp_path):
+def test_each_attack_setting_is_one_sweep_with_its_own_data(monkeypatch, tmp_path, capsys):
     """`relearn: {data: ...}` is merged into the shared data for every attack setting, each setting's `data:` over
     that, for the sweep only; each setting is one sweep under its own name."""
     import undo_lightning.experiment.sweep as attack
@@ -235,8 +236,17 @@ def test_each_attack_setting_is_one_sweep_with_its_own_data(monkeypatch, tmp_pat
         "heldout": {"data": {"forget": {"init_args": {"eval_fact_fraction": 0.5}}}},
         "authors_mix": {"train_on": "mixture", "data": {"mixture": {"retain": 0.875, "forget": 0.125}}}}}
     seen = []
-    monkeypatch.setattr(attack, "run_sweep", lambda **kwargs: seen.append(kwargs))
+
+    def sweep(**kwargs):
+        seen.append(kwargs)
+        attack.log.info("[1/1] %s: one attack run", kwargs["setting"])
+
+    monkeypatch.setattr(attack, "run_sweep", sweep)
     run_relearn(cfg, tmp_path, plan(cfg))
+    # the sweep's per-run lines reach the console in the pipeline's format, and only while the pipeline attacks
+    err = capsys.readouterr().err
+    assert re.search(r"\[undo pipeline \d\d:\d\d:\d\d\] relearn: \[1/1\] heldout: one attack run", err)
+    assert not attack.log.handlers
     assert [(s["setting"], s["attack"]) for s in seen] == [
         ("forget", "forget"), ("heldout", "forget"), ("authors_mix", "mixture")]
     data = {s["setting"]: RetainForgetDataModule.config_kwargs(s["data"]) for s in seen}

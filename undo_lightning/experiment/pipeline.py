@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import sys
@@ -374,8 +375,21 @@ def run_relearn(cfg: dict, out: Path, stages: list[Stage]) -> None:
     sweeps = attack_sweeps(cfg)
     _log(f"relearn: attacking {len(models)} models with {len(sweeps)} attack setting(s): {', '.join(sweeps)}")
     started = time.perf_counter()
-    for sweep in sweeps.values():
-        run_sweep(models=models, out_dir=str(out), **sweep)
+    # the sweep's one line per attack run, in the pipeline's own format: a long attack phase is not silent
+    sweep_log = logging.getLogger("undo_lightning.experiment.sweep")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[undo pipeline %(asctime)s] relearn: %(message)s", "%H:%M:%S"))
+    level, propagate = sweep_log.level, sweep_log.propagate
+    sweep_log.addHandler(handler)
+    sweep_log.setLevel(logging.INFO)
+    sweep_log.propagate = False
+    try:
+        for sweep in sweeps.values():
+            run_sweep(models=models, out_dir=str(out), **sweep)
+    finally:
+        sweep_log.removeHandler(handler)
+        sweep_log.setLevel(level)
+        sweep_log.propagate = propagate
     _log(f"relearn: finished in {time.perf_counter() - started:.1f} s")
 
 
