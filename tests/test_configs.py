@@ -38,7 +38,8 @@ def test_shared_data_blocks_parse_and_reach_the_stages_that_name_them(path, tmp_
         cli = _lightning_cli(["--config", stage, f"--trainer.default_root_dir={tmp_path}"], run=False)
         assert (cli.datamodule.block_size, cli.datamodule.mixture) == (expected["block_size"], expected["mixture"])
         assert cli.datamodule.forget.operations == expected["forget"].operations
-        assert data_kwargs_from_config(stage)["retain"] == expected["retain"]  # `undo relearn --data_config` reads it too
+        # `undo relearn --data_config` reads it too
+        assert data_kwargs_from_config(stage)["retain"] == expected["retain"]
 
 
 @pytest.mark.parametrize("path", STAGE_CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))

@@ -272,7 +272,8 @@ def test_students_name_their_teacher_and_init_by_stage():
     stages = {s.name: s for s in plan(cfg)}
     out = Path(cfg["out_dir"])
     match = stages["match_reference"]
-    assert (match.module["teacher"], match.module["student_init"]) == (str(out / "oracle/hf"), str(out / "reference/hf"))
+    assert (match.module["teacher"], match.module["student_init"]) == (str(out / "oracle/hf"),
+                                                                       str(out / "reference/hf"))
     assert match.record == {"alpha": None, "beta": None, "teacher_stage": "oracle", "student_init_stage": "reference",
                             "group": "students"}
     assert match.module["optimizer"] == cfg["distill"]["model"]["optimizer"]  # merged over the distill section

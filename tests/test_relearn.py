@@ -110,10 +110,13 @@ def test_mixture_attack_trains_on_the_configured_mix(tokenizer, micro_folder, tm
     tiny_trainer(tmp_path, max_steps=60, val_check_interval=60, callbacks=[Spy()]).fit(module, datamodule=dm)
     assert {b["split"] for b in seen} == {"mixture"} and len(seen) == 60
     ids = torch.cat([b["input_ids"] for b in seen]).flatten()
-    count = lambda symbols: int(sum((ids == tokenizer.convert_tokens_to_ids("▁" + s)).sum() for s in symbols))  # noqa: E731
+    def count(symbols):
+        return int(sum((ids == tokenizer.convert_tokens_to_ids("▁" + s)).sum() for s in symbols))
+
     # ~2000 documents over 60 batches of 8 x 32 tokens: the forget share within a few binomial standard deviations
     assert 0.09 < count("*/") / count("*/+-") < 0.16
     curve = json.loads((tmp_path / "curve.json").read_text())
-    assert (curve["attack"], curve["train_on"]) == ("authors_mix", "mixture") and "MIXTURE" in curve["attack_description"]
+    assert (curve["attack"], curve["train_on"]) == ("authors_mix", "mixture")
+    assert "MIXTURE" in curve["attack_description"]
     with pytest.raises(ValueError, match="attack setting name 'a/b'"):
         RelearnAttackModule(model=micro_folder, attack="forget", setting="a/b")

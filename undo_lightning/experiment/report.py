@@ -31,6 +31,7 @@ from undo_lightning.experiment.robustness import (
     Mode,
     bootstrap_interval,
     bootstrap_relative_robustness,
+    check_bootstrap,
     check_mode,
     load_curves,
     relative_robustness,
@@ -133,24 +134,18 @@ def _find_anchor(stages: dict[str, dict], role: str, explicit: str | None) -> st
 # building the report dict
 
 
-def _attack_names(relearn_dir: Path) -> list[str]:
-    """Attack settings with runs under ``relearn/``: ``forget`` first, then by name (``["forget"]`` when none)."""
-    names = set()
-    for path in relearn_dir.glob("*/*/curve.json"):
-        with open(path) as f:
-            names.add(json.load(f).get("attack", "forget"))
-    return sorted(names, key=lambda n: (n != "forget", n)) or ["forget"]
-
-
-def _attack_info(relearn_dir: Path, name: str) -> dict[str, Any]:
-    """What an attack setting trains on, from the first of its curves (``train_on`` None when it has no runs)."""
+def _attack_settings(relearn_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every attack setting with runs under ``relearn/`` and what it trains on (from its first curve), ``forget``
+    first, then by name."""
+    found: dict[str, dict[str, Any]] = {}
     for path in sorted(relearn_dir.glob("*/*/curve.json")):
         with open(path) as f:
             curve = json.load(f)
-        if curve.get("attack", "forget") == name:
+        name = curve.get("attack", "forget")
+        if name not in found:
             train_on = curve.get("train_on", name)  # curves written before settings had names: the name is the data
-            return {"train_on": train_on, "description": ATTACK_DESCRIPTIONS.get(train_on)}
-    return {"train_on": None, "description": None}
+            found[name] = {"train_on": train_on, "description": ATTACK_DESCRIPTIONS.get(train_on)}
+    return dict(sorted(found.items(), key=lambda item: (item[0] != "forget", item[0])))
 
 
 def _empty_after(steps: Sequence[int]) -> list[dict[str, Any]]:
@@ -210,13 +205,14 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
                "teacher": _find_anchor(stages, Role.TEACHER, teacher)}
     rr_step = req_steps[-1]
     relearn_dir = run_dir / "relearn"
-    attacks = list(attacks) if attacks is not None else _attack_names(relearn_dir)
+    settings = _attack_settings(relearn_dir)
+    attacks = list(attacks) if attacks is not None else (list(settings) or ["forget"])
     if not attacks or len(set(attacks)) != len(attacks):
         raise ValueError(f"attacks={attacks}: expected a non-empty list of distinct attack setting names")
     for name in attacks:
         check_setting_name(name)
     bootstrap = {"level": ci_level, "resamples": ci_resamples, "seed": ci_seed}
-    bootstrap_interval([0.0], **bootstrap)  # checks level and resamples before any work
+    check_bootstrap(ci_level, ci_resamples)
 
     def flops_of(name: str | None) -> float:
         return math.nan if name is None else _num(stages[name].get("compute", {}).get("flops"))
@@ -288,7 +284,7 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
         "compute_basis": ("students: distillation + teacher unlearning FLOPs" if include_unlearning_compute
                           else "students: distillation FLOPs only"),
         "anchors": anchors,
-        "attacks": {a: _attack_info(relearn_dir, a) for a in attacks},
+        "attacks": {a: settings.get(a, {"train_on": None, "description": None}) for a in attacks},
         "models": models,
         "noise_seed_groups": _noise_seed_groups(models, attacks, ddof),
         # students that no other student beats on both relative compute and relative robustness, per attack setting
@@ -788,13 +784,9 @@ def run_settings(run_dir: Path) -> dict[str, Any]:
         return {}
     with open(path) as f:
         cfg = yaml.safe_load(f) or {}
-    settings = {k: v for k, v in (cfg.get("report") or {}).items() if k in REPORT_OPTIONS}
+    settings = dict(cfg.get("report") or {})  # checked against ReportSection when the pipeline read the config
     attacks = (cfg.get("relearn") or {}).get("attacks")
     if attacks:
         settings["attacks"] = list(attacks)
     return settings
 
-
-#: ``write_report`` keyword arguments a run's ``report:`` section may hold
-REPORT_OPTIONS = ("steps", "metric", "mode", "retain_metric", "max_retain_drop", "oracle", "teacher",
-                  "include_unlearning_compute", "ddof", "tradeoff_y", "ci_level", "ci_resamples", "ci_seed")

@@ -490,7 +490,8 @@ def _percentiles(samples: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _check_bootstrap(level: float, resamples: int) -> None:
+def check_bootstrap(level: float, resamples: int) -> None:
+    """Raises unless ``level`` is in (0, 1) and ``resamples`` >= 1 (the bootstrap settings)."""
     if not 0 < level < 1:
         raise ValueError(f"level={level}: expected a confidence level strictly between 0 and 1 (e.g. 0.95)")
     if resamples < 1:
@@ -523,7 +524,7 @@ def bootstrap_interval(values: Sequence[float] | np.ndarray, level: float = 0.95
     Returns:
         ``(low, high)``; ``(nan, nan)`` when no value is finite.
     """
-    _check_bootstrap(level, resamples)
+    check_bootstrap(level, resamples)
     v = np.asarray(values, dtype=float)
     v = v[~np.isnan(v)]
     if len(v) == 0:
@@ -560,7 +561,7 @@ def bootstrap_relative_robustness(model: Sequence[float] | np.ndarray, teacher: 
     Raises:
         ValueError: ``paired`` with arrays of different lengths, or a bad ``level`` / ``resamples``.
     """
-    _check_bootstrap(level, resamples)
+    check_bootstrap(level, resamples)
     arrays = [np.asarray(a, dtype=float) for a in (model, teacher, oracle)]
     if any(len(a) == 0 or np.all(np.isnan(a)) for a in arrays):
         return math.nan, math.nan

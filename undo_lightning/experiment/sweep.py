@@ -383,9 +383,9 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
                 log.info("[%d/%d] %s lr=%s seed=%d: forget_acc %s -> %s, retain_acc %s -> %s (%.1f s)", done, total,
                          name, format_lr(lr), seed, *_ends(metrics.get("val/forget_acc")),
                          *_ends(metrics.get("val/retain_acc")), time.perf_counter() - started)
-    summary = summarize(out_dir, list(models), attack=setting, train_on=attack, report_steps=report_steps or _default_report_steps(
-        steps, eval_every), reference=reference, recovery_fraction=recovery_fraction,
-        runs=[(float(lr), int(seed)) for lr in lrs for seed in seeds])
+    summary = summarize(out_dir, list(models), attack=setting, train_on=attack,
+                        report_steps=report_steps or _default_report_steps(steps, eval_every), reference=reference,
+                        recovery_fraction=recovery_fraction, runs=[(float(lr), int(seed)) for lr in lrs for seed in seeds])
     summary.update({"paths": dict(models), "lrs": [float(lr) for lr in lrs], "seeds": list(seeds),
                     "attack_steps": steps, "eval_every": eval_every, "precision": trainer["precision"],
                     "batch_size": make_data(seeds[0]).batch_size})
@@ -446,12 +446,14 @@ def summarize(out_dir: str | Path, models: Sequence[str], attack: str = "forget"
         train_on: what that setting trains on (default: ``attack``, a setting named after its data).
 
     Returns:
-        ``{"attack", "train_on", "attack_description", "report_steps", "reference", "recovery_fraction", "recovery_threshold",
+        ``{"attack", "train_on", "attack_description", "report_steps", "reference", "recovery_fraction",
+        "recovery_threshold",
         "models": {name: {"worst_case": {metric: {...}}, "steps_to_reach": int | None, "final_by_lr": {...}}}}``.
     """
     train_on = train_on or attack
     out: dict[str, Any] = {"attack": attack, "train_on": train_on,
-                           "attack_description": ATTACK_DESCRIPTIONS[train_on], "report_steps": list(report_steps), "reference": None,
+                           "attack_description": ATTACK_DESCRIPTIONS[train_on], "report_steps": list(report_steps),
+                           "reference": None,
                            "recovery_fraction": recovery_fraction, "recovery_threshold": None, "models": {}}
     for name in models:
         available = _metric_names(out_dir, name, attack, runs)
@@ -497,7 +499,8 @@ def format_summary(summary: dict, metric: str = "val/forget_acc") -> str:
     reach = metric == "val/forget_acc"
     steps = next(iter(curves.values()))["steps"]
     width = max(len(n) for n in curves)
-    lines = [f"attack setting {summary['attack']!r}: {summary['attack_description']}", f"worst case over LRs of {metric} (mean over seeds) by attack step:",
+    lines = [f"attack setting {summary['attack']!r}: {summary['attack_description']}",
+             f"worst case over LRs of {metric} (mean over seeds) by attack step:",
              f"{'model':<{width}} " + " ".join(f"{s:>6d}" for s in steps) + "    AUC" + ("  reached" if reach else "")]
     for name, c in curves.items():
         values = dict(zip(c["steps"], c["mean"]))

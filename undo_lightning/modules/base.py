@@ -207,12 +207,11 @@ class UndoModule(L.LightningModule):
         training step.
         """
         world = self.trainer.world_size if self._trainer is not None else 1
-        n = sum(b["attention_mask"].sum() for b in batches) * world
-        self._counts[counter] = self._counts.get(counter, 0) + n
+        per_batch = [b["attention_mask"].sum() * world for b in batches]
+        self._counts[counter] = self._counts.get(counter, 0) + sum(per_batch)
         if counter != "tokens":
             return
-        for b in batches:  # the trained tokens per split as well: what the report states for its anchors
-            tokens = b["attention_mask"].sum() * world
+        for b, tokens in zip(batches, per_batch):  # per split as well: what the report states for its anchors
             if "forget_tokens" in b:  # mixture blocks: each row says how many of its tokens are forget data
                 forget = b["forget_tokens"].sum()
                 if world > 1:  # ranks hold different rows: one all-reduce of a scalar, no host sync

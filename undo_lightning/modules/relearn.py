@@ -137,8 +137,8 @@ class RelearnAttackModule(UndoModule):
         return self.relearn_curve.curve(self._trainer, self)
 
     def on_train_start(self) -> None:
-        rank_zero_info(f"attack setting {self.setting!r}, {ATTACK_DESCRIPTIONS[self.attack]}; model {self.name} ({self.model_name}), "
-                       f"lr={self.optimizer_config.lr}, seed={self.hparams.seed}")
+        rank_zero_info(f"attack setting {self.setting!r}, {ATTACK_DESCRIPTIONS[self.attack]}; model {self.name} "
+                       f"({self.model_name}), lr={self.optimizer_config.lr}, seed={self.hparams.seed}")
 
     # -------------------------------------------------------------------------------- callbacks / checkpoints
     def configure_callbacks(self):
