@@ -97,6 +97,12 @@ def test_sweep_writes_runs_and_summary_then_resumes(tokenizer, models, tmp_path,
     with pytest.raises(ValueError, match=r"finished attack run\(s\) of another configuration .*another out_dir"):
         run_sweep(models, **{**kwargs, "steps": 6})
     assert count_runs == [] and (kept / "curve.json").stat().st_mtime_ns == mtime
+    # so does one with the same steps on another model under the same name, or another batch size (the run records)
+    assert json.loads((kept / "run.json").read_text())["inputs"] == {"model": models["reference"]}
+    for other in ({"models": {"reference": models["teacher"]}}, {"batch_size": 3}):
+        with pytest.raises(ValueError, match=r"finished attack run\(s\) of another configuration"):
+            run_sweep(**{"models": models, **kwargs, **other})
+    assert count_runs == [] and (kept / "curve.json").stat().st_mtime_ns == mtime
     # under another setting name it runs beside them
     run_sweep({"teacher": models["teacher"]}, **{**kwargs, "lrs": [1e-3], "steps": 6, "setting": "longer"})
     longer = json.loads((run_folder(tmp_path, "teacher", 1e-3, 0, "longer") / "curve.json").read_text())

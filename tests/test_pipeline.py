@@ -61,14 +61,76 @@ def test_rerun_skips_finished_stages(smoke_run):
 
 
 @pytest.mark.slow
-def test_refuses_a_folder_holding_another_config(smoke_run, tmp_path):
+def test_refuses_a_folder_holding_another_experiment(smoke_run, tmp_path):
     out, _ = smoke_run
     other = yaml.safe_load(SMOKE.read_text())
-    other["seed"] = 1
+    other["name"] = "another-experiment"
     path = tmp_path / "other.yaml"
     path.write_text(yaml.safe_dump(other))
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match="holds the experiment 'arithmetic-smoke', not 'another-experiment'"):
         run_pipeline(str(path), out_dir=str(out))
+    assert (out / "unlearn" / "DONE").is_file()
+
+
+def _stamps(out: Path) -> dict[str, int]:
+    """Modification time of every stage's DONE and every attack run's curve.json, by path."""
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns
+            for p in [*out.glob("*/DONE"), *out.glob("relearn/*/*/curve.json")]}
+
+
+@pytest.mark.slow
+def test_a_changed_setting_redoes_only_what_depends_on_it(smoke_run, tmp_path, capsys):
+    """Per-stage reuse: an attack-only change redoes attack runs only; a teacher change redoes the teacher and every
+    stage and run downstream of it, keeps the reference and the oracle, and the log says which and why."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run[0], out)
+    before = _stamps(out)
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["relearn"]["lrs"] = [0.001, 0.002]  # 0.003 dropped, 0.002 new
+    cfg["trainer"]["enable_progress_bar"] = True  # cosmetic: redoes nothing
+    path = tmp_path / "late.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    report = run_pipeline(str(path), out_dir=str(out))
+    after = _stamps(out)
+    err = capsys.readouterr().err
+    kept = {k for k in before if after.get(k) == before[k]}
+    assert {k for k in before if k.endswith("DONE")} <= kept  # no stage retrained
+    assert {k for k in after if "lr=0.001_" in k} <= kept
+    assert not any("lr=0.003_" in k for k in after) and sum("lr=0.002_" in k for k in after) == len(STAGES)
+    assert "removed 6 attack run(s) the config no longer asks for" in err
+    assert all(m["attacks"]["forget"]["runs"]["lrs"] == [0.001, 0.002] for m in report["models"])
+
+    cfg["unlearn"]["model"]["optimizer"]["lr"] = 0.002
+    path.write_text(yaml.safe_dump(cfg))
+    before = after
+    run_pipeline(str(path), out_dir=str(out))
+    after = _stamps(out)
+    err = capsys.readouterr().err
+    changed = {k.split("/")[0] if not k.startswith("relearn") else k.split("/")[1]
+               for k in before if after.get(k) != before[k]}
+    assert changed == {"unlearn", "distill", "undo_a0.3", "undo_a0.7"}
+    assert "unlearn: settings changed: model.optimizer.lr 0.001 -> 0.002; removing" in err
+    assert "distill: its input unlearn changed; removing" in err
+    record = json.loads((out / "undo_a0.7" / "stage.json").read_text())
+    assert record["model"]["teacher"] == "<stage unlearn>" and set(record["inputs"]) == {"unlearn"}
+
+
+@pytest.mark.slow
+def test_a_stage_the_config_drops_is_removed_with_its_runs(smoke_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run[0], out)
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["undo"]["alphas"] = [0.3]
+    path = tmp_path / "fewer.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    report = run_pipeline(str(path), out_dir=str(out))
+    assert not (out / "undo_a0.7").exists() and not (out / "relearn" / "undo_a0.7").exists()
+    assert "undo_a0.7" not in {m["name"] for m in report["models"]}
 
 
 def test_bad_config_fails_before_training(tmp_path):
@@ -242,7 +304,7 @@ def test_each_attack_setting_is_one_sweep_with_its_own_data(monkeypatch, tmp_pat
         attack.log.info("[1/1] %s: one attack run", kwargs["setting"])
 
     monkeypatch.setattr(attack, "run_sweep", sweep)
-    run_relearn(cfg, tmp_path, plan(cfg))
+    run_relearn(cfg, tmp_path, plan(cfg), {})
     # the sweep's per-run lines reach the console in the pipeline's format, and only while the pipeline attacks
     err = capsys.readouterr().err
     assert re.search(r"\[undo pipeline \d\d:\d\d:\d\d\] relearn: \[1/1\] heldout: one attack run", err)

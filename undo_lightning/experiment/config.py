@@ -235,7 +235,8 @@ def parser(prog: str = "undo pipeline"):
                    help="experiment YAML (default: configs/arithmetic/quick.yaml, the CPU demo)")
     p.add_class_arguments(ExperimentConfig, None)
     p.add_argument("--overwrite", action=ActionYesNo, default=False,
-                   help="replace a run folder that holds a different experiment")
+                   help="replace a run folder that holds another experiment (another name) or is no run folder; a folder "
+                        "of the same experiment is always reused stage by stage (changed stages are redone)")
     p.add_argument("--only", nargs="+", default=None, metavar="STAGE",
                    help="run just these training stages (and nothing after them), e.g. --only reference oracle")
     return p

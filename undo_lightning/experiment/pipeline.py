@@ -14,9 +14,11 @@ Stages run in order, each in ``<out_dir>/<stage>/`` and each reading its inputs 
     relearn/<model>/...        relearning attack on every model over an LR x seed grid
     report.md/.json/*.png      tables and plots
 
-A stage whose ``DONE`` marker exists is skipped; an interrupted stage resumes from ``checkpoints/last.ckpt``.
-``config.yaml`` (the resolved experiment) is written first; a folder holding a different experiment is refused
-unless ``overwrite=True``.
+Each stage and attack run records what its result depends on (``<stage>/stage.json``, ``<run>/run.json``; see
+:mod:`undo_lightning.experiment.reuse`). A re-run reuses every finished stage and run whose record is unchanged
+(an interrupted stage resumes from ``checkpoints/last.ckpt``), redoes those whose settings or inputs changed, removes
+those the config no longer has, and logs which and why. ``config.yaml`` (the resolved experiment) is written before
+any training; a folder holding another experiment (another ``name``) is refused unless ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -34,12 +36,15 @@ from typing import Any
 
 import yaml
 
+from undo_lightning.experiment import reuse
 from undo_lightning.experiment.config import DEFAULT_CONFIG, check_keys, error_message, finish, load_config, parser
 from undo_lightning.experiment.report import Role
 from undo_lightning.experiment.trainer import TRAINER_DEFAULTS, tensorboard_logger
 from undo_lightning.io import import_object, instantiate
 
 DONE = "DONE"
+#: the record of what a stage's result depends on, in its folder (see :func:`stage_records`)
+STAGE_RECORD = "stage.json"
 #: Stage Trainer defaults (a config's ``trainer:`` overrides them).
 STAGE_TRAINER = {**TRAINER_DEFAULTS, "log_every_n_steps": 25}
 
@@ -214,6 +219,50 @@ def _datamodule(cfg: dict, overrides: dict):
     return RetainForgetDataModule.from_config(deep_merge(cfg.get("data", {}), overrides))
 
 
+def _trainer_kwargs(cfg: dict, stage: Stage) -> dict[str, Any]:
+    """The stage's Trainer arguments: stage defaults, then the shared ``trainer:``, then the stage's own."""
+    return deep_merge(deep_merge(STAGE_TRAINER, cfg.get("trainer")), stage.trainer)
+
+
+def stage_records(cfg: dict, stages: list[Stage]) -> dict[str, dict[str, Any]]:
+    """What each stage's result depends on, by stage name (written to ``<stage>/stage.json``).
+
+    A record holds the module class and arguments (an earlier stage's model folder written as ``<stage NAME>``, so
+    that the record does not depend on where the run folder lies), the data and the Trainer arguments that change
+    what is computed, what ``metrics.json`` records about the stage, and, as ``inputs``, the digest of every earlier
+    stage it reads: a changed stage changes the record of everything downstream.
+    """
+    owner: dict[str, str] = {}  # model folder -> the stage that writes (or names) it
+    records: dict[str, dict[str, Any]] = {}
+    for stage in stages:
+        reads = [v for v in stage.module.values() if isinstance(v, str) and v in owner]
+        records[stage.name] = reuse.normalized({
+            "class": stage.module_cls,
+            "model": {k: f"<stage {owner[v]}>" if isinstance(v, str) and v in owner else v
+                      for k, v in stage.module.items()},
+            "data": deep_merge(cfg.get("data", {}), stage.data),
+            "trainer": reuse.computed_trainer(_trainer_kwargs(cfg, stage)),
+            "record": {"role": stage.role.value, **stage.record}, "evaluate_only": stage.evaluate_only,
+            "inputs": {owner[v]: reuse.digest(records[owner[v]]) for v in reads}})
+        owner.setdefault(stage.hf, stage.name)
+    return records
+
+
+def run_records(cfg: dict, stages: list[Stage], records: dict[str, dict[str, Any]]) -> dict[Path, dict[str, Any]]:
+    """What each attack run depends on (:func:`~undo_lightning.experiment.sweep.run_records`), by run folder relative
+    to the run folder's root; the attacked model is identified by its stage's digest."""
+    from undo_lightning.experiment.sweep import run_folder
+    from undo_lightning.experiment.sweep import run_records as sweep_records
+
+    models = {s.name: s.hf for s in stages}
+    ids = {name: reuse.digest(record) for name, record in records.items()}
+    out: dict[Path, dict[str, Any]] = {}
+    for setting, sweep in attack_sweeps(cfg).items():
+        for (name, lr, seed), record in sweep_records(models=models, model_ids=ids, **sweep).items():
+            out[run_folder("", name, lr, seed, setting)] = record
+    return out
+
+
 def _instantiate(stage: Stage):
     return instantiate(import_object(stage.module_cls), stage.module, f"stage {stage.name!r}")
 
@@ -226,7 +275,7 @@ def validate(cfg: dict) -> list[Stage]:
         _instantiate(stage)
         _datamodule(cfg, stage.data)
         if not stage.evaluate_only:
-            _check_budget(stage.name, deep_merge(deep_merge(STAGE_TRAINER, cfg.get("trainer")), stage.trainer))
+            _check_budget(stage.name, _trainer_kwargs(cfg, stage))
     _check_attacks(cfg)
     return stages
 
@@ -255,30 +304,125 @@ def _check_resume_point(stage: Stage, ckpt: Path) -> None:
                          f"scratch (rm {ckpt}) and run the same command again") from None
 
 
-def _check_out_dir(out: Path, resolved: dict, overwrite: bool) -> None:
+def prepare_out_dir(out: Path, cfg: dict, stages: list[Stage], overwrite: bool = False) -> None:
+    """Makes ``out`` hold only results of ``cfg`` before any training, reusing what it can.
+
+    A folder of another experiment (another ``name`` in its ``config.yaml``) or a non-empty folder that is no run
+    folder is refused unless ``overwrite`` (then it is emptied). Otherwise every stage folder and attack run whose
+    record (:func:`stage_records`, :func:`run_records`) differs from what ``cfg`` asks for is removed, with the reason
+    in the log; those the config no longer has are removed too; the rest is reused. Folders written before records
+    existed are judged by the records of the ``config.yaml`` they were made with. ``config.yaml`` is then ``cfg``.
+    """
     saved = out / "config.yaml"
+    previous = None
     if saved.is_file():
         with open(saved) as f:
-            previous = yaml.safe_load(f)
-        if previous != resolved:
+            previous = yaml.safe_load(f) or {}
+        if previous.get("name") != cfg["name"]:
             if not overwrite:
-                raise ValueError(f"{out} holds a run of a different config ({saved} differs from this one); pass "
+                raise ValueError(f"{out} holds the experiment {previous.get('name')!r}, not {cfg['name']!r}; pass "
                                  "--overwrite to replace it, or choose another out_dir")
             shutil.rmtree(out)
-    elif out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} exists and is not an undo pipeline run folder (no config.yaml); pass --overwrite "
-                         "or choose another out_dir")
+            previous = None
+    elif out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{out} exists and is not an undo pipeline run folder (no config.yaml); pass --overwrite "
+                             "to replace it, or choose another out_dir")
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(saved, "w") as f:
-        yaml.safe_dump(resolved, f, sort_keys=False)
+    records = stage_records(cfg, stages)
+    old_stages, old_runs = _previous_records(previous, out)
+    recorded = {path.parent.name for path in out.glob(f"*/{STAGE_RECORD}")}
+    for name in sorted((set(old_stages) | recorded) - set(records)):
+        _remove(out, name, "the config no longer has this stage")
+    for stage in stages:
+        folder = out / stage.name
+        if not folder.is_dir():
+            continue
+        old = reuse.read_record(folder / STAGE_RECORD) if (folder / STAGE_RECORD).is_file() \
+            else old_stages.get(stage.name)
+        if old == records[stage.name]:
+            reuse.write_record(folder / STAGE_RECORD, records[stage.name])  # a folder from before records: adopted
+        else:
+            _remove(out, stage.name, reuse.describe_change(old, records[stage.name]))
+    _prepare_runs(out, run_records(cfg, stages, records), old_runs)
+    _remove_stale_summaries(out, list(attack_sweeps(cfg)))
+    atomic_yaml(saved, cfg)
+
+
+def _previous_records(previous: dict | None, out: Path) -> tuple[dict[str, dict], dict[Path, dict]]:
+    """The stage and run records of the config a folder was made with (empty if it cannot be planned any more)."""
+    if previous is None:
+        return {}, {}
+    try:
+        stages = plan({**previous, "out_dir": str(out)})
+        records = stage_records(previous, stages)
+        return records, run_records(previous, stages, records)
+    except (ValueError, TypeError, KeyError, AttributeError):  # a config of an older version: nothing is trusted
+        return {}, {}
+
+
+def _remove(out: Path, stage: str, why: str) -> None:
+    """Removes a stage's folder and its attack runs, logging why."""
+    _log(f"{stage}: {why}; removing {out / stage} and its attack runs"
+         + ("" if "no longer" in why else " to redo them"))
+    shutil.rmtree(out / stage, ignore_errors=True)
+    shutil.rmtree(out / "relearn" / stage, ignore_errors=True)
+
+
+def _prepare_runs(out: Path, expected: dict[Path, dict], previous: dict[Path, dict]) -> None:
+    """Removes attack runs the config no longer asks for and those whose record changed (one log line per reason)."""
+    from collections import Counter
+
+    from undo_lightning.experiment.sweep import RUN_RECORD
+
+    redo: Counter[str] = Counter()
+    gone = []
+    for folder in sorted((out / "relearn").glob("*/*")):
+        if not folder.is_dir():
+            continue
+        key = folder.relative_to(out)
+        if key not in expected:
+            gone.append(key)
+            shutil.rmtree(folder)
+            continue
+        old = reuse.read_record(folder / RUN_RECORD) if (folder / RUN_RECORD).is_file() else previous.get(key)
+        if old == expected[key]:
+            reuse.write_record(folder / RUN_RECORD, expected[key])
+        elif (folder / "curve.json").is_file():  # an unfinished run is redone by the sweep anyway
+            redo[reuse.describe_change(old, expected[key])] += 1
+            shutil.rmtree(folder)
+    if gone:
+        _log(f"relearn: removed {len(gone)} attack run(s) the config no longer asks for (e.g. {gone[0]})")
+    for why, count in redo.items():
+        _log(f"relearn: {why.replace('its input model', 'the attacked model')}: {count} attack run(s) to redo")
+
+
+def _remove_stale_summaries(out: Path, settings: list[str]) -> None:
+    """Summaries and curves plots of attack settings the config no longer has (the report would not rewrite them)."""
+    from undo_lightning.experiment.report import curves_plot_name
+    from undo_lightning.experiment.sweep import summary_path
+
+    keep = {summary_path(out, s).name for s in settings} | {curves_plot_name(s) for s in settings}
+    for path in [*out.glob("relearn_summary*.json"), *out.glob("relearn_curves*.png")]:
+        if path.name not in keep:
+            path.unlink()
+
+
+def atomic_yaml(path: Path, data: dict) -> None:
+    from undo_lightning.io import write_text_atomic
+
+    write_text_atomic(str(path), yaml.safe_dump(data, sort_keys=False))
 
 
 def _log(msg: str) -> None:
     print(f"[undo pipeline {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run_stage(stage: Stage, cfg: dict, out: Path) -> dict:
+def run_stage(stage: Stage, cfg: dict, out: Path, record: dict[str, Any]) -> dict:
     """Trains one stage (resuming from its last checkpoint if one exists) and marks it done.
+
+    ``record`` (:func:`stage_records`) is written to ``<stage>/stage.json`` before training starts.
 
     A stage of an existing model (``evaluate_only``) is validated once instead: its ``metrics.json`` holds the
     "before" numbers of the report and no model is exported (later stages read ``stage.hf`` directly).
@@ -291,12 +435,14 @@ def run_stage(stage: Stage, cfg: dict, out: Path) -> dict:
     if (root / DONE).is_file():
         _log(f"{stage.name}: done already, skipped")
         return json.loads((root / "metrics.json").read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    reuse.write_record(root / STAGE_RECORD, record)
     ckpt = root / "checkpoints" / "last.ckpt"
     _log(f"{stage.name}: " + (f"evaluating the existing model {stage.hf}" if stage.evaluate_only else "start")
          + (f" (resuming from {ckpt})" if ckpt.is_file() else ""))
     started = time.perf_counter()
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
-    trainer_kwargs = deep_merge(deep_merge(STAGE_TRAINER, cfg.get("trainer")), stage.trainer)
+    trainer_kwargs = _trainer_kwargs(cfg, stage)
     callbacks = [instantiate(import_object(c["class_path"]), c.get("init_args", {}), f"stage {stage.name!r} callback")
                  for c in trainer_kwargs.pop("callbacks", [])]
     trainer = L.Trainer(default_root_dir=str(root), callbacks=callbacks,
@@ -338,9 +484,9 @@ def _check_collapse(stage: Stage, cfg: dict, out: Path, metrics: dict) -> None:
         return  # a setting without answer accuracy (language: CE) is not guarded
     raise ValueError(f"{stage.name}: retain accuracy fell from {before:.3f} (reference) to {after:.3f}, more than "
                      f"collapse_guard={limit}: the unlearning destroyed the model instead of removing the forget "
-                     f"capability. Lower the stage's learning rate (model.optimizer.lr) or raise its method's "
-                     f"retain weight, then re-run with --overwrite (or delete {out / stage.name}); collapse_guard: "
-                     "null turns the guard off")
+                     "capability. Lower the stage's learning rate (model.optimizer.lr) or raise its method's retain "
+                     "weight and run the same command again (the stage and everything after it are redone); "
+                     "collapse_guard: null turns the guard off")
 
 
 def attack_sweeps(cfg: dict) -> dict[str, dict[str, Any]]:
@@ -368,7 +514,8 @@ def _check_attacks(cfg: dict) -> None:
             raise ValueError(f"relearn (attack setting {name!r}): {err}") from None
 
 
-def run_relearn(cfg: dict, out: Path, stages: list[Stage]) -> None:
+def run_relearn(cfg: dict, out: Path, stages: list[Stage], model_ids: dict[str, str]) -> None:
+    """Every attack setting's sweep over every stage's model; ``model_ids`` are the stages' record digests."""
     from undo_lightning.experiment.sweep import run_sweep
 
     models = {s.name: s.hf for s in stages}
@@ -385,7 +532,7 @@ def run_relearn(cfg: dict, out: Path, stages: list[Stage]) -> None:
     sweep_log.propagate = False
     try:
         for sweep in sweeps.values():
-            run_sweep(models=models, out_dir=str(out), **sweep)
+            run_sweep(models=models, out_dir=str(out), model_ids=model_ids, **sweep)
     finally:
         sweep_log.removeHandler(handler)
         sweep_log.setLevel(level)
@@ -400,7 +547,8 @@ def run_pipeline(config: str | os.PathLike | None = None, out_dir: str | None = 
     Args:
         config: experiment YAML (default: ``configs/arithmetic/quick.yaml``, the CPU demo).
         out_dir: run folder (default: the config's ``out_dir``).
-        overwrite: replace a run folder that holds a different experiment.
+        overwrite: replace a run folder that holds another experiment (another ``name``) or is no run folder; a
+            folder of the same experiment is always reused stage by stage (changed stages are redone).
         only: run just these stages (and nothing after them), e.g. ``[reference, oracle]``.
 
     Returns:
@@ -416,7 +564,8 @@ def run_experiment(cfg: dict, overwrite: bool = False, only: list[str] | None = 
     """:func:`run_pipeline` of a resolved config (:func:`~undo_lightning.experiment.config.load_config`)."""
     stages = validate(cfg)
     out = Path(cfg["out_dir"])
-    _check_out_dir(out, cfg, overwrite)
+    prepare_out_dir(out, cfg, stages, overwrite)
+    records = stage_records(cfg, stages)
     for stage in stages:  # before any training: a stage that would resume from a broken file
         ckpt = out / stage.name / "checkpoints" / "last.ckpt"
         if ckpt.is_file() and not (out / stage.name / DONE).is_file():
@@ -425,10 +574,10 @@ def run_experiment(cfg: dict, overwrite: bool = False, only: list[str] | None = 
     started = time.perf_counter()
     for stage in stages:
         if only is None or stage.name in only:
-            run_stage(stage, cfg, out)
+            run_stage(stage, cfg, out, records[stage.name])
     if only is not None:
         return {}
-    run_relearn(cfg, out, stages)
+    run_relearn(cfg, out, stages, {name: reuse.digest(record) for name, record in records.items()})
     from undo_lightning.experiment.report import write_report
 
     # the report shows the attack settings the sweep ran, in the config's order

@@ -38,6 +38,7 @@ import numpy as np
 import yaml
 
 from undo_lightning.data import RetainForgetDataModule
+from undo_lightning.experiment import reuse
 from undo_lightning.experiment.robustness import (
     load_curves,
     recovery_threshold,
@@ -162,10 +163,41 @@ def _datamodule_factory(data: DataSpec, batch_size: int | None) -> Callable[[int
 # one run
 
 
-def _finished(folder: Path, lr: float, seed: int, attack: str, steps: list[int]) -> bool:
-    """Whether ``folder/curve.json`` is a finished run of exactly this configuration."""
+#: the record of what an attack run's result depends on (:mod:`undo_lightning.experiment.reuse`), in its folder
+RUN_RECORD = "run.json"
+
+
+def run_records(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[int], steps: int, eval_every: int,
+                batch_size: int | None = None, data: DataSpec = None, attack: Attack = "forget",
+                precision: str = "32-true", trainer: Mapping[str, Any] | None = None, setting: str | None = None,
+                model_ids: Mapping[str, str] | None = None,
+                **summary_settings: Any) -> dict[tuple[str, float, int], dict[str, Any]]:
+    """What each run of a sweep depends on, by ``(model name, lr, seed)``: written to ``<run>/run.json`` before the
+    run starts, compared by later sweeps and pipeline re-runs (:mod:`undo_lightning.experiment.reuse`).
+
+    Takes :func:`run_sweep`'s arguments; ``summary_settings`` (``report_steps``, ``reference``, ...) shape the summary,
+    not the runs, and are ignored. A record holds the model's identity (``model_ids[name]``, e.g. a pipeline stage's
+    digest, else its path) as its input, the LR, seed, setting, attack data, evaluated steps, batch size, data
+    arguments (a factory by its qualified name) and the Trainer arguments that change what a run computes.
+    """
+    trainer = reuse.computed_trainer({"precision": precision, **(trainer or {})})
+    data_id = f"{data.__module__}.{data.__qualname__}" if callable(data) else dict(data or {})
+    setting = setting or attack
+    return {(name, lr, seed): reuse.normalized({
+        "inputs": {"model": (model_ids or {}).get(name, path)}, "lr": float(lr), "seed": int(seed),
+        "setting": setting, "train_on": attack, "steps": expected_steps(steps, eval_every), "batch_size": batch_size,
+        "data": data_id, "trainer": trainer}) for name, path in models.items() for lr in lrs for seed in seeds}
+
+
+def _finished(folder: Path, lr: float, seed: int, attack: str, steps: list[int],
+              record: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``folder/curve.json`` is a finished run of exactly this configuration: same LR, seed, attack setting
+    and evaluated steps, and, when the folder holds a :data:`RUN_RECORD` (runs written before records existed have
+    none), the same ``record``."""
     path = folder / "curve.json"
     if not path.is_file():
+        return False
+    if record is not None and (folder / RUN_RECORD).is_file() and reuse.read_record(folder / RUN_RECORD) != record:
         return False
     try:
         with open(path) as f:
@@ -176,18 +208,18 @@ def _finished(folder: Path, lr: float, seed: int, attack: str, steps: list[int])
             and math.isclose(float(curve.get("lr", math.nan)), lr, rel_tol=1e-12))
 
 
-def _check_no_foreign_runs(out_dir: str | Path, models: Mapping[str, str], lrs: Sequence[float],
-                           seeds: Sequence[int], setting: str, grid: list[int]) -> None:
-    """Refuses, before any run, to overwrite a FINISHED run of another configuration (other steps or evaluation
-    cadence) in a folder this sweep would use: e.g. ``undo relearn --out_dir`` pointed at a pipeline's run folder would
-    otherwise delete its attack runs and mix two attacks in one summary."""
-    foreign = [str(folder) for name in models for lr in lrs for seed in seeds
+def _check_no_foreign_runs(out_dir: str | Path, setting: str, grid: list[int], records: Mapping[tuple[str, float, int], Mapping[str, Any]]) -> None:
+    """Refuses, before any run, to overwrite a FINISHED run of another configuration (another model, data, step
+    count, evaluation cadence, ...) in a folder this sweep would use: e.g. ``undo relearn --out_dir`` pointed at a
+    pipeline's run folder would otherwise delete its attack runs and mix two attacks in one summary."""
+    foreign = [str(folder) for (name, lr, seed), record in records.items()
                if (folder := run_folder(out_dir, name, lr, seed, setting) / "curve.json").is_file()
-               and not _finished(folder.parent, lr, seed, setting, grid)]
+               and not _finished(folder.parent, lr, seed, setting, grid, record)]
     if foreign:
         raise ValueError(f"{len(foreign)} finished attack run(s) of another configuration are in the way (e.g. "
-                         f"{foreign[0]}: other steps or evaluation cadence); attack into another out_dir, name this "
-                         "attack setting differently (setting=...), or delete those folders to redo them")
+                         f"{foreign[0]}: another model, data, step count or evaluation cadence); attack into "
+                         "another out_dir, name this attack setting differently (setting=...), or delete those "
+                         "folders to redo them")
 
 
 @contextlib.contextmanager
@@ -313,11 +345,13 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
               attack: Attack = "forget", precision: str = "32-true",
               trainer: Mapping[str, Any] | None = None, report_steps: Sequence[int] | None = None,
               reference: str | None = "reference", recovery_fraction: float = 0.9,
-              setting: str | None = None) -> dict:
+              setting: str | None = None, model_ids: Mapping[str, str] | None = None) -> dict:
     """Attack every model with every (LR, seed), then write ``relearn_summary.json`` (see :func:`summarize`).
 
-    Finished runs (``curve.json`` of the same LR, seed, attack setting and evaluated steps) are skipped; a run folder
-    without one is deleted and redone. All arguments are checked, and the data built, before the first run starts.
+    Finished runs (``curve.json`` of the same LR, seed, attack setting and evaluated steps, and a ``run.json`` record,
+    :func:`run_records`, equal to this sweep's) are skipped; a run folder without one is deleted and redone; a finished
+    run of another configuration is refused. All arguments are checked, and the data built, before the first run
+    starts.
 
     Args:
         models: ``{name: HF folder}``; the name is the folder under ``relearn/`` (use the stage name so
@@ -343,6 +377,8 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
         recovery_fraction: fraction of the reference's forget accuracy that counts as recovered.
         setting: name of this attack setting (run folder suffix, ``curve.json["attack"]``, summary file); default:
             ``attack``.
+        model_ids: identity of each model in the runs' records (the pipeline passes its stages' digests, so that a
+            redone stage's runs are redone); default: the model's path.
 
     Returns:
         The summary dict (also written to :func:`summary_path`).
@@ -357,7 +393,9 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
     datamodule.train_blocks(attack)  # raises, naming the split, when the attack's training split is empty
     _check_vocabularies(models, len(datamodule.tokenizer))
     grid = expected_steps(steps, eval_every)
-    _check_no_foreign_runs(out_dir, models, lrs, seeds, setting, grid)
+    records = run_records(models, lrs, seeds, steps, eval_every, batch_size, data, attack, trainer=trainer,
+                          setting=setting, model_ids=model_ids)
+    _check_no_foreign_runs(out_dir, setting, grid, records)
     total = len(models) * len(lrs) * len(seeds)
     log.info("attack setting %r, %s: %d models x %d LRs x %d seeds = %d runs of %d steps in %s", setting,
              ATTACK_DESCRIPTIONS[attack], len(models), len(lrs), len(seeds), total, steps, Path(out_dir) / "relearn")
@@ -367,7 +405,7 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
             for lr in lrs:
                 done += 1
                 folder = run_folder(out_dir, name, lr, seed, setting)
-                if _finished(folder, lr, seed, setting, grid):
+                if _finished(folder, lr, seed, setting, grid, records[name, lr, seed]):
                     log.info("[%d/%d] %s lr=%s seed=%d: finished earlier, skipped", done, total, name,
                              format_lr(lr), seed)
                     continue
@@ -375,6 +413,8 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
                     log.info("[%d/%d] %s lr=%s seed=%d: removing unfinished run folder %s", done, total, name,
                              format_lr(lr), seed, folder)
                     shutil.rmtree(folder)
+                folder.mkdir(parents=True)
+                reuse.write_record(folder / RUN_RECORD, records[name, lr, seed])
                 started = time.perf_counter()
                 with _quiet():
                     curve = run_attack(path, name, lr, seed, folder, make_data(seed), steps, eval_every, attack,
