@@ -61,19 +61,6 @@ def test_undo_help_lists_subcommands():
         assert command in out
 
 
-def test_undo_test_says_what_to_run_instead():
-    # the stages define no test_step and the data module no test split: LightningCLI's `test` would end in a traceback
-    proc = subprocess.run([sys.executable, "-m", "undo_lightning.cli", "test", "-c", "x.yaml"], capture_output=True,
-                          text=True)
-    assert proc.returncode != 0 and "undo test: the stages have no test split; `undo validate -c CONFIG`" in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
-def test_unknown_subcommand_is_a_clear_error():
-    proc = subprocess.run([sys.executable, "-m", "undo_lightning.cli", "frobnicate"], capture_output=True, text=True)
-    assert proc.returncode != 0 and "unknown subcommand 'frobnicate'" in proc.stderr
-
-
 @pytest.mark.slow
 def test_print_config_round_trips(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "undo_lightning.cli", "fit", "-c",

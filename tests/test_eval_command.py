@@ -135,9 +135,11 @@ def test_undo_eval_command_line(folder, tmp_path, monkeypatch, capsys):
     main(["eval", folder, "--mcq", f"c={CYBER}", "--limit", "2", "--output", str(out)])
     assert json.loads(out.read_text())["mcq"]["c"]["n"] == 2 and "\nc " in capsys.readouterr().out
     (tmp_path / "bad.jsonl").write_text('{"question": "Q?", "choices": ["a"], "answer": 0}\n')
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:  # a one-line message on stderr, no stack trace
         main(["eval", folder, "--mcq", f"[{tmp_path / 'bad.jsonl'}]"])
-    message = str(exit_info.value)
+    message = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' weight-loading bar
+    assert exit_info.value.code == 2
     assert message.startswith("undo eval: error: --mcq bad:") and "bad.jsonl:1: 1 choice(s)" in message
 
 

@@ -58,8 +58,10 @@ def _lightning_cli(args: list[str] | None, run: bool = True):
                                   "init_args": {"save_dir": root, "name": "tb", "version": "",
                                                 "default_hp_metric": False}}
 
+    # exit_on_error=False: a parser error is raised (and printed as one line by `main`) instead of a usage dump
     return UndoCLI(UndoModule, RetainForgetDataModule, subclass_mode_model=True, args=args, run=run,
-                   save_config_kwargs={"overwrite": True}, parser_kwargs={"default_env": False})
+                   save_config_kwargs={"overwrite": True},
+                   parser_kwargs={"default_env": False, "exit_on_error": False})
 
 
 def close_process_group() -> None:
@@ -80,6 +82,8 @@ def _usage() -> str:
     lines += ["", "Tools (see `undo <tool> --help`):"]
     for name, (_, _, summary) in TOOLS.items():
         lines.append(f"  {name:10s} {summary}")
+    lines += ["", "Bad input is refused with one line `undo <command>: error: ...` and exit code 2; --debug (anywhere on",
+              f"the command line) or {DEBUG_ENV}=1 shows the traceback instead."]
     return "\n".join(lines)
 
 
@@ -128,10 +132,67 @@ def tune_allocator() -> bool:
     return mallopt(_M_MMAP_THRESHOLD, 2**31 - 1) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 
+#: exit code of a command refused for bad input (a config value, an option, a path, a run folder), as argparse uses
+EXIT_BAD_INPUT = 2
+#: environment variable that, like ``--debug``, shows the traceback of a refused command
+DEBUG_ENV = "UNDO_DEBUG"
+
+
+def is_bad_input(err: BaseException) -> bool:
+    """Whether ``err`` reports bad input that its message already explains: our ``ValueError`` messages (they name
+    the key, the value and what is accepted), a missing or unreadable path (``OSError``), or a parser error of
+    jsonargparse / LightningCLI (``argparse.ArgumentError``). Anything else is a bug and keeps its traceback."""
+    import argparse
+
+    return isinstance(err, (ValueError, OSError, argparse.ArgumentError))
+
+
+def one_line(err: BaseException) -> str:
+    """``err``'s message on one line: jsonargparse's bookkeeping about union types dropped, lines joined."""
+    from undo_lightning.experiment.config import error_message
+
+    import re
+
+    text = str(err)
+    if err.__class__.__name__ == "ArgumentError":  # jsonargparse: 'Parser key "lrs": Expected a <class 'list'>'
+        text = re.sub(r"<class '([\w.]+)'>", r"\1", re.sub(r'Parser key "([^"]+)":', r"\1:", error_message(err)))
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text = f"{err.filename}: {text}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``undo`` console script."""
-    explicit = argv is not None  # LightningCLI reads sys.argv itself unless called from Python with arguments
+    """Entry point of the ``undo`` console script.
+
+    Every subcommand refuses bad input the same way: one line ``undo <command>: error: <key>=<value>: <what is
+    accepted>`` on stderr and exit code 2; ``--debug`` (anywhere on the command line) or ``UNDO_DEBUG=1`` shows the
+    traceback instead. An interrupt exits with 130 and says how to resume.
+    """
+    explicit = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if not explicit:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (and DDP re-launches it): --debug is ours
+    prog = f"undo {argv[0]}" if argv and argv[0] in (*TRAINER_COMMANDS, *TOOLS, "test") else "undo"
+    try:
+        _run(argv, explicit)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    except BrokenPipeError:  # `undo ... | head`: the reader left; nothing to report (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
+    except Exception as err:
+        if debug or not is_bad_input(err):
+            raise
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+
+
+def _run(argv: list[str], explicit: bool) -> None:
     tune_allocator()
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -143,13 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] in TOOLS:
         from jsonargparse import CLI
 
-        CLI(_tool(argv[0]), args=argv[1:], prog=f"undo {argv[0]}")
+        CLI(_tool(argv[0]), args=argv[1:], prog=f"undo {argv[0]}", exit_on_error=False)
         return
     if argv[0] == "test":
-        raise SystemExit("undo test: the stages have no test split; `undo validate -c CONFIG` runs the shared "
+        raise ValueError("the stages have no test split; `undo validate -c CONFIG` runs the shared "
                          "validation metrics, `undo eval MODEL_DIR` scores any exported model")
     if argv[0] not in TRAINER_COMMANDS:
-        raise SystemExit(f"undo: unknown subcommand {argv[0]!r}; expected one of "
+        raise ValueError(f"subcommand {argv[0]!r}: unknown; expected one of "
                          f"{', '.join(TRAINER_COMMANDS + tuple(TOOLS))}")
     _lightning_cli(argv if explicit else None)
     close_process_group()

@@ -187,11 +187,8 @@ def eval_command(model: str, mcq: list[str] | str | None = None, limit: int | fl
     Returns:
         The result dict (also printed as a table).
     """
-    try:
-        result = evaluate_model(model, mcq, limit, k_shot, fewshot, retain, forget, text_field, max_documents,
-                                tokenizer, block_size, batch_size, device, dtype)
-    except ValueError as err:  # bad input: one clear line, not a stack trace
-        raise SystemExit(f"undo eval: error: {err}") from None
+    result = evaluate_model(model, mcq, limit, k_shot, fewshot, retain, forget, text_field, max_documents,
+                            tokenizer, block_size, batch_size, device, dtype)
     print(format_result(result))
     if output is not None:
         write_json_atomic(output, result)

@@ -263,8 +263,8 @@ def check_keys(raw: dict, where: str) -> None:
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(section) - set(known) - (set(RUN_OPTIONS) if cls is ExperimentConfig else set()))
         if unknown:
-            raise ValueError(f"{where}: {label + ': ' if label else ''}unknown key(s) {unknown}; expected "
-                             f"{sorted(known)}")
+            raise ValueError(f"{where}: {label + ': ' if label else ''}unknown key(s) {unknown}"
+                             f"{did_you_mean(unknown[0], known)}; expected {sorted(known)}")
         for name, value in section.items():
             kind = _SECTION_TYPES.get((cls, name))
             if kind is not None:
@@ -276,6 +276,14 @@ def check_keys(raw: dict, where: str) -> None:
             check(value, AttackSetting, f"{label}.attacks.{name}")
 
     check(raw, ExperimentConfig, "")
+
+
+def did_you_mean(name: str, choices) -> str:
+    """`` (did you mean 'X'?)`` for the closest of ``choices`` to a misspelt ``name``, or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 _NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from undo_lightning.experiment import reuse
-from undo_lightning.experiment.config import DEFAULT_CONFIG, check_keys, error_message, finish, load_config, parser
+from undo_lightning.experiment.config import DEFAULT_CONFIG, check_keys, finish, load_config, parser
 from undo_lightning.experiment.report import Role
 from undo_lightning.experiment.trainer import TRAINER_DEFAULTS, tensorboard_logger
 from undo_lightning.io import import_object, instantiate
@@ -589,23 +589,23 @@ def run_experiment(cfg: dict, overwrite: bool = False, only: list[str] | None = 
 
 def pipeline_command(argv: list[str]) -> None:
     """``undo pipeline [-c CONFIG] [--print_config] [--out_dir DIR] [--overwrite true] [--only '[STAGE, ...]']``,
-    any config key overridable on the command line (``--relearn.steps 50``)."""
-    from jsonargparse import ArgumentError
+    any config key overridable on the command line (``--relearn.steps 50``).
 
+    Raises:
+        ValueError: a bad config, option or run folder (``undo`` prints it as one line, exit code 2).
+        jsonargparse.ArgumentError: a bad option or a value of the wrong type (likewise).
+    """
     if not any(a in ("-c", "--config") or a.startswith("--config=") for a in argv):
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
     paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")]
     paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    try:
-        for path in paths:
-            if not Path(path).is_file():
-                raise ValueError(f"config={path!r}: no such file")
-            with open(path) as f:
-                check_keys(yaml.safe_load(f) or {}, path)
-        namespace = parser().parse_args(argv)  # --print_config prints the resolved experiment and exits here
-        cfg = namespace.as_dict()
-        overwrite, only = cfg.pop("overwrite"), cfg.pop("only")
-        cfg.pop("config", None)
-        run_experiment(finish(cfg, Path(paths[-1]).stem), overwrite, only)
-    except (ValueError, ArgumentError) as err:  # bad config or run folder: a clear message, not a stack trace
-        raise SystemExit(f"undo pipeline: error: {error_message(err)}") from None
+    for path in paths:
+        if not Path(path).is_file():
+            raise ValueError(f"config={path!r}: no such file")
+        with open(path) as f:
+            check_keys(yaml.safe_load(f) or {}, path)
+    namespace = parser().parse_args(argv)  # --print_config prints the resolved experiment and exits here
+    cfg = namespace.as_dict()
+    overwrite, only = cfg.pop("overwrite"), cfg.pop("only")
+    cfg.pop("config", None)
+    run_experiment(finish(cfg, Path(paths[-1]).stem), overwrite, only)

@@ -1,0 +1,73 @@
+"""One error style for every `undo` command: bad input is one line `undo <command>: error: ...` on stderr, exit code
+2, no traceback; `--debug` (or UNDO_DEBUG=1) shows the traceback. Each case runs the real console entry point."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "arithmetic" / "smoke.yaml"
+
+
+def undo(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "undo_lightning.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def _config(tmp_path: Path, edit) -> str:
+    cfg = yaml.safe_load(SMOKE.read_text())
+    edit(cfg)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+CASES = {
+    "unknown subcommand": (lambda t: ["frobnicate"], r"undo: error: subcommand 'frobnicate': unknown; expected one of"),
+    "undo test": (lambda t: ["test", "-c", "x.yaml"],
+                  r"undo test: error: the stages have no test split; `undo validate -c CONFIG`"),
+    "fit: missing config file": (lambda t: ["fit", "-c", str(t / "none.yaml")],
+                                 r"undo fit: error: config: File does not exist: '.*none.yaml'"),
+    "fit: unknown module argument": (lambda t: ["fit", "--model.foo", "1"],
+                                     r"undo fit: error: model: Option 'foo' is not accepted"),
+    "fit: wrong type": (lambda t: ["fit", "--trainer.max_steps", "x"],
+                        r"undo fit: error: trainer.max_steps: Expected a int. Got value: x"),
+    "relearn: no model folder": (lambda t: ["relearn", f"[{t / 'missing' / 'hf'}]"],
+                                 r"undo relearn: error: model 'missing': '.*' is not a Hugging Face model folder"),
+    "relearn: wrong type": (lambda t: ["relearn", "[a]", "--lrs", "x"], r"undo relearn: error: lrs: Expected a list"),
+    "report: no run folder": (lambda t: ["report", str(t / "none")],
+                              r"undo report: error: run folder '.*none' does not exist"),
+    "eval: nothing to evaluate": (lambda t: ["eval", str(t)], r"undo eval: error: nothing to evaluate"),
+    "pipeline: unknown option": (lambda t: ["pipeline", "--relearn.stepz", "5"],
+                                 r"undo pipeline: error: unrecognized arguments: --relearn.stepz 5"),
+    "pipeline: misspelt nested key": (
+        lambda t: ["pipeline", "-c", _config(t, lambda c: c["undo"].update(alhpas=[0.5]))],
+        r"undo pipeline: error: .*bad.yaml: undo: unknown key\(s\) \['alhpas'\] \(did you mean 'alphas'\?\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path):
+    args, pattern = CASES[case]
+    proc = undo(*args(tmp_path), cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert pytest.importorskip("re").match(pattern, lines[0]), lines[0]
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    for proc in (undo("report", str(tmp_path / "none"), "--debug", cwd=tmp_path),
+                 undo("report", str(tmp_path / "none"), cwd=tmp_path, env={"UNDO_DEBUG": "1"})):
+        assert proc.returncode == 1
+        assert "Traceback" in proc.stderr and "FileNotFoundError: run folder" in proc.stderr
+
+
+def test_help_names_the_error_style():
+    out = undo("--help", cwd=ROOT).stdout
+    assert "exit code 2" in out and "--debug" in out and "UNDO_DEBUG=1" in out
