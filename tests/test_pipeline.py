@@ -431,3 +431,66 @@ def test_collapse_guard_leaves_a_destroyed_teacher_unfinished(tmp_path):
     _check_collapse(stages["distill"], cfg, tmp_path, collapsed)  # students are not unlearning stages
     _check_collapse(stages["unlearn"], {**cfg, "collapse_guard": None}, tmp_path, collapsed)  # guard off
     _check_collapse(stages["unlearn"], cfg, tmp_path, {"val": {"val/retain_ce": 9.0}})  # no accuracy: not guarded
+
+
+@pytest.mark.slow
+def test_check_validates_and_says_what_a_run_would_do_without_changing_anything(smoke_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run[0], out)
+    before = {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["undo"]["model"]["beta"] = 0.2  # both UNDO students change
+    cfg["relearn"]["seeds"] = [0, 1]  # new runs for every model
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert run_pipeline(str(path), out_dir=str(out), check=True) == {}
+    captured = capsys.readouterr()
+    assert {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    assert re.search(r"undo_a0.3: settings changed: model.beta 0.1 -> 0.2; .*would remove", captured.err)
+    states = dict(re.findall(r"^  (\S+) .* (finished, reused|runs)$", captured.out, re.M))
+    assert states == {**{s: "finished, reused" for s in STAGES[:4]}, "undo_a0.3": "runs", "undo_a0.7": "runs"}
+    # 6 models x 2 LRs x 2 seeds; finished and reused: the 4 unchanged models' seed-0 runs
+    assert "6 training stages and 24 attack runs" in captured.out and "8 finished, reused; 16 to run" in captured.out
+    # a fresh folder: nothing is created
+    assert run_pipeline(str(SMOKE), out_dir=str(tmp_path / "fresh"), check=True) == {}
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_only_names_stages_of_the_experiment(tmp_path):
+    with pytest.raises(ValueError, match=r"only=\['refrence'\]: 'refrence' is not a training stage of this "
+                                         r"experiment \(did you mean 'reference'\?\)"):
+        run_pipeline(str(SMOKE), out_dir=str(tmp_path / "run"), only=["refrence"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_dependent_settings_fail_before_training(tmp_path):
+    """RMU's layer against the preset's depth, a student init folder with another vocabulary than the teacher, and a
+    block shorter than one example: refused before the first stage, though the models do not exist yet."""
+    from undo_lightning.data.tokenizers import load_tokenizer
+    from undo_lightning.models import build_model, export_model
+
+    def refused(edit, match):
+        cfg = yaml.safe_load(SMOKE.read_text())
+        edit(cfg)
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        with pytest.raises(ValueError, match=match):
+            run_pipeline(str(path), out_dir=str(tmp_path / "run"))
+        assert not (tmp_path / "run").exists()
+
+    refused(lambda c: c["unlearn"]["model"].update(method={"class_path": "undo_lightning.RMU",
+                                                            "init_args": {"layer": 2}}),
+            r"unlearn: model.method: RMU layer=2, .*block index 2 is out of range; the model has 2 decoder layers")
+    refused(lambda c: c["data"].update(block_size=5),
+            r"reference: data.block_size=5: shorter than one answer-scored example \('.*' -> '.*' takes \d+ tokens")
+    # a folder whose vocabulary is larger than the data's (another tokenizer) as the init of a student
+    tokenizer = load_tokenizer("arithmetic")
+    model = build_model("gemma2-micro", tokenizer, seed=0)
+    model.resize_token_embeddings(512)
+    other = export_model(model, tokenizer, str(tmp_path / "other" / "hf"))
+    refused(lambda c: c.update(students={"odd": {"model": {"student_init": other}}}),
+            r"odd: model.student_init='.*other/hf' has vocab_size=512 but model.teacher='.*unlearn/hf' has "
+            r"vocab_size=\d+")

@@ -279,12 +279,24 @@ def test_undo_report_keeps_the_runs_own_settings(run, capsys):
     from jsonargparse import CLI
 
     (run / "config.yaml").write_text(yaml.safe_dump({"report": {"steps": [50, 300], "ddof": 1, "ci_level": 0.5},
-                                                     "relearn": {"attacks": {"forget": {}}}}))
-    CLI(main, args=[str(run)])
+                                                     "relearn": {"attacks": {"forget": {}, "retain": {"data": {
+                                                         "forget": {"init_args": {"eval_fact_fraction": 0.5}}}}}}}))
+    CLI(main, args=[str(run), "--attacks", "[forget]"])
     rep = json.loads((run / "report.json").read_text())
     assert rep["steps"] == [50, 300] and rep["std_ddof"] == 1 and rep["interval"]["level"] == 0.5
-    assert list(rep["attacks"]) == ["forget"]  # the run's settings, not every setting found (retain)
+    assert list(rep["attacks"]) == ["forget"]  # as asked, not every setting found (retain)
     assert "relearn_curves_retain.png" not in capsys.readouterr().out
+    CLI(main, args=[str(run)])
+    rep = json.loads((run / "report.json").read_text())
+    assert list(rep["attacks"]) == ["forget", "retain"]  # the run's own settings
+    # what each attack changed in the data is stated with it
+    assert rep["attacks"]["retain"]["data"] == {"forget.init_args.eval_fact_fraction": 0.5}
+    assert "## attack `retain` (fine-tuned on retain data only; data: forget.init_args.eval_fact_fraction=0.5)" in \
+        (run / "report.md").read_text()
+    (run / "config.yaml").write_text(yaml.safe_dump({"report": {"steps": [50, 300], "ddof": 1, "ci_level": 0.5},
+                                                     "relearn": {"attacks": {"forget": {}}}}))
+    CLI(main, args=[str(run)])
+    assert list(json.loads((run / "report.json").read_text())["attacks"]) == ["forget"]
     CLI(main, args=[str(run), "--steps", "[100]", "--attacks", "[retain]"])
     rep = json.loads((run / "report.json").read_text())
     assert rep["steps"] == [100] and list(rep["attacks"]) == ["retain"] and rep["std_ddof"] == 1

@@ -338,6 +338,7 @@ class RetainForgetDataModule(L.LightningDataModule):
                     self.eval_sets[name], self.eval_set_split[name] = items, split
                     if name in groups:
                         self.eval_set_group[name] = groups[name]
+        self.check_block_size(self.eval_sets)
         for split in SPLITS:
             self._blocks[f"{split}/val"] = self._pack(self._docs[(split, "val")], f"{split} val")
         for name, spec in self.mcq.items():
@@ -345,6 +346,32 @@ class RetainForgetDataModule(L.LightningDataModule):
                 self.mcq_sets[name] = spec.prompts()
             except ValueError as err:
                 raise ValueError(f"mcq[{name!r}]: {err}") from None
+
+    def check_block_size(self, eval_sets: Mapping[str, list[EvalItem]] | None = None) -> None:
+        """Refuses a ``block_size`` shorter than an answer-scored example (separator + prompt + answer): no packed
+        block could then hold a problem together with its answer, and the model could never learn the task.
+
+        Args:
+            eval_sets: the answer-scored sets to measure (default: the sources' own, drawn without :meth:`setup`).
+
+        Raises:
+            ValueError: naming ``block_size``, the longest example and its length.
+        """
+        if eval_sets is None:
+            eval_sets = {name: items for source in (self.retain, self.forget)
+                         for name, items in source.eval_sets(self.seed, self.eval_prompts_per_set).items()}
+        if not any(eval_sets.values()):
+            return  # nothing answer-scored (e.g. language data): no tokenizer needed
+        tok, need, longest = self.tokenizer, 0, None
+        for items in eval_sets.values():
+            for item in items:
+                n = len(tok(item.prompt)["input_ids"]) + len(tok(item.answer, add_special_tokens=False)["input_ids"])
+                if n > need:
+                    need, longest = n, item
+        if need > self.block_size:
+            raise ValueError(f"block_size={self.block_size}: shorter than one answer-scored example "
+                             f"({longest.prompt!r} -> {longest.answer!r} takes {need} tokens with its separator); no "
+                             f"block could hold a problem and its answer together: expected block_size >= {need}")
 
     def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids per document as int32 arrays (4 bytes per token instead of ~36 in a list of Python ints)."""

@@ -25,7 +25,7 @@ from undo_lightning.modules.relearn import Attack
 #: how much the pretrained oracle trains relative to the reference (see ``ExperimentConfig.oracle_exposure``)
 OracleExposure = Literal["equal_steps", "equal_retain_tokens"]
 #: command-line options of ``undo pipeline`` that ``--print_config`` writes beside the experiment (not part of it)
-RUN_OPTIONS = ("overwrite", "only")
+RUN_OPTIONS = ("overwrite", "only", "check")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "arithmetic" / "quick.yaml"
 
 
@@ -237,6 +237,9 @@ def parser(prog: str = "undo pipeline"):
     p.add_argument("--overwrite", action=ActionYesNo, default=False,
                    help="replace a run folder that holds another experiment (another name) or is no run folder; a folder "
                         "of the same experiment is always reused stage by stage (changed stages are redone)")
+    p.add_argument("--check", action=ActionYesNo, default=False,
+                   help="only validate the whole experiment (every section, module, data, model size, attack) and say "
+                        "which stages and attack runs a run would reuse, redo or run; changes nothing")
     p.add_argument("--only", nargs="+", default=None, metavar="STAGE",
                    help="run just these training stages (and nothing after them), e.g. --only reference oracle")
     return p

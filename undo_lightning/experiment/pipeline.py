@@ -24,6 +24,7 @@ any training; a folder holding another experiment (another ``name``) is refused 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -268,16 +269,94 @@ def _instantiate(stage: Stage):
 
 
 def validate(cfg: dict) -> list[Stage]:
-    """Builds every stage's module and data module once (models are built lazily) and checks each stage's step
-    budget, so bad settings fail up front."""
+    """Checks the whole experiment before anything trains: builds every stage's module and data module once (models
+    are built lazily), checks each stage's step budget, every data's block size against its longest answer-scored
+    example, what can be known about each stage's model before it exists (:func:`_check_models`), and every attack
+    setting. Returns the planned stages."""
     stages = plan(cfg)
+    modules = {}
     for stage in stages:
-        _instantiate(stage)
+        modules[stage.name] = _instantiate(stage)
         _datamodule(cfg, stage.data)
         if not stage.evaluate_only:
             _check_budget(stage.name, _trainer_kwargs(cfg, stage))
     _check_attacks(cfg)
+    checked: dict[str, Any] = {}  # one check per distinct data config
+    for where, data in [*((s.name, deep_merge(cfg.get("data", {}), s.data)) for s in stages),
+                        *((f"relearn (attack setting {n!r})", sweep["data"]) for n, sweep in attack_sweeps(cfg).items())]:
+        key = json.dumps(data, sort_keys=True, default=str)
+        if key not in checked:
+            checked[key] = _datamodule(cfg, data)
+            try:
+                checked[key].check_block_size()
+            except ValueError as err:
+                raise ValueError(f"{where}: data.{err}") from None
+    first = checked[json.dumps(deep_merge(cfg.get("data", {}), stages[0].data), sort_keys=True, default=str)]
+    _check_models(stages, modules, functools.cache(lambda: _tokenizer_or_none(first)))
     return stages
+
+
+def _tokenizer_or_none(datamodule):
+    """The data's tokenizer, or None when it cannot be loaded here (a hub tokenizer offline): the first stage then
+    reports that itself, before anything trains; the checks that need it are skipped."""
+    try:
+        return datamodule.tokenizer
+    except ValueError:
+        return None
+
+
+def _model_facts(name: str, tokenizer: Callable[[], Any]) -> dict[str, int] | None:
+    """``vocab_size`` and ``num_hidden_layers`` of a preset (sized by ``tokenizer()``) or a local model folder (None:
+    a hub id, not known before it is downloaded, or a preset whose tokenizer cannot be loaded here)."""
+    from undo_lightning.models import PRESETS, is_hf_folder, preset_config
+
+    if name in PRESETS:
+        if tokenizer() is None:
+            return None
+        config = preset_config(name, tokenizer()).to_dict()
+    elif is_hf_folder(name):
+        with open(Path(name) / "config.json") as f:
+            config = json.load(f)
+        config = config.get("text_config", config)  # multimodal checkpoints nest the language model's config
+    else:
+        return None
+    return {k: config[k] for k in ("vocab_size", "num_hidden_layers") if isinstance(config.get(k), int)}
+
+
+def _check_models(stages: list[Stage], modules: dict[str, Any], tokenizer: Callable[[], Any]) -> None:
+    """What can be known about each stage's model before it exists, checked before anything trains: the size of the
+    model each stage builds or reads follows from the presets and existing folders the experiment starts from, so a
+    vocabulary smaller than the data tokenizer, a student init whose vocabulary differs from its teacher's, or an RMU
+    layer beyond the model's depth fail here instead of after the earlier stages have trained. ``tokenizer()`` (the
+    first stage's data tokenizer) is only loaded when a preset or local folder needs it: a config of hub models
+    validates offline."""
+    facts: dict[str, dict[str, int] | None] = {}  # model folder / preset -> facts
+    known = lambda path: facts[path] if path in facts else _model_facts(path, tokenizer)  # noqa: E731
+
+    for stage in stages:
+        module = modules[stage.name]
+        if stage.module_cls.endswith("DistillModule"):
+            teacher, init = module.teacher_path, module.hparams.student_init
+            model = known(teacher)
+            student = model if init in ("random", "teacher") else known(init)
+            if model and student and model.get("vocab_size") != student.get("vocab_size"):
+                raise ValueError(f"{stage.name}: model.student_init={init!r} has vocab_size={student['vocab_size']} "
+                                 f"but model.teacher={teacher!r} has vocab_size={model['vocab_size']}; distillation "
+                                 "compares full-vocabulary distributions: both must use the same tokenizer")
+            model = student
+        else:
+            model = known(module.model_name)
+            check_depth = getattr(getattr(module, "method", None), "check_depth", None)
+            if model and check_depth is not None and "num_hidden_layers" in model:
+                try:
+                    check_depth(model["num_hidden_layers"])
+                except ValueError as err:
+                    raise ValueError(f"{stage.name}: model.method: {err}") from None
+        if model and "vocab_size" in model and tokenizer() is not None and model["vocab_size"] < len(tokenizer()):
+            raise ValueError(f"{stage.name}: its model has vocab_size={model['vocab_size']} but the data tokenizer has "
+                             f"{len(tokenizer())} tokens; give the stage the data (tokenizer) its model was trained "
+                             "with")
+        facts[stage.hf] = model
 
 
 def _check_budget(name: str, trainer: dict) -> None:
@@ -304,7 +383,8 @@ def _check_resume_point(stage: Stage, ckpt: Path) -> None:
                          f"scratch (rm {ckpt}) and run the same command again") from None
 
 
-def prepare_out_dir(out: Path, cfg: dict, stages: list[Stage], overwrite: bool = False) -> None:
+def prepare_out_dir(out: Path, cfg: dict, stages: list[Stage], overwrite: bool = False,
+                    dry_run: bool = False) -> tuple[dict[str, str], int]:
     """Makes ``out`` hold only results of ``cfg`` before any training, reusing what it can.
 
     A folder of another experiment (another ``name`` in its ``config.yaml``) or a non-empty folder that is no run
@@ -312,6 +392,11 @@ def prepare_out_dir(out: Path, cfg: dict, stages: list[Stage], overwrite: bool =
     record (:func:`stage_records`, :func:`run_records`) differs from what ``cfg`` asks for is removed, with the reason
     in the log; those the config no longer has are removed too; the rest is reused. Folders written before records
     existed are judged by the records of the ``config.yaml`` they were made with. ``config.yaml`` is then ``cfg``.
+    With ``dry_run`` nothing is changed: the log says what would be.
+
+    Returns:
+        What a run does with each stage (``finished, reused``, ``resumes from its last checkpoint`` or ``runs``) and
+        how many attack runs are finished and reused.
     """
     saved = out / "config.yaml"
     previous = None
@@ -322,32 +407,48 @@ def prepare_out_dir(out: Path, cfg: dict, stages: list[Stage], overwrite: bool =
             if not overwrite:
                 raise ValueError(f"{out} holds the experiment {previous.get('name')!r}, not {cfg['name']!r}; pass "
                                  "--overwrite to replace it, or choose another out_dir")
-            shutil.rmtree(out)
+            _replace(out, dry_run)
             previous = None
     elif out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ValueError(f"{out} exists and is not an undo pipeline run folder (no config.yaml); pass --overwrite "
                              "to replace it, or choose another out_dir")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        _replace(out, dry_run)
+    if not dry_run:
+        out.mkdir(parents=True, exist_ok=True)
     records = stage_records(cfg, stages)
     old_stages, old_runs = _previous_records(previous, out)
     recorded = {path.parent.name for path in out.glob(f"*/{STAGE_RECORD}")}
     for name in sorted((set(old_stages) | recorded) - set(records)):
-        _remove(out, name, "the config no longer has this stage")
+        _remove(out, name, "the config no longer has this stage", dry_run)
+    states = {}
     for stage in stages:
         folder = out / stage.name
+        states[stage.name] = "runs"
         if not folder.is_dir():
             continue
         old = reuse.read_record(folder / STAGE_RECORD) if (folder / STAGE_RECORD).is_file() \
             else old_stages.get(stage.name)
-        if old == records[stage.name]:
+        if old != records[stage.name]:
+            _remove(out, stage.name, reuse.describe_change(old, records[stage.name]), dry_run)
+            continue
+        if not dry_run:
             reuse.write_record(folder / STAGE_RECORD, records[stage.name])  # a folder from before records: adopted
-        else:
-            _remove(out, stage.name, reuse.describe_change(old, records[stage.name]))
-    _prepare_runs(out, run_records(cfg, stages, records), old_runs)
-    _remove_stale_summaries(out, list(attack_sweeps(cfg)))
-    atomic_yaml(saved, cfg)
+        if (folder / DONE).is_file():
+            states[stage.name] = "finished, reused"
+        elif (folder / "checkpoints" / "last.ckpt").is_file():
+            states[stage.name] = "resumes from its last checkpoint"
+    kept = _prepare_runs(out, run_records(cfg, stages, records), old_runs, dry_run)
+    if not dry_run:
+        _remove_stale_summaries(out, list(attack_sweeps(cfg)))
+        atomic_yaml(saved, cfg)
+    return states, kept
+
+
+def _replace(out: Path, dry_run: bool) -> None:
+    _log(f"{'would replace' if dry_run else 'replacing'} {out} (--overwrite)")
+    if not dry_run:
+        shutil.rmtree(out)
 
 
 def _previous_records(previous: dict | None, out: Path) -> tuple[dict[str, dict], dict[Path, dict]]:
@@ -362,40 +463,49 @@ def _previous_records(previous: dict | None, out: Path) -> tuple[dict[str, dict]
         return {}, {}
 
 
-def _remove(out: Path, stage: str, why: str) -> None:
+def _remove(out: Path, stage: str, why: str, dry_run: bool = False) -> None:
     """Removes a stage's folder and its attack runs, logging why."""
-    _log(f"{stage}: {why}; removing {out / stage} and its attack runs"
+    _log(f"{stage}: {why}; {'would remove' if dry_run else 'removing'} {out / stage} and its attack runs"
          + ("" if "no longer" in why else " to redo them"))
-    shutil.rmtree(out / stage, ignore_errors=True)
-    shutil.rmtree(out / "relearn" / stage, ignore_errors=True)
+    if not dry_run:
+        shutil.rmtree(out / stage, ignore_errors=True)
+        shutil.rmtree(out / "relearn" / stage, ignore_errors=True)
 
 
-def _prepare_runs(out: Path, expected: dict[Path, dict], previous: dict[Path, dict]) -> None:
-    """Removes attack runs the config no longer asks for and those whose record changed (one log line per reason)."""
+def _prepare_runs(out: Path, expected: dict[Path, dict], previous: dict[Path, dict], dry_run: bool = False) -> int:
+    """Removes attack runs the config no longer asks for and those whose record changed (one log line per reason);
+    returns how many finished runs are kept."""
     from collections import Counter
 
     from undo_lightning.experiment.sweep import RUN_RECORD
 
     redo: Counter[str] = Counter()
-    gone = []
+    gone, kept = [], 0
     for folder in sorted((out / "relearn").glob("*/*")):
         if not folder.is_dir():
             continue
         key = folder.relative_to(out)
         if key not in expected:
             gone.append(key)
-            shutil.rmtree(folder)
-            continue
-        old = reuse.read_record(folder / RUN_RECORD) if (folder / RUN_RECORD).is_file() else previous.get(key)
-        if old == expected[key]:
-            reuse.write_record(folder / RUN_RECORD, expected[key])
-        elif (folder / "curve.json").is_file():  # an unfinished run is redone by the sweep anyway
+        else:
+            old = reuse.read_record(folder / RUN_RECORD) if (folder / RUN_RECORD).is_file() else previous.get(key)
+            if old == expected[key]:
+                if not dry_run:
+                    reuse.write_record(folder / RUN_RECORD, expected[key])
+                kept += (folder / "curve.json").is_file() and (out / folder.parent.name / DONE).is_file()
+                continue
+            if not (folder / "curve.json").is_file():  # an unfinished run is redone by the sweep anyway
+                continue
             redo[reuse.describe_change(old, expected[key])] += 1
+        if not dry_run:
             shutil.rmtree(folder)
+    verb = "would remove" if dry_run else "removed"
     if gone:
-        _log(f"relearn: removed {len(gone)} attack run(s) the config no longer asks for (e.g. {gone[0]})")
+        _log(f"relearn: {verb} {len(gone)} attack run(s) the config no longer asks for (e.g. {gone[0]})")
     for why, count in redo.items():
-        _log(f"relearn: {why.replace('its input model', 'the attacked model')}: {count} attack run(s) to redo")
+        _log(f"relearn: {why.replace('its input model', 'the attacked model')}: {count} attack run(s) "
+             f"{'would be redone' if dry_run else 'to redo'}")
+    return kept
 
 
 def _remove_stale_summaries(out: Path, settings: list[str]) -> None:
@@ -541,7 +651,7 @@ def run_relearn(cfg: dict, out: Path, stages: list[Stage], model_ids: dict[str, 
 
 
 def run_pipeline(config: str | os.PathLike | None = None, out_dir: str | None = None, overwrite: bool = False,
-                 only: list[str] | None = None) -> dict:
+                 only: list[str] | None = None, check: bool = False) -> dict:
     """Run the whole UNDO experiment (pretrain, unlearn, distill, UNDO, relearn, report); resumable.
 
     Args:
@@ -550,21 +660,32 @@ def run_pipeline(config: str | os.PathLike | None = None, out_dir: str | None = 
         overwrite: replace a run folder that holds another experiment (another ``name``) or is no run folder; a
             folder of the same experiment is always reused stage by stage (changed stages are redone).
         only: run just these stages (and nothing after them), e.g. ``[reference, oracle]``.
+        check: only validate the whole experiment and say what a run would do to ``out_dir`` (nothing changes).
 
     Returns:
-        The report dictionary (also written to ``<out_dir>/report.json``).
+        The report dictionary (also written to ``<out_dir>/report.json``); empty with ``only`` or ``check``.
     """
     cfg = load_config(config)
     if out_dir is not None:
         cfg["out_dir"] = out_dir
-    return run_experiment(cfg, overwrite, only)
+    return run_experiment(cfg, overwrite, only, check)
 
 
-def run_experiment(cfg: dict, overwrite: bool = False, only: list[str] | None = None) -> dict:
+def run_experiment(cfg: dict, overwrite: bool = False, only: list[str] | None = None, check: bool = False) -> dict:
     """:func:`run_pipeline` of a resolved config (:func:`~undo_lightning.experiment.config.load_config`)."""
+    from undo_lightning.experiment.config import did_you_mean
+
     stages = validate(cfg)
+    names = [s.name for s in stages]
+    for name in only or ():
+        if name not in names:
+            raise ValueError(f"only={only}: {name!r} is not a training stage of this experiment"
+                             f"{did_you_mean(name, names)}; stages: {names}")
     out = Path(cfg["out_dir"])
-    prepare_out_dir(out, cfg, stages, overwrite)
+    states, finished = prepare_out_dir(out, cfg, stages, overwrite, dry_run=check)
+    if check:
+        print(check_summary(cfg, stages, out, states, finished))
+        return {}
     records = stage_records(cfg, stages)
     for stage in stages:  # before any training: a stage that would resume from a broken file
         ckpt = out / stage.name / "checkpoints" / "last.ckpt"
@@ -587,6 +708,22 @@ def run_experiment(cfg: dict, overwrite: bool = False, only: list[str] | None = 
     return report
 
 
+def check_summary(cfg: dict, stages: list[Stage], out: Path, states: dict[str, str], finished: int) -> str:
+    """What ``undo pipeline --check`` prints: the experiment is valid, each stage with what a run would do to it
+    (``states``, from :func:`prepare_out_dir`), and the attack grid with its ``finished`` runs."""
+    sweeps = attack_sweeps(cfg)
+    grid = next(iter(sweeps.values()))
+    total = len(sweeps) * len(stages) * len(grid["lrs"]) * len(grid["seeds"])
+    lines = [f"{cfg['name']}: valid; {len(stages)} training stages and {total} attack runs -> {out}"]
+    for stage in stages:
+        kind = "evaluated" if stage.evaluate_only else stage.module_cls.rsplit(".", 1)[-1]
+        lines.append(f"  {stage.name:<16} {stage.role.value:<9} {kind:<16} {states[stage.name]}")
+    lines.append(f"  attacks: {', '.join(sweeps)} x {len(stages)} models x {len(grid['lrs'])} LRs x "
+                 f"{len(grid['seeds'])} seeds, {grid['steps']} steps each: {finished} finished, reused; "
+                 f"{total - finished} to run")
+    return "\n".join(lines)
+
+
 def pipeline_command(argv: list[str]) -> None:
     """``undo pipeline [-c CONFIG] [--print_config] [--out_dir DIR] [--overwrite true] [--only '[STAGE, ...]']``,
     any config key overridable on the command line (``--relearn.steps 50``).
@@ -606,6 +743,6 @@ def pipeline_command(argv: list[str]) -> None:
             check_keys(yaml.safe_load(f) or {}, path)
     namespace = parser().parse_args(argv)  # --print_config prints the resolved experiment and exits here
     cfg = namespace.as_dict()
-    overwrite, only = cfg.pop("overwrite"), cfg.pop("only")
+    overwrite, only, check = cfg.pop("overwrite"), cfg.pop("only"), cfg.pop("check")
     cfg.pop("config", None)
-    run_experiment(finish(cfg, Path(paths[-1]).stem), overwrite, only)
+    run_experiment(finish(cfg, Path(paths[-1]).stem), overwrite, only, check)

@@ -135,8 +135,17 @@ def _find_anchor(stages: dict[str, dict], role: str, explicit: str | None) -> st
 
 
 def _attack_settings(relearn_dir: Path) -> dict[str, dict[str, Any]]:
-    """Every attack setting with runs under ``relearn/`` and what it trains on (from its first curve), ``forget``
-    first, then by name."""
+    """Every attack setting with runs under ``relearn/``, what it trains on (from its first curve) and, for a
+    pipeline run folder, the data the setting changes (``data``: dotted keys of its ``data:`` override in the run's
+    ``config.yaml``); ``forget`` first, then by name."""
+    import yaml
+
+    config = relearn_dir.parent / "config.yaml"
+    overrides = {}
+    if config.is_file():
+        with open(config) as f:
+            overrides = {name: _dotted(setting.get("data") or {}) for name, setting in
+                         (((yaml.safe_load(f) or {}).get("relearn") or {}).get("attacks") or {}).items()}
     found: dict[str, dict[str, Any]] = {}
     for path in sorted(relearn_dir.glob("*/*/curve.json")):
         with open(path) as f:
@@ -144,8 +153,18 @@ def _attack_settings(relearn_dir: Path) -> dict[str, dict[str, Any]]:
         name = curve.get("attack", "forget")
         if name not in found:
             train_on = curve.get("train_on", name)  # curves written before settings had names: the name is the data
-            found[name] = {"train_on": train_on, "description": ATTACK_DESCRIPTIONS.get(train_on)}
+            found[name] = {"train_on": train_on, "description": ATTACK_DESCRIPTIONS.get(train_on),
+                           "data": overrides.get(name) or {}}
     return dict(sorted(found.items(), key=lambda item: (item[0] != "forget", item[0])))
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"forget": {"init_args": {"x": 0.5}}}`` -> ``{"forget.init_args.x": 0.5}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out.update(_dotted(value, path + ".") if isinstance(value, dict) and value else {path: value})
+    return out
 
 
 def _empty_after(steps: Sequence[int]) -> list[dict[str, Any]]:
@@ -284,7 +303,7 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
         "compute_basis": ("students: distillation + teacher unlearning FLOPs" if include_unlearning_compute
                           else "students: distillation FLOPs only"),
         "anchors": anchors,
-        "attacks": {a: settings.get(a, {"train_on": None, "description": None}) for a in attacks},
+        "attacks": {a: settings.get(a, {"train_on": None, "description": None, "data": {}}) for a in attacks},
         "models": models,
         "noise_seed_groups": _noise_seed_groups(models, attacks, ddof),
         # students that no other student beats on both relative compute and relative robustness, per attack setting
@@ -418,7 +437,8 @@ def _tokens(e: dict) -> str:
 def _attack_title(name: str, info: dict[str, Any]) -> str:
     trained = {"forget": "fine-tuned on forget data", "retain": "fine-tuned on retain data only",
                "mixture": "fine-tuned on the retain/forget mixture"}.get(info.get("train_on") or "", "no runs")
-    return f"attack `{name}` ({trained})"
+    data = "; ".join(f"{k}={v}" for k, v in (info.get("data") or {}).items())
+    return f"attack `{name}` ({trained}" + (f"; data: {data}" if data else "") + ")"
 
 
 def render_markdown(report: dict[str, Any]) -> str:

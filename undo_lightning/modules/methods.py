@@ -328,12 +328,17 @@ class RMU(UnlearningMethod):
     def has_retain_term(self) -> bool:
         return self.retain_weight > 0
 
-    def attach(self, model: nn.Module, frozen: nn.Module | None, seed: int) -> None:
-        path, layers = decoder_layers(model)
-        bad = [i for i in [self.layer, *self.train_layers] if i >= len(layers)]
+    def check_depth(self, n_layers: int) -> None:
+        """Raises if ``layer`` or a ``train_layers`` index is not a block of a model with ``n_layers`` blocks (the
+        pipeline calls it with the model's config before anything trains)."""
+        bad = [i for i in [self.layer, *self.train_layers] if i >= n_layers]
         if bad:
             raise ValueError(f"RMU layer={self.layer}, train_layers={self.train_layers}: block index {bad[0]} is out "
-                             f"of range; the model has {len(layers)} decoder layers (0..{len(layers) - 1})")
+                             f"of range; the model has {n_layers} decoder layers (0..{n_layers - 1})")
+
+    def attach(self, model: nn.Module, frozen: nn.Module | None, seed: int) -> None:
+        path, layers = decoder_layers(model)
+        self.check_depth(len(layers))
         self._names = parameter_names(model, self.params, self.train_layers)
         trained = set(self._names)
         for name, param in model.named_parameters():
