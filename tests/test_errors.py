@@ -71,3 +71,19 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_help_names_the_error_style():
     out = undo("--help", cwd=ROOT).stdout
     assert "exit code 2" in out and "--debug" in out and "UNDO_DEBUG=1" in out
+
+
+def test_hardware_banner_once_per_process_and_expected_messages_dropped():
+    import logging
+
+    from undo_lightning.cli import _not_expected, _shown_once
+
+    def record(msg):
+        return logging.LogRecord("lightning.pytorch.utilities.rank_zero", logging.INFO, "", 0, msg, None, None)
+
+    _shown_once.clear()
+    assert _not_expected(record("GPU available: False, used: False"))
+    assert not _not_expected(record("GPU available: False, used: False"))  # the next stage's Trainer
+    assert _not_expected(record("GPU available: True (cuda), used: True"))  # another banner is news
+    assert not _not_expected(record("💡 Tip: For seamless cloud logging ..."))
+    assert _not_expected(record("`Trainer.fit` stopped: `max_steps=5` reached."))

@@ -297,6 +297,7 @@ def test_each_attack_setting_is_one_sweep_with_its_own_data(monkeypatch, tmp_pat
         "forget": {},
         "heldout": {"data": {"forget": {"init_args": {"eval_fact_fraction": 0.5}}}},
         "authors_mix": {"train_on": "mixture", "data": {"mixture": {"retain": 0.875, "forget": 0.125}}}}}
+    cfg["trainer"]["enable_progress_bar"] = True  # the stages' bars; attack runs log one line each instead
     seen = []
 
     def sweep(**kwargs):
@@ -318,6 +319,7 @@ def test_each_attack_setting_is_one_sweep_with_its_own_data(monkeypatch, tmp_pat
     assert data["heldout"]["forget"].eval_fact_fraction == 0.5 and data["forget"]["forget"].eval_fact_fraction is None
     assert data["authors_mix"]["mixture"] == {"retain": 0.875, "forget": 0.125}
     assert all(s["lrs"] == [0.001, 0.003] and set(s["models"]) == set(STAGES) for s in seen)
+    assert all("enable_progress_bar" not in s["trainer"] and s["trainer"]["accelerator"] == "cpu" for s in seen)
     from undo_lightning.experiment.pipeline import _datamodule
 
     for stage in plan(cfg):  # the training stages never see the attack's override

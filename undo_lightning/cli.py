@@ -94,9 +94,21 @@ _EXPECTED_LIGHTNING_MESSAGES = ("💡 Tip", "The following callbacks returned in
                                 "will override existing callbacks passed to Trainer: ModelCheckpoint")
 
 
+#: Lightning's hardware banner, printed by every Trainer: an experiment builds one per stage and attack run, so it is
+#: shown once per process (the hardware does not change between stages).
+_ONCE_PER_PROCESS = ("GPU available:", "TPU available:", "HPU available:")
+_shown_once: set[str] = set()
+
+
 def _not_expected(record: logging.LogRecord) -> bool:
-    """Logging filter: drops :data:`_EXPECTED_LIGHTNING_MESSAGES`; the console keeps everything else."""
-    return not str(record.msg).startswith(_EXPECTED_LIGHTNING_MESSAGES)
+    """Logging filter: drops :data:`_EXPECTED_LIGHTNING_MESSAGES` and repeats of :data:`_ONCE_PER_PROCESS`; the
+    console keeps everything else."""
+    msg = str(record.msg)
+    if msg.startswith(_ONCE_PER_PROCESS):
+        if msg in _shown_once:
+            return False
+        _shown_once.add(msg)
+    return not msg.startswith(_EXPECTED_LIGHTNING_MESSAGES)
 
 
 def quiet_expected_warnings() -> None:

@@ -601,11 +601,15 @@ def _check_collapse(stage: Stage, cfg: dict, out: Path, metrics: dict) -> None:
 
 def attack_sweeps(cfg: dict) -> dict[str, dict[str, Any]]:
     """``run_sweep`` keyword arguments (all but ``models`` and ``out_dir``) of each attack setting of the config's
-    ``relearn:`` section, by setting name: the shared data and Trainer merged with the section's and the setting's."""
+    ``relearn:`` section, by setting name: the shared data and Trainer (but its ``enable_progress_bar``) merged with
+    the section's and the setting's."""
     spec = dict(cfg.get("relearn") or {})
     attacks = spec.pop("attacks", None) or {"forget": {}}
     data = deep_merge(cfg.get("data", {}), spec.pop("data", {}))
-    trainer = deep_merge(cfg.get("trainer", {}), spec.pop("trainer", {}))
+    # an attack run is short and the sweep logs one line per run: a progress bar per run only if relearn.trainer
+    # asks for it, not because the stages show theirs
+    shared = {k: v for k, v in (cfg.get("trainer") or {}).items() if k != "enable_progress_bar"}
+    trainer = deep_merge(shared, spec.pop("trainer", {}))
     return {name: {**spec, "attack": setting.get("train_on", "forget"), "setting": name, "trainer": trainer,
                    "data": deep_merge(data, setting.get("data", {}))}
             for name, setting in attacks.items()}
