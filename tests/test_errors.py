@@ -42,6 +42,8 @@ CASES = {
     "report: no run folder": (lambda t: ["report", str(t / "none")],
                               r"undo report: error: run folder '.*none' does not exist"),
     "eval: nothing to evaluate": (lambda t: ["eval", str(t)], r"undo eval: error: nothing to evaluate"),
+    "eval: a folder without a model": (lambda t: ["eval", str(t), "--mcq", "[wmdp-cyber]"],
+                                       r"undo eval: error: model='.*': a folder without a model \(no config.json"),
     "pipeline: unknown option": (lambda t: ["pipeline", "--relearn.stepz", "5"],
                                  r"undo pipeline: error: unrecognized arguments: --relearn.stepz 5"),
     "pipeline: misspelt nested key": (
@@ -87,3 +89,25 @@ def test_hardware_banner_once_per_process_and_expected_messages_dropped():
     assert _not_expected(record("GPU available: True (cuda), used: True"))  # another banner is news
     assert not _not_expected(record("💡 Tip: For seamless cloud logging ..."))
     assert _not_expected(record("`Trainer.fit` stopped: `max_steps=5` reached."))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_pipeline_with_exit_130_and_says_how_to_resume(tmp_path):
+    """Lightning turns Ctrl-C into a graceful stop of `fit`; the pipeline must stop there too (not go on to the next
+    stage), leave the stage unfinished, and say how to resume."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "undo_lightning.cli", "pipeline", "-c", str(SMOKE), "--out_dir",
+                             str(out)], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ckpt = out / "reference" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "undo pipeline: interrupted; run the same command again to resume"
+    assert not (out / "reference" / "DONE").exists() and not (out / "oracle").exists()

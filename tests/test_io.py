@@ -85,8 +85,22 @@ def test_instantiate_checks_types_and_unknown_keys():
     module = instantiate(UnlearnModule, {"model": "gemma2-micro", "method": {"class_path": "undo_lightning.RMU",
                                                                              "init_args": {"layer": 0}}}, "unlearn")
     assert module.method.layer == 0
-    with pytest.raises(ValueError, match="unlearn: bad arguments for UnlearnModule.*lrr"):
-        instantiate(UnlearnModule, {"lrr": 0.1}, "unlearn")
+    # one line each: the key as the config spells it, the value, what is accepted
+    for args, message in [
+        ({"lrr": 0.1}, "unlearn: model.lrr: not an argument of UnlearnModule; arguments: ["),
+        ({"methd": "maxent"}, "unlearn: model.methd: not an argument of UnlearnModule (did you mean 'method'?)"),
+        ({"optimizer": {"lrr": 1}}, "unlearn: UnlearnModule: model.optimizer.lrr: not an argument"),
+        ({"method": "forget-harder"},
+         "unlearn: UnlearnModule: model.method=forget-harder: expected a UnlearningMethod class_path or 'graddiff', "
+         "'maxent', 'rmu'"),
+        ({"method": {"class_path": "undo_lightning.RMU", "init_args": {"layr": 1}}},
+         "unlearn: UnlearnModule: model.method: undo_lightning.RMU: init_args.layr is not an argument"),
+        ({"method": {"class_path": "undo_lightning.RMU", "init_args": {"layer": "x"}}},
+         "unlearn: UnlearnModule: model.method: undo_lightning.RMU: init_args.layer: Expected a int. Got value: x"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            instantiate(UnlearnModule, args, "unlearn")
+        assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
     with pytest.raises(ValueError, match="train_documents"):
         instantiate(ArithmeticSource, {"train_documents": "many"}, "retain")
 

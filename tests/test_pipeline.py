@@ -432,7 +432,17 @@ def test_collapse_guard_leaves_a_destroyed_teacher_unfinished(tmp_path):
     _check_collapse(stages["unlearn"], cfg, tmp_path, {"val": {"val/retain_acc": 0.40}})  # a drop of 0.44 passes
     _check_collapse(stages["distill"], cfg, tmp_path, collapsed)  # students are not unlearning stages
     _check_collapse(stages["unlearn"], {**cfg, "collapse_guard": None}, tmp_path, collapsed)  # guard off
-    _check_collapse(stages["unlearn"], cfg, tmp_path, {"val": {"val/retain_ce": 9.0}})  # no accuracy: not guarded
+    # without a config.json the vocabulary is unknown: CE is not judged
+    _check_collapse(stages["unlearn"], cfg, tmp_path, {"val": {"val/retain_ce": 9.0}})
+    # with one: a retain CE above ln V (a uniform guess) is a collapse even where accuracy says nothing (language data,
+    # or a reference whose own accuracy is 0); just below ln V passes
+    (tmp_path / "unlearn" / "hf").mkdir(parents=True)
+    (tmp_path / "unlearn" / "hf" / "config.json").write_text(json.dumps({"vocab_size": 1000}))
+    (tmp_path / "reference" / "metrics.json").write_text(json.dumps({"val": {"val/retain_ce": 2.5}}))
+    with pytest.raises(ValueError, match=r"unlearn: retain CE rose from 2.5 \(reference\) to 6.910, worse than guessing "
+                                         r"uniformly over the 1000-token vocabulary \(ln 1000 = 6.908\)"):
+        _check_collapse(stages["unlearn"], cfg, tmp_path, {"val": {"val/retain_ce": 6.91}})
+    _check_collapse(stages["unlearn"], cfg, tmp_path, {"val": {"val/retain_ce": 6.90}})
 
 
 @pytest.mark.slow

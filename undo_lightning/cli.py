@@ -187,12 +187,19 @@ def main(argv: list[str] | None = None) -> None:
     if not explicit:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (and DDP re-launches it): --debug is ours
     prog = f"undo {argv[0]}" if argv and argv[0] in (*TRAINER_COMMANDS, *TOOLS, "test") else "undo"
+    how = "add --ckpt_path last to the same command" if prog == "undo fit" else "run the same command again"
     try:
         _run(argv, explicit)
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
+        print(f"{prog}: interrupted; {how} to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    except SystemExit as exit_:
+        # Lightning turns Ctrl-C inside Trainer.fit into a graceful stop and sys.exit(1) while handling it
+        if debug or not isinstance(exit_.__context__, KeyboardInterrupt):
+            raise
+        print(f"{prog}: interrupted; {how} to resume", file=sys.stderr)
         raise SystemExit(130) from None
     except BrokenPipeError:  # `undo ... | head`: the reader left; nothing to report (Python's documented recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -299,16 +299,67 @@ def init_kwargs(cls: type, init_args: Mapping[str, Any], what: str) -> dict[str,
     Raises:
         ValueError: naming ``what``, the class and the bad argument.
     """
+    import difflib
+    import inspect
+
     from jsonargparse import ArgumentError, ArgumentParser
 
+    params = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+              if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for key in init_args:
+        if key not in params:
+            close = difflib.get_close_matches(str(key), params, n=1, cutoff=0.6)
+            raise ValueError(f"{what}: model.{key}: not an argument of {cls.__name__}"
+                             + (f" (did you mean {close[0]!r}?)" if close else "") + f"; arguments: {params}")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(cls, "init", instantiate=False)
     try:
         namespace = parser.parse_object({"init": dict(init_args)})
     except ArgumentError as err:
-        raise ValueError(f"{what}: bad arguments for {cls.__name__}: {err}") from None
+        raise ValueError(f"{what}: {cls.__name__}: {parse_error_message(err, 'init.', 'model.')}") from None
     build = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
     return dict(vars(build(namespace).init))
+
+
+def parse_error_message(err: Exception, prefix: str = "", replacement: str = "") -> str:
+    """A jsonargparse error as ``key=value: expected ...`` on one line.
+
+    jsonargparse reports a value that fits none of a union's types as ``Parser key "K": Does not validate against any
+    of the Union subtypes / Subtypes: [...] / Errors: ... / Given value: V``; this keeps the key (with ``prefix``
+    replaced by ``replacement``), the value and the accepted types (a class as ``a Name class_path``, a ``Literal``
+    as its values). Any other message is returned with its lines joined.
+    """
+    import re
+
+    text = str(err)
+    key = re.search(r'Parser key "([^"]+)"', text)
+    value = re.search(r"Given value: (.*)", text)
+    subtypes = re.search(r"Subtypes: \[(.*)\]", text)
+    inner = re.search(r"Problem with given class_path '([^']+)':\s*\n(.*?)(?=\n\s*- |\n\s*Given value type|\Z)", text,
+                      re.S)
+    if key and inner:  # the class was recognised: what is wrong is inside its arguments
+        name = key.group(1)
+        name = replacement + name[len(prefix):] if prefix and name.startswith(prefix) else name
+        reason = re.sub(r"Option '([^']+)' is not accepted", r"init_args.\1 is not an argument", inner.group(2))
+        reason = re.sub(r'Parser key "([^"]+)":', r"init_args.\1:", reason)
+        reason = re.sub(r"<class '([\w.]+)'>", r"\1", reason)
+        return f"{name}: {inner.group(1)}: " + " ".join(line.strip() for line in reason.splitlines() if line.strip())
+    if key and value and subtypes:
+        accepted = []
+        for part in re.findall(r"<class '[\w.]+'>|typing\.Literal\[[^\]]*\]|[\w.]+", subtypes.group(1)):
+            if part.startswith("<class"):
+                name = part.split("'")[1].rsplit(".", 1)[-1]
+                accepted.append(f"a {name} class_path" if name != "NoneType" else "null")
+            elif part.startswith("typing.Literal"):
+                accepted.append(part[len("typing.Literal["):-1])
+        name = key.group(1)
+        name = replacement + name[len(prefix):] if prefix and name.startswith(prefix) else name
+        return f"{name}={value.group(1).strip()}: expected {' or '.join(accepted) or subtypes.group(1)}"
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", re.sub(r'Parser key "([^"]+)":', r"\1:", text))
+    text = re.sub(r"Group '([^']+)' does not accept option '([^']+)'", r"\1.\2: not an argument", text)
+    if prefix:
+        text = text.replace(prefix, replacement)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def instantiate(cls: type, init_args: Mapping[str, Any], what: str) -> Any:

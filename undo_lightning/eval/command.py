@@ -12,6 +12,7 @@ document of a text file, as the stages' ``val/retain_ce`` / ``val/forget_ce`` ar
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Literal
 
 import torch
@@ -23,7 +24,7 @@ from undo_lightning.data.tokenizers import load_tokenizer
 from undo_lightning.eval.mcq import mcq_accuracy
 from undo_lightning.eval.metrics import lm_nll
 from undo_lightning.io import is_local_path, write_json_atomic
-from undo_lightning.models import build_model
+from undo_lightning.models import build_model, is_hf_folder
 
 #: named multiple-choice sets: the paper's evaluation (docs/reference.md §9.3)
 MCQ_PRESETS: dict[str, MCQSpec] = {
@@ -106,6 +107,9 @@ def evaluate_model(model: str, mcq: list[str] | str | None = None, limit: int | 
         raise ValueError("nothing to evaluate: give --mcq sets and/or --retain/--forget text files")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if os.path.isdir(model) and not is_hf_folder(model):
+        raise ValueError(f"model={model!r}: a folder without a model (no config.json there); expected a Hugging Face "
+                         "model folder (e.g. a stage's hf/, written when the stage finishes) or a hub id")
     tok = load_tokenizer(tokenizer or model)
     net = build_model(model, tok).to(device=device, dtype=_DTYPES[dtype]).eval()
     result: dict = {"model": model, "mcq": {}, "ce": {}}

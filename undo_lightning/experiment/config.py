@@ -179,8 +179,9 @@ class ExperimentConfig:
         oracle: the data-filtering gold standard (pretrained on retain data only, or an existing model); ``null``:
             none (relative robustness and compute are then not available).
         collapse_guard: an unlearning stage (the teacher, a baseline) whose retain accuracy ends more than this below
-            the reference's fails instead of being marked finished: it destroyed the model rather than removing the
-            forget capability (e.g. GradDiff at a too large learning rate). ``null``: no guard.
+            the reference's, or whose retain CE ends above that of a uniform guess over the vocabulary (``ln V``),
+            fails instead of being marked finished: it destroyed the model rather than removing the forget capability
+            (e.g. GradDiff at a too large learning rate). ``null``: no guard.
         oracle_exposure: how much the pretrained oracle trains: ``equal_steps`` (default: the reference's step
             budget, so with a 50/50 reference mixture the oracle sees twice the reference's retain tokens) or
             ``equal_retain_tokens`` (its step budget scaled so that it sees the same retain tokens as the reference;

@@ -567,9 +567,8 @@ def run_stage(stage: Stage, cfg: dict, out: Path, record: dict[str, Any]) -> dic
                 "stage": stage.name, "global_step": 0, "val": module.last_val_metrics,
                 "wall_time_s": round(time.perf_counter() - started, 3), **module.summary()})
     else:
+        # (Ctrl-C: Lightning stops gracefully and exits with 1; `undo` says how to resume)
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.is_file() else None)
-        if trainer.interrupted:
-            raise RuntimeError(f"stage {stage.name!r} was interrupted; re-run the same command to resume it")
     metrics = json.loads((root / "metrics.json").read_text())
     metrics.update({"role": stage.role.value, **stage.record})
     write_json_atomic(str(root / "metrics.json"), metrics)
@@ -582,21 +581,35 @@ def run_stage(stage: Stage, cfg: dict, out: Path, record: dict[str, Any]) -> dic
 
 
 def _check_collapse(stage: Stage, cfg: dict, out: Path, metrics: dict) -> None:
-    """An unlearning stage must keep the reference's retain accuracy within ``collapse_guard``; one that does not is
-    left unfinished (no ``DONE``) with a message, instead of becoming the teacher of every later stage."""
+    """An unlearning stage must not destroy the model it starts from; one that does is left unfinished (no ``DONE``)
+    with a message, instead of becoming the teacher of every later stage.
+
+    Destroyed means: its retain accuracy ends more than ``collapse_guard`` below the reference's, or its retain CE ends
+    above the CE of guessing uniformly over the vocabulary (``ln V``; catches collapse where there is no answer
+    accuracy, e.g. language data, or where the reference's is already 0).
+    """
+    import math
+
     limit = cfg.get("collapse_guard")
     reference = out / "reference" / "metrics.json"
     if limit is None or stage.role not in (Role.TEACHER, Role.BASELINE) or not reference.is_file():
         return
-    before = json.loads(reference.read_text())["val"].get("val/retain_acc")
-    after = metrics["val"].get("val/retain_acc")
-    if before is None or after is None or before - after <= limit:
-        return  # a setting without answer accuracy (language: CE) is not guarded
-    raise ValueError(f"{stage.name}: retain accuracy fell from {before:.3f} (reference) to {after:.3f}, more than "
-                     f"collapse_guard={limit}: the unlearning destroyed the model instead of removing the forget "
-                     "capability. Lower the stage's learning rate (model.optimizer.lr) or raise its method's retain "
-                     "weight and run the same command again (the stage and everything after it are redone); "
-                     "collapse_guard: null turns the guard off")
+    before, after = json.loads(reference.read_text())["val"], metrics["val"]
+    fix = ("Lower the stage's learning rate (model.optimizer.lr) or raise its method's retain weight and run the same "
+           "command again (the stage and everything after it are redone); collapse_guard: null turns the guard off")
+    acc0, acc1 = before.get("val/retain_acc"), after.get("val/retain_acc")
+    if acc0 is not None and acc1 is not None and acc0 - acc1 > limit:
+        raise ValueError(f"{stage.name}: retain accuracy fell from {acc0:.3f} (reference) to {acc1:.3f}, more than "
+                         f"collapse_guard={limit}: the unlearning destroyed the model instead of removing the forget "
+                         f"capability. {fix}")
+    ce0, ce1 = before.get("val/retain_ce"), after.get("val/retain_ce")
+    config = out / stage.name / "hf" / "config.json"
+    if ce1 is not None and config.is_file():
+        vocab = json.loads(config.read_text()).get("vocab_size")
+        if vocab and ce1 > math.log(vocab):
+            raise ValueError(f"{stage.name}: retain CE rose from {ce0 if ce0 is None else round(ce0, 3)} (reference) "
+                             f"to {ce1:.3f}, worse than guessing uniformly over the {vocab}-token vocabulary "
+                             f"(ln {vocab} = {math.log(vocab):.3f}): the unlearning destroyed the model. {fix}")
 
 
 def attack_sweeps(cfg: dict) -> dict[str, dict[str, Any]]:
