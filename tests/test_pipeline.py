@@ -165,6 +165,11 @@ def test_bad_config_fails_before_training(tmp_path):
     (lambda c: c["relearn"].update(lrs=[0.001, -1.0]), r"relearn \(attack setting 'forget'\): lrs="),
 ])
 def test_misspelt_or_mistyped_keys_anywhere_fail_before_training(tmp_path, edit, match):
+    _refused(tmp_path, edit, match)
+
+
+def _refused(tmp_path: Path, edit, match: str) -> None:
+    """The smoke config edited by ``edit`` is refused with ``match`` before any run folder exists."""
     cfg = yaml.safe_load(SMOKE.read_text())
     edit(cfg)
     path = tmp_path / "bad.yaml"
@@ -485,13 +490,7 @@ def test_model_dependent_settings_fail_before_training(tmp_path):
     from undo_lightning.models import build_model, export_model
 
     def refused(edit, match):
-        cfg = yaml.safe_load(SMOKE.read_text())
-        edit(cfg)
-        path = tmp_path / "bad.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        with pytest.raises(ValueError, match=match):
-            run_pipeline(str(path), out_dir=str(tmp_path / "run"))
-        assert not (tmp_path / "run").exists()
+        _refused(tmp_path, edit, match)
 
     refused(lambda c: c["unlearn"]["model"].update(method={"class_path": "undo_lightning.RMU",
                                                             "init_args": {"layer": 2}}),

@@ -160,14 +160,12 @@ def is_bad_input(err: BaseException) -> bool:
 
 
 def one_line(err: BaseException) -> str:
-    """``err``'s message on one line: jsonargparse's bookkeeping about union types dropped, lines joined."""
+    """``err``'s message on one line: jsonargparse's bookkeeping about union types dropped and its wording tidied
+    (:func:`~undo_lightning.io.tidy_parser_text`), lines joined."""
     from undo_lightning.experiment.config import error_message
+    from undo_lightning.io import tidy_parser_text
 
-    import re
-
-    text = str(err)
-    if err.__class__.__name__ == "ArgumentError":  # jsonargparse: 'Parser key "lrs": Expected a <class 'list'>'
-        text = re.sub(r"<class '([\w.]+)'>", r"\1", re.sub(r'Parser key "([^"]+)":', r"\1:", error_message(err)))
+    text = tidy_parser_text(error_message(err)) if err.__class__.__name__ == "ArgumentError" else str(err)
     if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
         text = f"{err.filename}: {text}"
     return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(err).__name__

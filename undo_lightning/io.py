@@ -299,7 +299,6 @@ def init_kwargs(cls: type, init_args: Mapping[str, Any], what: str) -> dict[str,
     Raises:
         ValueError: naming ``what``, the class and the bad argument.
     """
-    import difflib
     import inspect
 
     from jsonargparse import ArgumentError, ArgumentParser
@@ -308,9 +307,8 @@ def init_kwargs(cls: type, init_args: Mapping[str, Any], what: str) -> dict[str,
               if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     for key in init_args:
         if key not in params:
-            close = difflib.get_close_matches(str(key), params, n=1, cutoff=0.6)
-            raise ValueError(f"{what}: model.{key}: not an argument of {cls.__name__}"
-                             + (f" (did you mean {close[0]!r}?)" if close else "") + f"; arguments: {params}")
+            raise ValueError(f"{what}: model.{key}: not an argument of {cls.__name__}{did_you_mean(key, params)}; "
+                             f"arguments: {params}")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(cls, "init", instantiate=False)
     try:
@@ -319,6 +317,14 @@ def init_kwargs(cls: type, init_args: Mapping[str, Any], what: str) -> dict[str,
         raise ValueError(f"{what}: {cls.__name__}: {parse_error_message(err, 'init.', 'model.')}") from None
     build = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
     return dict(vars(build(namespace).init))
+
+
+def did_you_mean(name: Any, choices: Any) -> str:
+    """`` (did you mean 'X'?)`` for the closest of ``choices`` to a misspelt ``name``, or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def parse_error_message(err: Exception, prefix: str = "", replacement: str = "") -> str:
@@ -355,10 +361,17 @@ def parse_error_message(err: Exception, prefix: str = "", replacement: str = "")
         name = key.group(1)
         name = replacement + name[len(prefix):] if prefix and name.startswith(prefix) else name
         return f"{name}={value.group(1).strip()}: expected {' or '.join(accepted) or subtypes.group(1)}"
+    text = tidy_parser_text(text)
+    return text.replace(prefix, replacement) if prefix else text
+
+
+def tidy_parser_text(text: str) -> str:
+    """jsonargparse's wording made readable, on one line: ``Parser key "k":`` -> ``k:``, ``<class 'int'>`` ->
+    ``int``, ``Group 'g' does not accept option 'o'`` -> ``g.o: not an argument``."""
+    import re
+
     text = re.sub(r"<class '([\w.]+)'>", r"\1", re.sub(r'Parser key "([^"]+)":', r"\1:", text))
     text = re.sub(r"Group '([^']+)' does not accept option '([^']+)'", r"\1.\2: not an argument", text)
-    if prefix:
-        text = text.replace(prefix, replacement)
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 

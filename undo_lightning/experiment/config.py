@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from undo_lightning.experiment.report import TradeoffY
 from undo_lightning.experiment.robustness import Mode
-from undo_lightning.io import json_safe
+from undo_lightning.io import did_you_mean, json_safe
 from undo_lightning.modules.relearn import Attack
 
 #: how much the pretrained oracle trains relative to the reference (see ``ExperimentConfig.oracle_exposure``)
@@ -280,14 +280,6 @@ def check_keys(raw: dict, where: str) -> None:
             check(value, AttackSetting, f"{label}.attacks.{name}")
 
     check(raw, ExperimentConfig, "")
-
-
-def did_you_mean(name: str, choices) -> str:
-    """`` (did you mean 'X'?)`` for the closest of ``choices`` to a misspelt ``name``, or ``""``."""
-    import difflib
-
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 _NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",

@@ -41,7 +41,7 @@ from undo_lightning.experiment import reuse
 from undo_lightning.experiment.config import DEFAULT_CONFIG, check_keys, finish, load_config, parser
 from undo_lightning.experiment.report import Role
 from undo_lightning.experiment.trainer import TRAINER_DEFAULTS, tensorboard_logger
-from undo_lightning.io import import_object, instantiate
+from undo_lightning.io import did_you_mean, import_object, instantiate
 
 DONE = "DONE"
 #: the record of what a stage's result depends on, in its folder (see :func:`stage_records`)
@@ -277,11 +277,10 @@ def validate(cfg: dict) -> list[Stage]:
     modules = {}
     for stage in stages:
         modules[stage.name] = _instantiate(stage)
-        _datamodule(cfg, stage.data)
         if not stage.evaluate_only:
             _check_budget(stage.name, _trainer_kwargs(cfg, stage))
     _check_attacks(cfg)
-    checked: dict[str, Any] = {}  # one check per distinct data config
+    checked: dict[str, Any] = {}  # each distinct data config built (which checks its arguments) and checked once
     for where, data in [*((s.name, deep_merge(cfg.get("data", {}), s.data)) for s in stages),
                         *((f"relearn (attack setting {n!r})", sweep["data"]) for n, sweep in attack_sweeps(cfg).items())]:
         key = json.dumps(data, sort_keys=True, default=str)
@@ -690,8 +689,6 @@ def run_pipeline(config: str | os.PathLike | None = None, out_dir: str | None = 
 
 def run_experiment(cfg: dict, overwrite: bool = False, only: list[str] | None = None, check: bool = False) -> dict:
     """:func:`run_pipeline` of a resolved config (:func:`~undo_lightning.experiment.config.load_config`)."""
-    from undo_lightning.experiment.config import did_you_mean
-
     stages = validate(cfg)
     names = [s.name for s in stages]
     for name in only or ():
