@@ -143,7 +143,8 @@ def test_undo_eval_command_line(folder, tmp_path, monkeypatch, capsys):
     assert message.startswith("undo eval: error: --mcq bad:") and "bad.jsonl:1: 1 choice(s)" in message
 
 
-def test_lm_nll_in_row_chunks_equals_one_pass(folder, monkeypatch):
+def test_lm_nll_from_hidden_states_equals_the_models_logits(folder, monkeypatch):
+    """Validation CE never runs the LM head on a whole batch ([B, T, V] logits) and equals the CE of the logits."""
     import undo_lightning.eval.metrics as evaluation
     from undo_lightning.losses import token_nll
 
@@ -153,10 +154,10 @@ def test_lm_nll_in_row_chunks_equals_one_pass(folder, monkeypatch):
     labels[1, 4:9] = -100
     with torch.no_grad():
         nll, n = token_nll(model(ids).logits, labels)
-    monkeypatch.setattr(evaluation, "_CE_CHUNK_BYTES", 4 * 2 * 16 * model.config.vocab_size)  # 2 rows per chunk
-    calls = []
-    original_forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda **kw: calls.append(kw["input_ids"].shape[0]) or original_forward(**kw))
-    chunked_nll, chunked_n = evaluation.lm_nll(model, ids, torch.ones_like(ids), labels)
-    assert calls == [2, 2, 1] and int(chunked_n) == int(n) == 5 * 15 - 5
-    torch.testing.assert_close(chunked_nll, nll, rtol=1e-5, atol=1e-4)
+    head_inputs = []
+    original_head = model.lm_head.forward
+    monkeypatch.setattr(model.lm_head, "forward", lambda h: head_inputs.append(tuple(h.shape)) or original_head(h))
+    hidden_nll, hidden_n = evaluation.lm_nll(model, ids, torch.ones_like(ids), labels)
+    assert int(hidden_n) == int(n) == 5 * 15 - 5
+    assert all(shape[0] != 5 for shape in head_inputs)  # at most the head's one-off check on a tiny input
+    torch.testing.assert_close(hidden_nll, nll, rtol=1e-5, atol=1e-4)

@@ -7,15 +7,21 @@ import torch
 
 from undo_lightning.losses import (
     IGNORE_INDEX,
+    HiddenStates,
+    OutputHead,
     auto_chunk_size,
+    causal_lm_loss,
     forward_kl,
     graddiff_loss,
+    lm_hidden_states,
     maxent_loss,
     mmd_loss,
     repnoise_loss,
     rmu_control_vector,
     rmu_forget_loss,
     rmu_retain_loss,
+    scored_tokens,
+    token_nll,
 )
 
 B, T, V = 3, 7, 11
@@ -333,3 +339,114 @@ def test_repnoise_ignores_masked_positions_and_rewards_forget_ce():
     ce_before = _slow_ce(logits.detach(), labels)
     ce_after = _slow_ce((logits - 1.0 * logits.grad).detach(), labels)
     assert ce_after > ce_before
+
+
+# ------------------------------------------------------------------------------ losses from hidden states
+H = 5
+
+
+def _naive_logits(hidden, weight, bias, scale, softcap):
+    """The head written out in float64, independent of OutputHead.logits."""
+    z = (hidden.double() @ weight.double().T + (0 if bias is None else bias.double())) * scale
+    return softcap * torch.tanh(z / softcap) if softcap else z
+
+
+def _naive(kind, logits, labels, teacher_logits=None):
+    """Float64 sum over scored positions of the per-position loss."""
+    mask = _scored_mask(labels)
+    log_p = torch.log_softmax(logits, dim=-1)
+    if kind == "ce":
+        targets = torch.cat([labels[:, 1:], torch.zeros(labels.shape[0], 1, dtype=labels.dtype)], 1).clamp(min=0)
+        per = -log_p.gather(-1, targets[..., None])[..., 0]
+    elif kind == "maxent":
+        per = -math.log(logits.shape[-1]) - log_p.mean(-1)
+    else:
+        log_q = torch.log_softmax(teacher_logits, dim=-1)
+        per = (log_q.exp() * (log_q - log_p)).sum(-1)
+    return (per * mask).sum()
+
+
+@pytest.mark.parametrize("kind", ["ce", "maxent", "kl"])
+@pytest.mark.parametrize("softcap,scale,with_bias", [(None, 1.0, False), (3.0, 1.0, False), (2.5, 0.7, True)])
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+def test_losses_from_hidden_states_match_full_logits(kind, softcap, scale, with_bias, chunk_size):
+    g = torch.Generator().manual_seed(11)
+    _, _, labels = _batch()
+    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, requires_grad=True)
+    bias = torch.randn(V, generator=g, requires_grad=True) if with_bias else None
+    head = OutputHead(weight, bias, scale, softcap)
+    t_hidden, t_weight = torch.randn(B, T, 3, generator=g), torch.randn(V, 3, generator=g)  # another hidden size
+    teacher = HiddenStates(t_hidden, OutputHead(t_weight, None, 1.0, softcap))
+    divisor = 7.5
+    fn = {"ce": causal_lm_loss, "maxent": maxent_loss, "kl": lambda o, l, **k: forward_kl(o, teacher, l, **k)}[kind]
+    loss = fn(HiddenStates(hidden, head), labels, chunk_size=chunk_size, divisor=divisor)
+    (2.0 * loss).backward()
+
+    ref_params = [p.detach().double().requires_grad_(True) for p in (hidden, weight) + ((bias,) if with_bias else ())]
+    ref_logits = _naive_logits(ref_params[0], ref_params[1], ref_params[2] if with_bias else None, scale, softcap)
+    ref = _naive(kind, ref_logits, labels, _naive_logits(t_hidden, t_weight, None, 1.0, softcap)) / divisor
+    (2.0 * ref).backward()
+
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for got, want in zip((hidden, weight, bias), ref_params):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-6)
+    assert torch.all(hidden.grad[:, -1] == 0) and torch.all(hidden.grad[0, 2] == 0)  # unscored positions
+
+
+def test_token_nll_and_default_divisor_is_the_number_of_scored_tokens():
+    student, _, labels = _batch(seed=5)
+    n = int(_scored_mask(labels).sum())
+    nll, count = token_nll(student, labels)
+    assert int(count) == n == int(scored_tokens(labels))
+    assert nll.item() == pytest.approx(_naive("ce", student.double(), labels).item(), rel=1e-5)
+    assert causal_lm_loss(student, labels).item() == pytest.approx(nll.item() / n, rel=1e-6)
+
+
+def test_hidden_state_losses_equal_the_models_logits_on_a_gemma2_model():
+    """The stages' path (decoder hidden states + head, soft-capped) gives the loss and parameter gradients of the
+    model's own logits."""
+    from undo_lightning.data.tokenizers import build_arithmetic_tokenizer
+    from undo_lightning.models import build_model
+
+    tokenizer = build_arithmetic_tokenizer()
+    student, teacher = build_model("gemma2-micro", tokenizer, seed=0), build_model("gemma2-micro", tokenizer, seed=1)
+    assert student.config.final_logit_softcapping  # the case that matters: Gemma-2's cap
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, student.config.vocab_size, (2, 9), generator=g)
+    labels = ids.clone()
+    labels[1, 5:] = IGNORE_INDEX
+    mask = torch.ones_like(ids)
+    grads = []
+    for use_hidden in (False, True):
+        student.zero_grad()
+        if use_hidden:
+            out, t_out = lm_hidden_states(student, ids, mask), lm_hidden_states(teacher, ids, mask)
+        else:
+            out = student(input_ids=ids, attention_mask=mask).logits
+            t_out = teacher(input_ids=ids, attention_mask=mask).logits
+        loss = causal_lm_loss(out, labels) + maxent_loss(out, labels) + forward_kl(out, t_out, labels)
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in student.named_parameters()}))
+    assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-5)
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_head_that_is_not_the_models_is_refused():
+    from undo_lightning.data.tokenizers import build_arithmetic_tokenizer
+    from undo_lightning.models import build_model
+
+    model = build_model("gemma2-micro", build_arithmetic_tokenizer(), seed=0)
+    model.config.final_logit_softcapping = 1.0  # what OutputHead reads; the model itself keeps its cap of 30
+    original = model.forward
+
+    def forward(*args, **kwargs):  # a model that post-processes its logits in a way the head does not know
+        out = original(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    model.forward = forward
+    with pytest.raises(ValueError, match="Gemma2ForCausalLM: its logits are not"):
+        OutputHead.of(model)

@@ -13,6 +13,7 @@ from torch import nn
 from undo_lightning import ArithmeticSource, DocumentSource, PretrainModule, RetainForgetDataModule
 from undo_lightning.losses import (
     causal_lm_loss,
+    lm_hidden_states,
     maxent_loss,
     repnoise_loss,
     rmu_control_vector,
@@ -173,9 +174,9 @@ def test_sam_step_equals_a_plain_step_with_the_perturbed_gradient(tokenizer, tmp
     forget, retain = keep.batch["forget"], keep.batch["retain"]
 
     def loss_of(model):
-        logits_f = model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"]).logits
-        logits_r = model(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits
-        return maxent_loss(logits_f, forget["labels"]) + w * causal_lm_loss(logits_r, retain["labels"])
+        out_f = lm_hidden_states(model, forget["input_ids"], forget["attention_mask"])  # the stages' loss path
+        out_r = lm_hidden_states(model, retain["input_ids"], retain["attention_mask"])
+        return maxent_loss(out_f, forget["labels"]) + w * causal_lm_loss(out_r, retain["labels"])
 
     def grads_at(model):
         model.zero_grad()
@@ -201,7 +202,8 @@ def test_sam_step_equals_a_plain_step_with_the_perturbed_gradient(tokenizer, tmp
     plain, _ = stepped(g)
     assert clipped_norm > clip  # clipping is part of what is compared
     for (name, a), b, c in zip(module.model.named_parameters(), sam.parameters(), plain.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        # float rounding only: the tied embedding sums four gradient contributions, whose order may differ
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
     assert max(float((a - c).abs().max()) for a, c in zip(sam.parameters(), plain.parameters())) > 1e-5
     assert module.tokens_seen == 2 * 8 * 32 and module.compute_summary()["flops"] == 12 * 2 * 8 * 32 * sum(
         p.numel() for p in start.parameters())

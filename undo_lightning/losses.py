@@ -1,14 +1,19 @@
 """Loss functions, each a small documented function on logits/hidden states (docs/reference.md §5, §7).
 
-Conventions: ``logits`` are ``[B, T, V]`` as returned by the model for ``input_ids`` ``[B, T]``; ``labels`` are
-``[B, T]`` aligned with ``input_ids`` (unshifted) with ``-100`` marking positions to ignore. Every function shifts
-internally (position ``t`` predicts ``labels[:, t + 1]``) and computes in float32 whatever the input dtype.
+Conventions: a model's outputs are either ``[B, T, V]`` logits or :class:`HiddenStates` (the decoder's last hidden
+state and the :class:`OutputHead` that maps it to logits); the stages pass hidden states, so the cross-entropy, MaxEnt
+and distillation losses build logits one chunk of positions at a time and no ``[B, T, V]`` tensor exists for any
+model, forward or backward (what makes a 256k vocabulary trainable at long sequences). ``labels`` are ``[B, T]``
+aligned with ``input_ids`` (unshifted) with ``-100`` marking positions to ignore. Every function shifts internally
+(position ``t`` predicts ``labels[:, t + 1]``) and computes in float32 whatever the input dtype.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -22,88 +27,212 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:]
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token negative log-likelihood and the number of scored tokens.
+def scored_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Number of positions that predict a label (``labels[:, t + 1] != -100``): the denominator of every token mean.
 
     Args:
-        logits: ``[B, T, V]``.
-        labels: ``[B, T]``, ``-100`` = ignored.
+        labels: ``[B, T]`` unshifted.
 
     Returns:
-        ``(nll_sum, n_tokens)``: float32 scalar and int64 scalar; ``nll_sum / n_tokens`` is the token-weighted CE.
+        int64 scalar on ``labels``' device.
     """
-    targets = shift_labels(labels)
-    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                          reduction="sum")
-    return nll, (targets != IGNORE_INDEX).sum()
+    return (shift_labels(labels) != IGNORE_INDEX).sum()
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over non-ignored positions (0 if every position is ignored).
+@dataclasses.dataclass(frozen=True)
+class OutputHead:
+    """How a causal LM turns final hidden states into logits: ``cap * tanh(scale * (h W^T + b) / cap)``.
+
+    The losses below apply it chunk by chunk, so the ``[B, T, V]`` logits of a batch never exist at once. Built from
+    a model by :meth:`of`, which checks once per model that the head reproduces the model's own logits.
 
     Args:
-        logits: ``[B, T, V]``.
-        labels: ``[B, T]``, ``-100`` = ignored.
-
-    Returns:
-        float32 scalar.
+        weight: ``[V, H]`` output embedding (Gemma ties it to the input embedding; its gradient reaches both uses).
+        bias: ``[V]`` or ``None``.
+        scale: logit multiplier (``config.logit_scale`` of e.g. Cohere); 1 for most models.
+        softcap: final-logit soft-capping (``config.final_logit_softcapping``: 30 in Gemma-2), ``None`` = none.
     """
-    nll, n = token_nll(logits, labels)
-    return nll / n.clamp(min=1)
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., H]`` hidden states -> ``[..., V]`` logits, computed in the order and dtype the model uses."""
+        z = F.linear(hidden, self.weight, self.bias)
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def backward(self, grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Gradient w.r.t. ``h W^T + b`` from the gradient w.r.t. the float32 ``logits`` this head produced.
+
+        Soft-capping ``s = c tanh(z / c)`` has ``ds/dz = 1 - (s / c)^2``; the scale multiplies.
+        """
+        if self.softcap:
+            grad = grad * (1.0 - (logits / self.softcap).square())
+        return grad * self.scale if self.scale != 1.0 else grad
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> OutputHead:
+        """The head of a Hugging Face ``*ForCausalLM``, checked once per model against its own ``.logits``.
+
+        Raises:
+            ValueError: when the model computes its logits some other way (a head this class does not describe);
+                the message names the model class.
+        """
+        lm_head = model.get_output_embeddings()
+        config = model.config
+        softcap = getattr(config, "final_logit_softcapping", None)
+        head = cls(lm_head.weight, getattr(lm_head, "bias", None), float(getattr(config, "logit_scale", None) or 1.0),
+                   float(softcap) if softcap else None)
+        if model not in _CHECKED_HEADS:
+            _check_head(model, head)
+            _CHECKED_HEADS.add(model)
+        return head
 
 
-def _scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch and time indices of the positions that predict a non-ignored label.
+_CHECKED_HEADS: weakref.WeakSet = weakref.WeakSet()
 
-    Position ``t`` is scored iff ``labels[:, t + 1] != -100``; the last position has no target and is never scored.
+
+@torch.no_grad()
+def _check_head(model: torch.nn.Module, head: OutputHead) -> None:
+    """Raises unless ``head`` applied to the decoder's last hidden state gives the model's logits (one tiny forward)."""
+    vocab = head.weight.shape[0]
+    ids = torch.arange(min(vocab, 8), device=head.weight.device)[None]
+    was_training = model.training
+    model.eval()  # dropout would make the two forwards differ
+    try:
+        expected = model(input_ids=ids, use_cache=False).logits
+        got = head.logits(model.base_model(input_ids=ids, use_cache=False).last_hidden_state)
+    finally:
+        model.train(was_training)
+    if got.shape != expected.shape or not torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=1e-3):
+        raise ValueError(f"{type(model).__name__}: its logits are not the output embedding (+ logit_scale, "
+                         "final_logit_softcapping) applied to the decoder's last hidden state, which the chunked "
+                         "losses assume; this model family is not supported by undo_lightning's losses")
+
+
+class HiddenStates(NamedTuple):
+    """A model's final hidden states and its output head: logits ``head.logits(hidden)``, computed only per chunk."""
+
+    hidden: torch.Tensor
+    """``[B, T, H]``: the decoder's last hidden state (after its final norm)."""
+    head: OutputHead
+    layers: tuple[torch.Tensor, ...] | None = None
+    """Every layer's hidden state (embeddings first, as Hugging Face returns them), when asked for."""
+
+
+def lm_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     output_hidden_states: bool = False):
+    """Runs a causal LM's decoder only (no LM head): the input of every loss below.
 
     Args:
-        labels: ``[B, T]``.
+        model: a Hugging Face ``*ForCausalLM`` (its ``base_model`` is the decoder).
+        input_ids, attention_mask: ``[B, T]``.
+        output_hidden_states: also return every layer's hidden state (the embeddings first, as Hugging Face does).
 
     Returns:
-        ``(b_idx, t_idx)``: two int64 ``[N]`` tensors, ``N`` = number of scored positions.
+        :class:`HiddenStates` (with ``layers`` when ``output_hidden_states``).
     """
-    return (shift_labels(labels) != IGNORE_INDEX).nonzero(as_tuple=True)
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                           output_hidden_states=output_hidden_states)
+    return HiddenStates(out.last_hidden_state, OutputHead.of(model), out.hidden_states if output_hidden_states else None)
 
 
-class _ChunkedForwardKL(torch.autograd.Function):
-    """Forward KL whose gradient is computed chunk by chunk during the forward pass.
+#: what a loss reads: ``[B, T, V]`` logits, or hidden states and the head that turns them into logits
+Outputs = torch.Tensor | HiddenStates
 
-    Autograd through a plain fp32 KL would keep several ``[B, T, V]`` fp32 tensors alive until backward (the upcast
-    logits, both log-softmaxes, the teacher probabilities). Here each chunk of positions is upcast, reduced to its
-    loss contribution and its exact gradient ``(softmax(s) - q) / N``, and dropped; only the gradient, in the
-    student logits' dtype, is kept for backward.
+
+@dataclasses.dataclass
+class _Job:
+    """One chunked loss evaluation (see :class:`_ChunkedLoss`)."""
+
+    kind: str  # "ce" | "maxent" | "kl"
+    head: OutputHead | None  # None: the input already holds logits
+    positions: tuple[torch.Tensor, torch.Tensor]  # (b_idx, t_idx) of the scored positions, [N] each
+    targets: torch.Tensor | None  # "ce": [N] next tokens
+    teacher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None  # "kl": (b, t) -> float32 [c, V] log q
+    chunk_size: int
+    divisor: float | torch.Tensor
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """A sum of per-position losses over the scored positions, divided by ``divisor``, with its gradient computed
+    chunk by chunk during the forward pass.
+
+    Autograd through a plain float32 loss would keep several ``[B, T, V]`` float32 tensors alive until backward (the
+    logits, their upcast, log-softmaxes, the teacher's probabilities). Here each chunk of positions is turned into
+    logits (from hidden states through the head, or read from the given logits), upcast, reduced to its loss
+    contribution and its exact gradient, and dropped. Only gradients the size of the inputs are kept for backward:
+    ``[B, T, H]`` for the hidden states plus ``[V, H]`` for the head's weight, or ``[B, T, V]`` for given logits.
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, chunk_size, needs_grad):
-        b_idx, t_idx = _scored_positions(labels)
+    def forward(ctx, x, weight, bias, job: _Job, needs_grad: bool):
+        head, (b_idx, t_idx) = job.head, job.positions
         n = b_idx.numel()
-        grad = torch.zeros_like(student_logits) if needs_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-        for start in range(0, n, chunk_size):
-            b, t = b_idx[start:start + chunk_size], t_idx[start:start + chunk_size]
-            log_p = F.log_softmax(student_logits[b, t].float(), dim=-1)  # [c, V]
-            log_q = F.log_softmax(teacher_logits[b, t].float(), dim=-1)  # [c, V]
-            q = log_q.exp()
-            total += log_q.sub_(log_p).mul_(q).sum()  # in place: log_q is not needed afterwards
-            if needs_grad:
-                # d KL / d s = softmax(s) - q per position (rows of q sum to 1); the mean over N positions adds 1/N.
-                grad[b, t] = log_p.exp_().sub_(q).div_(n).to(grad.dtype)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.zeros_like(x) if needs_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) \
+            if needs_grad and weight is not None and weight.requires_grad else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=x.device) \
+            if needs_grad and bias is not None and bias.requires_grad else None
+        for start in range(0, n, job.chunk_size):
+            b, t = b_idx[start:start + job.chunk_size], t_idx[start:start + job.chunk_size]
+            x_c = x[b, t]  # [c, D]
+            s = (x_c if head is None else head.logits(x_c)).float()  # [c, V]
+            log_p = F.log_softmax(s, dim=-1)
+            if job.kind == "ce":
+                y = job.targets[start:start + job.chunk_size, None]  # [c, 1]
+                total -= log_p.gather(1, y).sum()
+                grad = log_p.exp_().scatter_add_(1, y, torch.full(y.shape, -1.0, device=y.device)) if needs_grad \
+                    else None  # d CE / d s = softmax(s) - onehot(y)
+            elif job.kind == "maxent":
+                # KL(uniform || p) = logsumexp(s) - mean_v(s) - log V; d/ds = softmax(s) - 1/V
+                total += (s.logsumexp(dim=-1) - s.mean(dim=-1)).sum() - s.shape[0] * math.log(s.shape[1])
+                grad = log_p.exp_().sub_(1.0 / s.shape[1]) if needs_grad else None
+            else:
+                log_q = job.teacher(b, t)  # [c, V]
+                q = log_q.exp()
+                total += (log_q - log_p).mul_(q).sum()
+                grad = log_p.exp_().sub_(q) if needs_grad else None  # d KL / d s = softmax(s) - q
+            if not needs_grad:
+                continue
+            grad = grad.div_(job.divisor)
+            if head is None:
+                grad_x[b, t] = grad.to(grad_x.dtype)
+                continue
+            grad = head.backward(grad, s)  # [c, V] w.r.t. h W^T + b
+            grad_x[b, t] = (grad.to(weight.dtype) @ weight).to(grad_x.dtype)
+            if grad_w is not None:
+                grad_w += grad.T @ x_c.float()
+            if grad_b is not None:
+                grad_b += grad.sum(dim=0)
         if needs_grad:
-            ctx.save_for_backward(grad)
-        return total / max(n, 1)
+            ctx.save_for_backward(grad_x, grad_w, grad_b)
+            ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        return total / job.divisor
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        # The usual case is a bare `loss.backward()`: skip the multiply so no second [B, T, V] tensor is allocated.
-        if not torch.equal(grad_output, torch.ones_like(grad_output)):
-            grad = grad * grad_output
-        return grad, None, None, None, None
+        grad_x, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        # The usual case is a bare `loss.backward()`: skip the multiply so no second input-sized tensor is allocated.
+        scale = None if torch.equal(grad_output, torch.ones_like(grad_output)) else grad_output
+        out = []
+        for grad, dtype in ((grad_x, None), (grad_w, w_dtype), (grad_b, b_dtype)):
+            if grad is not None:
+                grad = grad if scale is None else grad * scale
+                grad = grad if dtype is None else grad.to(dtype)
+            out.append(grad)
+        return (*out, None, None)
 
 
-#: memory of one float32 ``[chunk, V]`` temporary when :func:`forward_kl` picks the chunk size itself
+#: memory of one float32 ``[chunk, V]`` temporary when a loss picks the chunk size itself
 KL_CHUNK_BYTES = 64 * 2**20
 
 
@@ -121,61 +250,129 @@ def auto_chunk_size(vocab_size: int, budget_bytes: int = KL_CHUNK_BYTES) -> int:
     return max(1, budget_bytes // (4 * vocab_size))
 
 
-def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-               chunk_size: int | None = None) -> torch.Tensor:
+def _parts(outputs: Outputs, labels: torch.Tensor, what: str) -> tuple[torch.Tensor, OutputHead | None, int]:
+    """``(tensor, head or None, vocabulary size)`` of ``outputs``, after checking its shape against ``labels``."""
+    if isinstance(outputs, HiddenStates):
+        x, head = outputs.hidden, outputs.head
+        vocab = head.weight.shape[0]
+        if head.weight.dim() != 2 or head.weight.shape[1] != x.shape[-1]:
+            raise ValueError(f"{what}: the head's weight {tuple(head.weight.shape)} does not map hidden size "
+                             f"{x.shape[-1]} to a vocabulary")
+    else:
+        x, head, vocab = outputs, None, outputs.shape[-1]
+    if x.dim() != 3 or labels.shape != x.shape[:2]:
+        raise ValueError(f"{what}: expected [B, T, V] logits or [B, T, H] hidden states and [B, T] labels, got "
+                         f"{tuple(x.shape)} and {tuple(labels.shape)}")
+    return x, head, vocab
+
+
+def _teacher_log_probs(teacher: Outputs) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(b, t) -> log_softmax`` of the teacher's float32 logits at those positions (a constant: no gradient)."""
+    if isinstance(teacher, HiddenStates):
+        hidden, head = teacher.hidden.detach(), teacher.head
+        return lambda b, t: F.log_softmax(head.logits(hidden[b, t]).detach().float(), dim=-1)
+    logits = teacher.detach()
+    return lambda b, t: F.log_softmax(logits[b, t].float(), dim=-1)
+
+
+def _chunked_loss(kind: str, outputs: Outputs, labels: torch.Tensor, teacher: Outputs | None = None,
+                  chunk_size: int | None = None, divisor: float | torch.Tensor | None = None) -> torch.Tensor:
+    x, head, vocab = _parts(outputs, labels, kind)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(vocab)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None: chosen from the vocabulary size), got {chunk_size}")
+    b_idx, t_idx = (shift_labels(labels) != IGNORE_INDEX).nonzero(as_tuple=True)
+    if divisor is None:
+        divisor = max(b_idx.numel(), 1)
+    job = _Job(kind, head, (b_idx, t_idx), labels[b_idx, t_idx + 1] if kind == "ce" else None,
+               _teacher_log_probs(teacher) if teacher is not None else None, chunk_size, divisor)
+    weight, bias = (head.weight, head.bias) if head is not None else (None, None)
+    # `ctx.needs_input_grad` ignores no_grad mode: decide here, so evaluation never builds a gradient.
+    needs_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, weight, bias))
+    return _ChunkedLoss.apply(x, weight, bias, job, needs_grad)
+
+
+def causal_lm_loss(outputs: Outputs, labels: torch.Tensor, chunk_size: int | None = None,
+                   divisor: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy: ``sum_{(b,t) in M} -log p(labels[b, t+1] | b, t) / divisor``.
+
+    ``M = {(b, t): labels[b, t + 1] != -100}``; ``divisor`` defaults to ``|M|`` (the token mean; 0 when ``M`` is
+    empty). Computed in float32 chunks (see :func:`forward_kl`).
+
+    Args:
+        outputs: ``[B, T, V]`` logits, or :class:`HiddenStates` (no ``[B, T, V]`` tensor is built).
+        labels: ``[B, T]`` unshifted, ``-100`` = ignored.
+        chunk_size: scored positions per chunk; ``None``: :func:`auto_chunk_size` of the vocabulary.
+        divisor: what the sum is divided by, e.g. the scored tokens of a whole optimizer step on every rank
+            (:meth:`~undo_lightning.modules.base.UndoModule.token_divisor`).
+
+    Returns:
+        float32 scalar.
+    """
+    return _chunked_loss("ce", outputs, labels, chunk_size=chunk_size, divisor=divisor)
+
+
+def token_nll(outputs: Outputs, labels: torch.Tensor, chunk_size: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token negative log-likelihood and the number of scored tokens (for metrics summed over batches).
+
+    Returns:
+        ``(nll_sum, n_tokens)``: float32 scalar and int64 scalar; ``nll_sum / n_tokens`` is the token-weighted CE.
+    """
+    return causal_lm_loss(outputs, labels, chunk_size, divisor=1.0), scored_tokens(labels)
+
+
+def forward_kl(student: Outputs, teacher: Outputs, labels: torch.Tensor, chunk_size: int | None = None,
+               divisor: float | torch.Tensor | None = None) -> torch.Tensor:
     """Distillation loss: forward KL(teacher || student) per position, temperature 1, mean over scored positions.
 
     ``L = (1/N) sum_{(b,t) in M} sum_v q(v|b,t) (log q(v|b,t) - log p(v|b,t))`` with ``q = softmax(teacher)``,
-    ``p = softmax(student)`` and ``M = {(b, t): labels[b, t + 1] != -100}``, ``N = |M|`` (docs/reference.md §7.1).
+    ``p = softmax(student)`` and ``M = {(b, t): labels[b, t + 1] != -100}``, ``N = |M|`` (docs/reference.md §7.1)
+    unless ``divisor`` is given.
 
-    Memory: the positions of ``M`` are processed ``chunk_size`` at a time in float32, so full-vocabulary fp32
-    tensors exist only for one chunk, in forward and in backward alike. The gradient w.r.t. the student logits is
-    computed during the forward pass and stored in their dtype (one extra ``[B, T, V]`` tensor); backward only
-    scales it. By default the chunk holds :data:`KL_CHUNK_BYTES` per fp32 temporary (:func:`auto_chunk_size`; with
-    ``V`` = 256k a chunk of 1024 positions would cost 1 GiB each). Logits must be finite (soft-capped Gemma logits
-    are).
+    Memory: the positions of ``M`` are processed ``chunk_size`` at a time in float32; given hidden states, each
+    chunk's logits are computed from them (for teacher and student) and dropped, so no ``[B, T, V]`` tensor exists
+    for either model, forward or backward. The gradient is computed during the forward pass and stored in the
+    inputs' dtype; backward only scales it. By default the chunk holds :data:`KL_CHUNK_BYTES` per float32
+    temporary (:func:`auto_chunk_size`; with ``V`` = 256k a chunk of 1024 positions would cost 1 GiB each).
+    Logits must be finite (soft-capped Gemma logits are).
 
     Args:
-        student_logits: ``[B, T, V]``, any float dtype (bf16 is upcast per chunk); receives the gradient.
-        teacher_logits: ``[B, T, V]``, any float dtype; treated as a constant (never receives a gradient).
+        student: ``[B, T, V]`` logits or :class:`HiddenStates`, any float dtype (upcast per chunk); receives the
+            gradient (through the head's weight and bias too).
+        teacher: the same for the teacher (its vocabulary must be the student's); a constant, never differentiated.
         labels: ``[B, T]`` unshifted, ``-100`` = position ignored.
         chunk_size: scored positions per chunk, >= 1; ``None``: :func:`auto_chunk_size` of the vocabulary.
+        divisor: see :func:`causal_lm_loss`.
 
     Returns:
         float32 scalar; ``0.0`` (with a zero gradient) when no position is scored.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} "
-                         f"vs {tuple(teacher_logits.shape)}")
-    if student_logits.dim() != 3 or labels.shape != student_logits.shape[:2]:
-        raise ValueError(f"expected logits [B, T, V] and labels [B, T], got {tuple(student_logits.shape)} "
-                         f"and {tuple(labels.shape)}")
-    if chunk_size is None:
-        chunk_size = auto_chunk_size(student_logits.shape[-1])
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 (or None: chosen from the vocabulary size), got {chunk_size}")
-    # `ctx.needs_input_grad` ignores no_grad mode: decide here, so evaluation never builds the gradient.
-    needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    return _ChunkedForwardKL.apply(student_logits, teacher_logits.detach(), labels, chunk_size, needs_grad)
+    s, _, v_student = _parts(student, labels, "forward_kl student")
+    t, _, v_teacher = _parts(teacher, labels, "forward_kl teacher")
+    if v_student != v_teacher or s.shape[:2] != t.shape[:2]:
+        raise ValueError(f"student and teacher outputs differ in shape: {tuple(s.shape)} (vocabulary {v_student}) vs "
+                         f"{tuple(t.shape)} (vocabulary {v_teacher})")
+    return _chunked_loss("kl", student, labels, teacher=teacher, chunk_size=chunk_size, divisor=divisor)
 
 
-def maxent_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def maxent_loss(outputs: Outputs, labels: torch.Tensor, chunk_size: int | None = None,
+                divisor: float | torch.Tensor | None = None) -> torch.Tensor:
     """MaxEnt forget loss: KL(uniform || model) per scored position, averaged (docs/reference.md §5.3).
 
     ``L = mean_{(b,t) in M} [-log V - (1/V) sum_v log p(v|b,t)]``, which is ``>= 0`` and ``0`` iff ``p`` is
-    uniform. Uses ``-(1/V) sum_v log p(v) = logsumexp(s) - mean_v(s)``, so no ``[N, V]`` log-softmax is built.
+    uniform; ``-(1/V) sum_v log p(v) = logsumexp(s) - mean_v(s)``.
 
     Args:
-        logits: ``[B, T, V]``, any float dtype (computed in float32).
+        outputs: ``[B, T, V]`` logits or :class:`HiddenStates`, any float dtype (computed in float32 chunks).
         labels: ``[B, T]`` unshifted, ``-100`` = position ignored; only positions predicting a label are scored.
+        chunk_size, divisor: see :func:`causal_lm_loss`.
 
     Returns:
         float32 scalar; ``0.0`` when no position is scored.
     """
-    b_idx, t_idx = _scored_positions(labels)
-    scored = logits[b_idx, t_idx].float()  # [N, V]
-    per_position = scored.logsumexp(dim=-1) - scored.mean(dim=-1) - math.log(logits.shape[-1])  # [N]
-    return per_position.sum() / max(b_idx.numel(), 1)
+    return _chunked_loss("maxent", outputs, labels, chunk_size=chunk_size, divisor=divisor)
 
 
 def graddiff_loss(forget_ce: torch.Tensor, retain_ce: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -301,7 +498,7 @@ class RepNoiseTerms(NamedTuple):
     """``H``: mean forget CE over the given logits, plus 1."""
 
 
-def repnoise_loss(activations: Sequence[torch.Tensor], forget_logits: Sequence[torch.Tensor],
+def repnoise_loss(activations: Sequence[torch.Tensor], forget_logits: Sequence[Outputs],
                   forget_labels: torch.Tensor, generator: torch.Generator, alpha: float = 1.0, beta: float = 0.001,
                   mask: torch.Tensor | None = None) -> RepNoiseTerms:
     """RepNoise noise and harmful terms, from tensors already computed on the forget batch (docs/reference.md §5.5).
@@ -320,7 +517,7 @@ def repnoise_loss(activations: Sequence[torch.Tensor], forget_logits: Sequence[t
 
     Args:
         activations: ``L >= 1`` tensors ``[B, T, H]``, e.g. each block's MLP output on the forget inputs.
-        forget_logits: ``>= 1`` tensors ``[B, T, V]`` on the forget inputs.
+        forget_logits: ``>= 1`` outputs on the forget inputs: ``[B, T, V]`` logits or :class:`HiddenStates`.
         forget_labels: ``[B, T]`` unshifted, ``-100`` = ignored.
         generator: source of the Gaussian noise; on the activations' device to avoid a host-device copy.
         alpha: weight of the harmful term.

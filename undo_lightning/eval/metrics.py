@@ -18,21 +18,19 @@ from collections.abc import Callable
 import torch
 
 from undo_lightning.data.mcq import SIDES
-from undo_lightning.losses import auto_chunk_size, token_nll
+from undo_lightning.losses import lm_hidden_states, token_nll
 
 _NUMBER = re.compile(r"^-?\d+(?:\.\d+)?\.?$")
-#: float32 logits (``rows x T x V``) per chunk of the CE in :func:`lm_nll`
-_CE_CHUNK_BYTES = 512 * 2**20
 
 
 @torch.no_grad()
 def lm_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
            labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL and number of scored tokens of a batch, run in row chunks of bounded logit size.
+    """Summed next-token NLL and number of scored tokens of a batch.
 
-    A batch of ``B`` blocks would hold ``[B, T, V]`` logits (plus float32 copies inside the CE) at once; with a 256k
-    vocabulary that is gigabytes per row. Rows are scored a few at a time so that one chunk's logits stay under
-    ``_CE_CHUNK_BYTES`` whatever the batch size.
+    The decoder runs once; the CE builds logits from its hidden states a chunk of positions at a time
+    (:func:`~undo_lightning.losses.causal_lm_loss`), so a batch never holds ``[B, T, V]`` logits whatever the
+    vocabulary.
 
     Args:
         input_ids, attention_mask, labels: ``[B, T]`` (``labels`` ``-100`` = ignored).
@@ -40,16 +38,7 @@ def lm_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     Returns:
         ``(nll_sum, n_tokens)`` as in :func:`undo_lightning.losses.token_nll`.
     """
-    vocab = model.get_output_embeddings().weight.shape[0]
-    rows = auto_chunk_size(input_ids.shape[1] * vocab, _CE_CHUNK_BYTES)
-    nll = torch.zeros((), device=input_ids.device)
-    n = torch.zeros((), dtype=torch.long, device=input_ids.device)
-    for start in range(0, input_ids.shape[0], rows):
-        chunk = slice(start, start + rows)
-        logits = model(input_ids=input_ids[chunk], attention_mask=attention_mask[chunk], use_cache=False).logits
-        chunk_nll, chunk_n = token_nll(logits, labels[chunk])
-        nll, n = nll + chunk_nll, n + chunk_n
-    return nll, n
+    return token_nll(lm_hidden_states(model, input_ids, attention_mask), labels)
 
 
 def parse_answer(text: str, special_tokens: list[str]) -> str | None:

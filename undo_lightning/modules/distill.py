@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from undo_lightning.callbacks import RetainGapStop, final_evaluation, retain_gap
 from undo_lightning.data.tokenizers import load_tokenizer
 from undo_lightning.io import check_choice
-from undo_lightning.losses import forward_kl
+from undo_lightning.losses import forward_kl, lm_hidden_states
 from undo_lightning.models import build_model, count_parameters, is_hf_folder
 from undo_lightning.modules.base import OptimizerConfig, UndoModule
 from undo_lightning.noise import shrink_and_perturb
@@ -182,13 +182,11 @@ class DistillModule(UndoModule):
 
     # -------------------------------------------------------------------------------------------------- train
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # use_cache=False: HF models build a KV cache by default (config.use_cache), wasted work in a training step.
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        # Hidden states, not logits: the KL builds both models' logits one chunk of positions at a time.
         with torch.no_grad():
-            teacher_logits = self.teacher(**inputs).logits
-        student_logits = self.model(**inputs).logits
-        loss = forward_kl(student_logits, teacher_logits, batch["labels"], chunk_size=self.hparams.kl_chunk_size)
-        del teacher_logits  # not needed by backward; freeing it lowers the peak (torchtune KD recipe)
+            teacher = lm_hidden_states(self.teacher, batch["input_ids"], batch["attention_mask"])
+        student = lm_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
+        loss = forward_kl(student, teacher, batch["labels"], chunk_size=self.hparams.kl_chunk_size)
         self.count_tokens(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss

@@ -148,13 +148,14 @@ class UnlearningMethod:
         """Removes whatever :meth:`attach` registered."""
 
     def forget_loss(self, out, recorded: dict[str, torch.Tensor], forget: dict) -> torch.Tensor:
-        """The forget term from the forget pass (``out``: model output or ``None``; ``recorded``: hooked outputs)."""
+        """The forget term from the forget pass (``out``: :class:`~undo_lightning.losses.HiddenStates` or ``None``
+        when the method needs no logits; ``recorded``: hooked outputs)."""
         raise NotImplementedError
 
     def retain_term(self, out, recorded: dict[str, torch.Tensor], retain: dict, retain_ce: torch.Tensor | None,
                     frozen: Callable[[], tuple[Any, dict[str, torch.Tensor]]]) -> torch.Tensor | None:
         """The retain term from the retain pass (as :meth:`forget_loss`); ``retain_ce`` is the retain CE where the
-        pass computed logits, and ``frozen()`` runs the frozen copy on the same batch (``(output, recorded)``)."""
+        pass ran the LM head, and ``frozen()`` runs the frozen copy on the same batch (``(output, recorded)``)."""
         raise NotImplementedError
 
     def forget_objective(self, forget_loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -208,7 +209,7 @@ class _LogitMethod(UnlearningMethod):
         """The retain CE, or ``KL(p_frozen || p)`` per scored position (``frozen()`` runs the frozen copy)."""
         if self.retain_loss == "ce":
             return retain_ce
-        return forward_kl(out.logits, frozen()[0].logits, retain["labels"], chunk_size=self.kl_chunk_size)
+        return forward_kl(out, frozen()[0], retain["labels"], chunk_size=self.kl_chunk_size)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "retain_loss": self.retain_loss}
@@ -240,7 +241,7 @@ class GradDiff(_LogitMethod):
         self.max_forget_ce = max_forget_ce
 
     def forget_loss(self, out, recorded: dict[str, torch.Tensor], forget: dict) -> torch.Tensor:
-        return causal_lm_loss(out.logits, forget["labels"])
+        return causal_lm_loss(out, forget["labels"])
 
     def forget_objective(self, forget_loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         part = -forget_loss
@@ -270,7 +271,7 @@ class MaxEnt(_LogitMethod):
     name = "maxent"
 
     def forget_loss(self, out, recorded: dict[str, torch.Tensor], forget: dict) -> torch.Tensor:
-        return maxent_loss(out.logits, forget["labels"])
+        return maxent_loss(out, forget["labels"])
 
 
 class RMU(UnlearningMethod):

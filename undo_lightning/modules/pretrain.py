@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from undo_lightning.losses import causal_lm_loss
+from undo_lightning.losses import causal_lm_loss, lm_hidden_states
 from undo_lightning.modules.base import UndoModule
 
 
@@ -18,8 +18,8 @@ class PretrainModule(UndoModule):
     train_data = "mixture"
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = causal_lm_loss(logits, batch["labels"])
+        out = lm_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
+        loss = causal_lm_loss(out, batch["labels"])
         self.count_tokens(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss

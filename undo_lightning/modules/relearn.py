@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from undo_lightning.callbacks import RelearnCurve
 from undo_lightning.io import check_choice
-from undo_lightning.losses import causal_lm_loss
+from undo_lightning.losses import causal_lm_loss, lm_hidden_states
 from undo_lightning.modules.base import OptimizerConfig, UndoModule
 
 #: the data an attack fine-tunes on: forget data (the paper's arithmetic attack), retain data only (arXiv
@@ -117,8 +117,8 @@ class RelearnAttackModule(UndoModule):
                              f"expected only {self.attack!r} batches. Fit with a RetainForgetDataModule (it serves "
                              f"module.train_data={self.train_data!r}) or a loader whose batches carry "
                              f"split={self.attack!r}")
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = causal_lm_loss(logits, batch["labels"])
+        out = lm_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
+        loss = causal_lm_loss(out, batch["labels"])
         self.count_tokens(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss

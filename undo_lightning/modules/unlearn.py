@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from undo_lightning.losses import causal_lm_loss, repnoise_loss
+from undo_lightning.losses import HiddenStates, causal_lm_loss, lm_hidden_states, repnoise_loss
 from undo_lightning.models import count_parameters
 from undo_lightning.modules.base import OptimizerConfig, UndoModule
 from undo_lightning.modules.methods import (
@@ -139,29 +139,25 @@ class UnlearnModule(UndoModule):
                 self._noise.set_state(self._noise_state)
         return self._noise
 
-    def _logit_lens(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits read off an intermediate hidden state exactly like the final ones: final norm once, LM head,
-        soft-capping when the model has it (the authors' code normed twice and skipped the cap, docs/reference.md
-        §13)."""
-        logits = self.model.get_output_embeddings()(self.model.base_model.norm(hidden))
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits
+    def _logit_lens(self, out: HiddenStates, hidden: torch.Tensor) -> HiddenStates:
+        """The logit lens of an intermediate hidden state, read exactly like the final logits: final norm once, then
+        the model's head with its soft-capping (the authors' code normed twice and skipped the cap,
+        docs/reference.md §13)."""
+        return HiddenStates(self.model.base_model.norm(hidden), out.head)
 
-    def _forward(self, batch: dict, logits: bool, hidden_states: bool = False):
+    def _forward(self, batch: dict, logits: bool, hidden_states: bool = False) -> HiddenStates | None:
         """The trained model on ``batch``; without ``logits`` only the decoder runs (hooks read its blocks)."""
         if not logits:
             self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             return None
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          output_hidden_states=hidden_states)
+        return lm_hidden_states(self.model, batch["input_ids"], batch["attention_mask"], hidden_states)
 
     @torch.no_grad()
     def _frozen_forward(self, batch: dict) -> tuple[Any, dict[str, torch.Tensor]]:
         """The frozen copy on ``batch``: ``(output or None, outputs its method hooks recorded)``; counts its tokens."""
         with record([self.method.frozen_recorder]) as (recorded,):
             if self.method.needs_logits:
-                out = self.frozen(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  use_cache=False)
+                out = lm_hidden_states(self.frozen, batch["input_ids"], batch["attention_mask"])
             else:
                 self.frozen.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 out = None
@@ -191,13 +187,13 @@ class UnlearnModule(UndoModule):
             with record([method.recorder]) as (hooked,):
                 retain_out = self._forward(retain, logits)
             if retain_out is not None and (method.uses_retain_ce or rep is not None):
-                retain_ce = causal_lm_loss(retain_out.logits, retain["labels"])
+                retain_ce = causal_lm_loss(retain_out, retain["labels"])
             terms["retain_loss"] = method.retain_term(retain_out, hooked, retain, retain_ce,
                                                       lambda: self._frozen_forward(retain))
         forget_part = method.forget_objective(terms["forget_loss"], terms)
         if rep is not None:
-            lens = [self._logit_lens(h) for h in out.hidden_states[:-1]]  # embeddings and blocks 0..L-2
-            terms_rep = repnoise_loss(list(mlps.values()), lens + [out.logits], forget["labels"],
+            lens = [self._logit_lens(out, h) for h in out.layers[:-1]]  # embeddings and blocks 0..L-2
+            terms_rep = repnoise_loss(list(mlps.values()), lens + [out], forget["labels"],
                                       self._noise_generator(), alpha=rep.alpha, beta=rep.beta,
                                       mask=forget["attention_mask"])
             # RepNoise joins the method's forget part (docs/reference.md §5.5)
