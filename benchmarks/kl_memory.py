@@ -3,6 +3,13 @@
     python benchmarks/kl_memory.py                            # V = 256000, 2 x 512 tokens, bf16 logits, default chunk
     python benchmarks/kl_memory.py --chunk-sizes auto,128,1024   # "auto" = forward_kl's default (65 at V = 256000)
     python benchmarks/kl_memory.py --device cuda --dtype fp32
+    python benchmarks/kl_memory.py --hidden 256               # from hidden states through soft-capped heads
+
+With ``--hidden H`` the inputs are what a distillation step has: both models' last hidden states ``[B, T, H]`` and
+output embeddings ``[V, H]`` (soft-capping 30, as Gemma-2). ``naive`` and ``chunked=...`` first build both models'
+full logits through the head (what the stages did before they passed hidden states); ``hidden=...`` passes
+:class:`~undo_lightning.losses.HiddenStates`, so logits exist one chunk at a time. Gradients are compared for the
+student's hidden states and head weight.
 
 Each variant runs in a fresh subprocess holding only its inputs (student logits requiring grad, teacher logits,
 labels). Peak memory is measured on top of those inputs:
@@ -31,7 +38,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from undo_lightning.losses import IGNORE_INDEX, forward_kl
+from undo_lightning.losses import IGNORE_INDEX, HiddenStates, OutputHead, forward_kl
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -59,24 +66,44 @@ def _reset_peak_rss() -> None:
         f.write("5")  # Linux >= 4.0: reset VmHWM to the current RSS
 
 
-def _inputs(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Deterministic logits (filled in place, so no transient fp32 copy) and labels with a few ignored positions."""
+SOFTCAP = 30.0
+
+
+def _inputs(args):
+    """Deterministic logits (filled in place, so no transient fp32 copy), or with ``--hidden`` hidden states and heads
+    (:class:`HiddenStates`), and labels with a few ignored positions."""
     g = torch.Generator(device=args.device).manual_seed(0)
-    shape = (args.batch, args.seq, args.vocab)
     dtype = DTYPES[args.dtype]
-    student = torch.empty(shape, dtype=dtype, device=args.device).normal_(0, 2, generator=g).requires_grad_(True)
-    teacher = torch.empty(shape, dtype=dtype, device=args.device).normal_(0, 2, generator=g)
+
+    def tensor(*shape, std=2.0, grad=False):
+        return torch.empty(shape, dtype=dtype, device=args.device).normal_(0, std, generator=g).requires_grad_(grad)
+
+    if args.hidden:
+        student = HiddenStates(tensor(args.batch, args.seq, args.hidden, grad=True),
+                               OutputHead(tensor(args.vocab, args.hidden, std=0.1, grad=True), softcap=SOFTCAP))
+        teacher = HiddenStates(tensor(args.batch, args.seq, args.hidden),
+                               OutputHead(tensor(args.vocab, args.hidden, std=0.1), softcap=SOFTCAP))
+    else:
+        student, teacher = tensor(args.batch, args.seq, args.vocab, grad=True), tensor(args.batch, args.seq, args.vocab)
     labels = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device, generator=g)
     labels[:, : args.seq // 16] = IGNORE_INDEX  # as with masked prompts: these positions must cost nothing
     return student, teacher, labels
 
 
+def _leaves(student) -> list[torch.Tensor]:
+    """The tensors that receive a gradient."""
+    return [student.hidden, student.head.weight] if isinstance(student, HiddenStates) else [student]
+
+
 def _step(variant: str, student, teacher, labels) -> torch.Tensor:
-    student.grad = None
-    if variant == "naive":
+    for leaf in _leaves(student):
+        leaf.grad = None
+    kind, _, size = variant.partition("=")
+    if isinstance(student, HiddenStates) and kind != "hidden":  # full logits through the heads first
+        student, teacher = student.head.logits(student.hidden), teacher.head.logits(teacher.hidden).detach()
+    if kind == "naive":
         loss = naive_kl(student, teacher, labels)
     else:
-        size = variant.split("=")[1]
         loss = forward_kl(student, teacher, labels, chunk_size=None if size == "auto" else int(size))
     loss.backward()
     return loss.detach()
@@ -100,7 +127,7 @@ def memory_worker(args) -> None:
     loss = _step(args.variant, student, teacher, labels)
     _sync(args.device)
     peak = (torch.cuda.max_memory_allocated() if args.device == "cuda" else _status_bytes("VmHWM")) - before
-    torch.save({"loss": loss.cpu(), "grad": student.grad.cpu()}, args.out)
+    torch.save({"loss": loss.cpu(), "grads": [leaf.grad.cpu() for leaf in _leaves(student)]}, args.out)
     print(peak)
 
 
@@ -134,6 +161,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of both logits tensors")
     parser.add_argument("--chunk-sizes", default="auto", help="comma-separated forward_kl chunk sizes; auto = None "
                         "(forward_kl picks it from the vocabulary size)")
+    parser.add_argument("--hidden", type=int, default=0, help="hidden size: inputs are hidden states + heads "
+                        "(0: logits)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -143,6 +172,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     variants = ["naive"] + [f"chunked={c}" for c in args.chunk_sizes.split(",")]
+    if args.hidden:
+        variants += [f"hidden={c}" for c in args.chunk_sizes.split(",")]
     if args.variant:
         memory_worker(args)
         return
@@ -151,8 +182,9 @@ def main() -> None:
         return
 
     scored = args.batch * (args.seq - 1 - args.seq // 16)
+    inputs = f"{args.dtype} hidden states (H={args.hidden}) + heads" if args.hidden else f"{args.dtype} logits"
     print(f"forward KL, forward + backward: V={args.vocab}, {args.batch} x {args.seq} tokens ({scored} scored), "
-          f"{args.dtype} logits, device={args.device}, {args.threads} threads, median of {args.reps} reps")
+          f"{inputs}, device={args.device}, {args.threads} threads, median of {args.reps} reps")
     print("memory = " + ("peak RSS over inputs (VmHWM after reset - VmRSS before), fresh subprocess per variant"
                          if args.device == "cpu" else "torch.cuda.max_memory_allocated over inputs"))
     peaks = {}
@@ -165,9 +197,10 @@ def main() -> None:
                 reference = saved
                 continue
             torch.testing.assert_close(saved["loss"], reference["loss"], rtol=1e-5, atol=1e-7)
-            # Both gradients are fp32 values rounded to the logits' dtype; they may differ by one rounding step.
-            torch.testing.assert_close(saved["grad"].float(), reference["grad"].float(),
-                                       rtol=1e-2 if args.dtype == "bf16" else 1e-4, atol=1e-9)
+            # Both gradients are fp32 values rounded to the inputs' dtype; they may differ by one rounding step.
+            for got, want in zip(saved["grads"], reference["grads"]):
+                torch.testing.assert_close(got.float(), want.float(), rtol=1e-2 if args.dtype == "bf16" else 1e-4,
+                                           atol=1e-9 if not args.hidden else 1e-6)
             del saved
     seconds = {}
     for line in _run_worker(args, "--timing").splitlines():

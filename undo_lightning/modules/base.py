@@ -17,10 +17,12 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
 from undo_lightning.data.module import BatchKind
+from undo_lightning.data.steps import STEP_TOKENS
 from undo_lightning.data.tokenizers import load_tokenizer
 from undo_lightning.eval.mcq import mcq_correct
 from undo_lightning.eval.metrics import ValidationMetrics, answer_correct, lm_nll
 from undo_lightning.io import check_choice
+from undo_lightning.losses import scored_tokens
 from undo_lightning.models import build_model, count_parameters, is_hf_folder
 
 #: learning-rate schedules of every stage (see :func:`lr_factor`)
@@ -223,6 +225,33 @@ class UndoModule(L.LightningModule):
                 continue
             for split, count in parts.items():
                 self._counts[f"tokens_{split}"] = self._counts.get(f"tokens_{split}", 0) + count
+
+    def token_divisor(self, batch: dict) -> torch.Tensor | None:
+        """What a per-token loss summed over ``batch`` is divided by, so that each optimizer step follows the mean over
+        every scored token of the step: all ranks, all accumulated micro-batches (however padding falls).
+
+        DDP averages gradients over ``W`` ranks and Lightning divides each micro-batch's loss by ``K``
+        (``accumulate_grad_batches``), so the divisor is ``N / (W K)`` with ``N`` the scored tokens of the whole step:
+        ``batch["step_tokens"]`` (:func:`~undo_lightning.data.steps.with_step_tokens`) summed over ranks, else ``K``
+        times this micro-batch's count summed over ranks, exact when a step's micro-batches hold equal counts (packed
+        blocks) or ``K = 1``. One all-reduce of a scalar per call (none on one process). A mean per micro-batch would
+        weigh a token by the padding of its rank and micro-batch, so results would change with the GPU count at the
+        same effective batch.
+
+        Args:
+            batch: a training batch with ``labels`` ``[B, T]``.
+
+        Returns:
+            a float32 scalar tensor, or ``None`` outside a trainer (the losses then take the batch's own token mean).
+        """
+        if self._trainer is None:
+            return None
+        accumulate = self.trainer.accumulate_grad_batches if self.automatic_optimization else 1
+        local = batch.get(STEP_TOKENS)
+        if local is None:
+            local = scored_tokens(batch["labels"]) * accumulate
+        total = self.sum_over_ranks(torch.as_tensor(local, device=self.device))
+        return total.clamp(min=1).float() / (self.trainer.world_size * accumulate)
 
     def counted(self, counter: str = "tokens") -> int:
         """The value of a token counter (read on the host)."""

@@ -186,7 +186,8 @@ class DistillModule(UndoModule):
         with torch.no_grad():
             teacher = lm_hidden_states(self.teacher, batch["input_ids"], batch["attention_mask"])
         student = lm_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
-        loss = forward_kl(student, teacher, batch["labels"], chunk_size=self.hparams.kl_chunk_size)
+        loss = forward_kl(student, teacher, batch["labels"], chunk_size=self.hparams.kl_chunk_size,
+                          divisor=self.token_divisor(batch))
         self.count_tokens(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss

@@ -38,6 +38,10 @@ from undo_lightning.losses import (
 
 RetainTerm = Literal["ce", "kl"]
 
+#: batch key the unlearning stage sets to its :meth:`~undo_lightning.modules.base.UndoModule.token_divisor`: token-level
+#: terms divide their sums by it (absent outside a trainer: the batch's own token mean)
+DIVISOR = "loss_divisor"
+
 
 # ------------------------------------------------------------------------------------------------------ recording
 class Recorder:
@@ -209,7 +213,8 @@ class _LogitMethod(UnlearningMethod):
         """The retain CE, or ``KL(p_frozen || p)`` per scored position (``frozen()`` runs the frozen copy)."""
         if self.retain_loss == "ce":
             return retain_ce
-        return forward_kl(out, frozen()[0], retain["labels"], chunk_size=self.kl_chunk_size)
+        return forward_kl(out, frozen()[0], retain["labels"], chunk_size=self.kl_chunk_size,
+                          divisor=retain.get(DIVISOR))
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "retain_loss": self.retain_loss}
@@ -241,7 +246,7 @@ class GradDiff(_LogitMethod):
         self.max_forget_ce = max_forget_ce
 
     def forget_loss(self, out, recorded: dict[str, torch.Tensor], forget: dict) -> torch.Tensor:
-        return causal_lm_loss(out, forget["labels"])
+        return causal_lm_loss(out, forget["labels"], divisor=forget.get(DIVISOR))
 
     def forget_objective(self, forget_loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         part = -forget_loss
@@ -271,7 +276,7 @@ class MaxEnt(_LogitMethod):
     name = "maxent"
 
     def forget_loss(self, out, recorded: dict[str, torch.Tensor], forget: dict) -> torch.Tensor:
-        return maxent_loss(out, forget["labels"])
+        return maxent_loss(out, forget["labels"], divisor=forget.get(DIVISOR))
 
 
 class RMU(UnlearningMethod):

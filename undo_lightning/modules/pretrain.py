@@ -19,7 +19,7 @@ class PretrainModule(UndoModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = lm_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
-        loss = causal_lm_loss(out, batch["labels"])
+        loss = causal_lm_loss(out, batch["labels"], divisor=self.token_divisor(batch))
         self.count_tokens(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss

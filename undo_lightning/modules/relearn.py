@@ -118,7 +118,7 @@ class RelearnAttackModule(UndoModule):
                              f"module.train_data={self.train_data!r}) or a loader whose batches carry "
                              f"split={self.attack!r}")
         out = lm_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
-        loss = causal_lm_loss(out, batch["labels"])
+        loss = causal_lm_loss(out, batch["labels"], divisor=self.token_divisor(batch))
         self.count_tokens(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss

@@ -13,10 +13,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from undo_lightning.losses import HiddenStates, causal_lm_loss, lm_hidden_states, repnoise_loss
+from undo_lightning.losses import HiddenStates, OutputHead, causal_lm_loss, lm_hidden_states, repnoise_loss
 from undo_lightning.models import count_parameters
 from undo_lightning.modules.base import OptimizerConfig, UndoModule
 from undo_lightning.modules.methods import (
+    DIVISOR,
     SAM,
     Recorder,
     RepNoise,
@@ -98,6 +99,10 @@ class UnlearnModule(UndoModule):
         if self.method.needs_frozen and self.frozen is None:
             self.freeze("frozen", self.build(self.model_name))
         if not self._attached:
+            # The head check runs a forward; done here, before the method's hooks exist, so they never record it.
+            for model in (self.model, self.frozen):
+                if model is not None:
+                    OutputHead.of(model)
             self.method.attach(self.model, self.frozen, self.hparams.seed)
             if self.repnoise is not None:
                 self._mlps = self._mlp_recorder()
@@ -177,6 +182,9 @@ class UnlearnModule(UndoModule):
             guard), ``repnoise_noise``, ``repnoise_harmful``.
         """
         method, rep = self.method, self.repnoise
+        forget = {**forget, DIVISOR: self.token_divisor(forget)}
+        if self.uses_retain:
+            retain = {**retain, DIVISOR: self.token_divisor(retain)}
         logits = method.needs_logits or rep is not None  # RMU alone skips the LM head
         terms: dict[str, torch.Tensor] = {}
         with record([method.recorder, self._mlps]) as (hooked, mlps):
@@ -187,7 +195,7 @@ class UnlearnModule(UndoModule):
             with record([method.recorder]) as (hooked,):
                 retain_out = self._forward(retain, logits)
             if retain_out is not None and (method.uses_retain_ce or rep is not None):
-                retain_ce = causal_lm_loss(retain_out, retain["labels"])
+                retain_ce = causal_lm_loss(retain_out, retain["labels"], divisor=retain[DIVISOR])
             terms["retain_loss"] = method.retain_term(retain_out, hooked, retain, retain_ce,
                                                       lambda: self._frozen_forward(retain))
         forget_part = method.forget_objective(terms["forget_loss"], terms)
