@@ -15,8 +15,9 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recurs
 PIPELINE_CONFIGS = {"quick.yaml", "paper.yaml", "smoke.yaml", "local.yaml", "pipeline.yaml"}  # experiment files read by `undo pipeline`
 CLAIMS_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "arithmetic", "claims", "*.yaml")))  # pipelines too
 DATA_CONFIGS = [c for c in CONFIGS if os.path.basename(c) == "data.yaml"]  # shared `data:` blocks of stage configs
+STRATEGY_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "strategies", "*.yaml")))  # trainer overlays
 STAGE_CONFIGS = [c for c in CONFIGS if os.path.basename(c) not in PIPELINE_CONFIGS and c not in DATA_CONFIGS
-                 and c not in CLAIMS_CONFIGS]
+                 and c not in CLAIMS_CONFIGS and c not in STRATEGY_CONFIGS]
 
 
 def test_there_are_configs():
@@ -52,6 +53,20 @@ def test_stage_config_parses_and_instantiates(path, tmp_path):
     assert cli.datamodule.mixture and cli.datamodule.block_size > 1
     with open(path) as f:
         assert f.readline().startswith("#"), "each config opens with a comment naming the command that runs it"
+
+
+@pytest.mark.parametrize("path", STRATEGY_CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_strategy_overlay_applies_over_a_stage_config(path, tmp_path):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    stage = os.path.join(ROOT, "configs", "arithmetic", "distill.yaml")
+    cli = _lightning_cli(["--config", stage, "--config", path, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (cli.trainer.num_devices, 1)
+    assert cli.model.holds_frozen_model and cli.trainer.max_steps > 0  # the stage's own settings are kept
+    with open(path) as f:
+        assert f.readline().startswith("#")
 
 
 def test_undo_help_lists_subcommands():

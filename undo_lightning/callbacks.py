@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from undo_lightning.io import write_json_atomic
 from undo_lightning.models import export_model
+from undo_lightning.sharding import full_state_dict
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
@@ -66,6 +67,7 @@ class HFExport(L.Callback):
         if pl_module.last_val_step != trainer.global_step and trainer.datamodule is not None:
             pl_module.last_val_metrics = final_evaluation(pl_module, trainer.datamodule.val_dataloader())
             pl_module.last_val_step = trainer.global_step
+        state_dict = full_state_dict(pl_module.model)  # a collective when sharded: before the rank-0 return
         if trainer.global_rank != 0:
             return
         root = trainer.default_root_dir
@@ -74,7 +76,7 @@ class HFExport(L.Callback):
                   "val": pl_module.last_val_metrics, "compute": pl_module.compute_summary(),
                   "wall_time_s": round(pl_module.elapsed_s(), 3), **pl_module.summary()}
         write_json_atomic(os.path.join(root, "metrics.json"), record)
-        export_model(pl_module.model, pl_module.tokenizer, os.path.join(root, self.dirname))
+        export_model(pl_module.model, pl_module.tokenizer, os.path.join(root, self.dirname), state_dict=state_dict)
 
 
 @torch.no_grad()

@@ -119,6 +119,9 @@ def quiet_expected_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
     # frozen teachers and frozen starting copies are in eval mode on purpose (UndoModule.freeze)
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training", category=Warning)
+    # the summary table's size estimate under bf16-mixed: a footnote on Lightning's own estimate, nothing to act on
+    warnings.filterwarnings("ignore", message=r"Precision bf16-mixed is not supported by the model summary",
+                            category=Warning)
 
 
 def tune_allocator() -> bool:

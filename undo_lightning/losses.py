@@ -11,6 +11,7 @@ aligned with ``input_ids`` (unshifted) with ``-100`` marking positions to ignore
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import weakref
 from collections.abc import Callable, Sequence
@@ -84,36 +85,63 @@ class OutputHead:
             ValueError: when the model computes its logits some other way (a head this class does not describe);
                 the message names the model class.
         """
+        if model not in _CHECKED_HEADS:
+            _check_head(model)
+            _CHECKED_HEADS.add(model)
+        return cls._read(model)
+
+    @classmethod
+    def _read(cls, model: torch.nn.Module) -> OutputHead:
+        # Read at each use, not cached: a sharded model's parameters are other tensors once gathered by its forward.
         lm_head = model.get_output_embeddings()
         config = model.config
         softcap = getattr(config, "final_logit_softcapping", None)
-        head = cls(lm_head.weight, getattr(lm_head, "bias", None), float(getattr(config, "logit_scale", None) or 1.0),
+        return cls(lm_head.weight, getattr(lm_head, "bias", None), float(getattr(config, "logit_scale", None) or 1.0),
                    float(softcap) if softcap else None)
-        if model not in _CHECKED_HEADS:
-            _check_head(model, head)
-            _CHECKED_HEADS.add(model)
-        return head
 
 
 _CHECKED_HEADS: weakref.WeakSet = weakref.WeakSet()
 
 
 @torch.no_grad()
-def _check_head(model: torch.nn.Module, head: OutputHead) -> None:
-    """Raises unless ``head`` applied to the decoder's last hidden state gives the model's logits (one tiny forward)."""
-    vocab = head.weight.shape[0]
-    ids = torch.arange(min(vocab, 8), device=head.weight.device)[None]
+def _check_head(model: torch.nn.Module) -> None:
+    """Raises unless the head applied to the decoder's last hidden state gives the model's logits (one tiny forward)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.arange(min(vocab, 8), device=model.get_output_embeddings().weight.device)[None]
     was_training = model.training
-    model.eval()  # dropout would make the two forwards differ
+    model.eval()  # dropout would make the two readings differ
     try:
-        expected = model(input_ids=ids, use_cache=False).logits
-        got = head.logits(model.base_model(input_ids=ids, use_cache=False).last_hidden_state)
+        out, hidden = _run_decoder(model, dict(input_ids=ids, use_cache=False), keep_logits=0)
+        got = OutputHead._read(model).logits(hidden)
     finally:
         model.train(was_training)
+    expected = out.logits
     if got.shape != expected.shape or not torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=1e-3):
         raise ValueError(f"{type(model).__name__}: its logits are not the output embedding (+ logit_scale, "
                          "final_logit_softcapping) applied to the decoder's last hidden state, which the chunked "
                          "losses assume; this model family is not supported by undo_lightning's losses")
+
+
+def _run_decoder(model: torch.nn.Module, kwargs: dict, keep_logits: int):
+    """Runs the model's own ``forward`` (so whatever wraps it — FSDP's parameter gathering, hooks — sees an ordinary
+    forward) and reads the decoder's (``base_model``) last hidden state on the way.
+
+    Returns:
+        ``(output, hidden)``: the model's output, with logits for the last ``keep_logits`` positions (0 = all) where
+        its ``forward`` takes ``logits_to_keep`` (else the decoder's own output), and ``[B, T, H]`` hidden states.
+    """
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        if keep_logits == 0:  # the head check needs real logits: read them from an ordinary forward
+            return model(**kwargs), model.base_model(**kwargs).last_hidden_state
+        out = model.base_model(**kwargs)
+        return out, out.last_hidden_state
+    captured = []
+    hook = model.base_model.register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+    try:
+        out = model(**kwargs, logits_to_keep=keep_logits)
+    finally:
+        hook.remove()
+    return out, captured[-1]
 
 
 class HiddenStates(NamedTuple):
@@ -128,7 +156,11 @@ class HiddenStates(NamedTuple):
 
 def lm_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      output_hidden_states: bool = False):
-    """Runs a causal LM's decoder only (no LM head): the input of every loss below.
+    """Runs a causal LM for its decoder's last hidden state: the input of every loss below.
+
+    The model's own ``forward`` runs (so FSDP gathers its parameters as for any forward), asked for the logits of the
+    last position only (``logits_to_keep=1``: ``[B, 1, V]``); the hidden state is read from its decoder on the way.
+    Models whose ``forward`` has no ``logits_to_keep`` run their decoder (``base_model``) directly.
 
     Args:
         model: a Hugging Face ``*ForCausalLM`` (its ``base_model`` is the decoder).
@@ -138,9 +170,9 @@ def lm_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     Returns:
         :class:`HiddenStates` (with ``layers`` when ``output_hidden_states``).
     """
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                           output_hidden_states=output_hidden_states)
-    return HiddenStates(out.last_hidden_state, OutputHead.of(model), out.hidden_states if output_hidden_states else None)
+    out, hidden = _run_decoder(model, dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                           output_hidden_states=output_hidden_states), keep_logits=1)
+    return HiddenStates(hidden, OutputHead.of(model), out.hidden_states if output_hidden_states else None)
 
 
 #: what a loss reads: ``[B, T, V]`` logits, or hidden states and the head that turns them into logits

@@ -117,8 +117,10 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
     return total
 
 
-def export_model(model: PreTrainedModel, tokenizer, out_dir: str) -> str:
+def export_model(model: PreTrainedModel, tokenizer, out_dir: str, state_dict: dict | None = None) -> str:
     """Writes ``save_pretrained`` (safetensors) + tokenizer to ``out_dir`` atomically.
+
+    ``state_dict`` replaces the model's own tensors (a sharded model's gathered full state dict).
 
     The files go to a temporary sibling folder that is renamed into place last
     (:func:`undo_lightning.io.atomic_folder`), so ``out_dir`` either holds a whole export or does not exist: a later
@@ -127,8 +129,11 @@ def export_model(model: PreTrainedModel, tokenizer, out_dir: str) -> str:
     Returns:
         ``out_dir``.
     """
+    if state_dict is not None:  # a gathered dict holds tied weights twice; the model's own would hold them once
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        state_dict = {key: value for key, value in state_dict.items() if key not in tied}
     with atomic_folder(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return os.path.abspath(out_dir)

@@ -19,6 +19,7 @@ import torch
 
 from undo_lightning.data.mcq import SIDES
 from undo_lightning.losses import lm_hidden_states, token_nll
+from undo_lightning.sharding import is_sharded
 
 _NUMBER = re.compile(r"^-?\d+(?:\.\d+)?\.?$")
 
@@ -74,9 +75,10 @@ def greedy_answers(model, tokenizer, input_ids: torch.Tensor, attention_mask: to
     """
     was_training = model.training
     model.eval()
+    # A sharded model's forwards are collectives: synced_gpus keeps every rank stepping until all ranks are done.
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                          do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
-                         use_cache=True)
+                         use_cache=True, synced_gpus=is_sharded(model))
     model.train(was_training)
     return tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=False)
 

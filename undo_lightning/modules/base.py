@@ -22,8 +22,9 @@ from undo_lightning.data.tokenizers import load_tokenizer
 from undo_lightning.eval.mcq import mcq_correct
 from undo_lightning.eval.metrics import ValidationMetrics, answer_correct, lm_nll
 from undo_lightning.io import check_choice
-from undo_lightning.losses import scored_tokens
+from undo_lightning.losses import OutputHead, scored_tokens
 from undo_lightning.models import build_model, count_parameters, is_hf_folder
+from undo_lightning.sharding import is_sharded, shard, tensor_parallel_size
 
 #: learning-rate schedules of every stage (see :func:`lr_factor`)
 Schedule = Literal["cosine", "constant"]
@@ -179,8 +180,61 @@ class UndoModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # idempotent: Lightning may call it once per trainer entry point
             return
+        self.check_strategy()
         # from_pretrained returns eval mode; a stage trains its model (Lightning keeps submodule modes as found)
         self.model = self.build(self.model_name).train()
+        self.prepare_models()
+
+    #: whether the stage holds a frozen model beside the trained one (a teacher, a frozen copy); see check_strategy
+    holds_frozen_model: bool = False
+
+    def check_strategy(self) -> None:
+        """Refuses, before any model loads, a Lightning strategy this stage cannot train under.
+
+        * DeepSpeed ZeRO stage 3 with a frozen model beside the trained one: Lightning's DeepSpeed integration
+          partitions one model per engine, and a second model crashes it (Lightning-AI/pytorch-lightning#17319).
+        * FSDP1 (``strategy: fsdp``) with a frozen model and ``use_orig_params`` off: FSDP1 flattens each wrapped
+          unit into one tensor, which must be all-frozen or all-trainable.
+        * ``ModelParallelStrategy`` with tensor parallelism: the stages shard over data-parallel ranks only.
+
+        Raises:
+            ValueError: naming the strategy setting and what works instead.
+        """
+        if self._trainer is None:
+            return
+        strategy = self.trainer.strategy
+        kind = type(strategy).__name__
+        fix = ("use ModelParallelStrategy(data_parallel_size=<processes>, tensor_parallel_size=1) (FSDP2: each model "
+               "sharded on its own, configs/fsdp.yaml) or ddp")
+        if self.holds_frozen_model and kind == "DeepSpeedStrategy" and getattr(strategy, "zero_stage_3", False):
+            raise ValueError(f"strategy={kind}(stage=3): {type(self).__name__} holds a frozen model beside the trained "
+                             f"one, which Lightning's DeepSpeed ZeRO-3 cannot partition; {fix}")
+        if self.holds_frozen_model and kind == "FSDPStrategy" and not strategy.kwargs.get("use_orig_params", False):
+            raise ValueError(f"strategy={kind}(use_orig_params=False): {type(self).__name__} holds a frozen model "
+                             "beside the trained one, and FSDP1 units must then mix frozen and trainable parameters; "
+                             f"set use_orig_params=True, or {fix}")
+        tensor_parallel = tensor_parallel_size(self.device_mesh) if kind == "ModelParallelStrategy" else 1
+        if tensor_parallel != 1:
+            raise ValueError(f"strategy=ModelParallelStrategy(tensor_parallel_size={tensor_parallel}): the stages "
+                             "shard models over data-parallel ranks only; set tensor_parallel_size=1 and "
+                             "data_parallel_size to the number of processes (its 'auto' means tensor parallelism "
+                             "over the devices of a node)")
+
+    def prepare_models(self) -> None:
+        """Checks each held model's output head (:meth:`~undo_lightning.losses.OutputHead.of`: one tiny forward on
+        full parameters) and, under ``ModelParallelStrategy``, shards it on its own
+        (:func:`~undo_lightning.sharding.shard`).
+
+        Idempotent; a stage calls it at the end of ``configure_model``, after building every model it holds and
+        before anything keeps references to their parameters (sharding replaces them).
+        """
+        mesh = self.device_mesh
+        for model in (self.model, *(getattr(self, name) for name in self._frozen)):
+            if model is None or is_sharded(model):
+                continue
+            OutputHead.of(model)
+            if mesh is not None:
+                shard(model, mesh)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -85,6 +85,7 @@ class DistillModule(UndoModule):
     """
 
     train_data = "mixture"
+    holds_frozen_model = True
 
     def __init__(
         self,
@@ -134,6 +135,7 @@ class DistillModule(UndoModule):
     def configure_model(self) -> None:
         if self.model is not None:  # idempotent: the noise is applied once, at the first build
             return
+        self.check_strategy()
         hp = self.hparams
         if not is_hf_folder(self.teacher_path):
             raise ValueError(f"teacher={self.teacher_path!r}: no Hugging Face model folder there (no config.json); "
@@ -163,6 +165,7 @@ class DistillModule(UndoModule):
                              "compares full-vocabulary distributions, so both must use the same tokenizer")
         self.freeze("teacher", teacher)
         self.model = student.train()
+        self.prepare_models()
 
     def _check_shipped_tokenizer(self, what: str, folder: str, tokenizer) -> None:
         """Raises if ``folder`` ships a tokenizer whose vocabulary or special tokens differ from the data's."""

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from undo_lightning.losses import HiddenStates, OutputHead, causal_lm_loss, lm_hidden_states, repnoise_loss
+from undo_lightning.losses import HiddenStates, causal_lm_loss, lm_hidden_states, repnoise_loss
 from undo_lightning.models import count_parameters
 from undo_lightning.modules.base import OptimizerConfig, UndoModule
 from undo_lightning.modules.methods import (
@@ -94,15 +94,18 @@ class UnlearnModule(UndoModule):
         self._noise_state: torch.Tensor | None = None  # restored from a checkpoint before the generator exists
 
     # ------------------------------------------------------------------------------------------------- set-up
+    @property
+    def holds_frozen_model(self) -> bool:
+        return self.method.needs_frozen
+
     def configure_model(self) -> None:
         super().configure_model()
         if self.method.needs_frozen and self.frozen is None:
             self.freeze("frozen", self.build(self.model_name))
         if not self._attached:
-            # The head check runs a forward; done here, before the method's hooks exist, so they never record it.
-            for model in (self.model, self.frozen):
-                if model is not None:
-                    OutputHead.of(model)
+            # Before the method's hooks exist (the head check runs a forward they must not record) and before it
+            # keeps parameter references (sharding replaces the parameters).
+            self.prepare_models()
             self.method.attach(self.model, self.frozen, self.hparams.seed)
             if self.repnoise is not None:
                 self._mlps = self._mlp_recorder()
