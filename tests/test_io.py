@@ -92,7 +92,7 @@ def test_instantiate_checks_types_and_unknown_keys():
         ({"optimizer": {"lrr": 1}}, "unlearn: UnlearnModule: model.optimizer.lrr: not an argument"),
         ({"method": "forget-harder"},
          "unlearn: UnlearnModule: model.method=forget-harder: expected a UnlearningMethod class_path or 'graddiff', "
-         "'maxent', 'rmu'"),
+         "'maxent', 'npo', 'simnpo', 'rmu'"),
         ({"method": {"class_path": "undo_lightning.RMU", "init_args": {"layr": 1}}},
          "unlearn: UnlearnModule: model.method: undo_lightning.RMU: init_args.layr is not an argument"),
         ({"method": {"class_path": "undo_lightning.RMU", "init_args": {"layer": "x"}}},

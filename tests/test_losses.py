@@ -16,11 +16,14 @@ from undo_lightning.losses import (
     lm_hidden_states,
     maxent_loss,
     mmd_loss,
+    npo_loss,
     repnoise_loss,
     rmu_control_vector,
     rmu_forget_loss,
     rmu_retain_loss,
     scored_tokens,
+    sequence_nll,
+    simnpo_loss,
     token_nll,
 )
 
@@ -450,3 +453,76 @@ def test_a_head_that_is_not_the_models_is_refused():
     model.forward = forward
     with pytest.raises(ValueError, match="Gemma2ForCausalLM: its logits are not"):
         OutputHead.of(model)
+
+
+# ------------------------------------------------------------------------------ NPO and SimNPO
+def _slow_sequence_nll(logits, labels):
+    """Float64 per-row summed NLL over scored positions, written out position by position."""
+    out = []
+    for b in range(labels.shape[0]):
+        total = torch.zeros((), dtype=torch.float64)
+        for t in range(labels.shape[1] - 1):
+            if labels[b, t + 1] != IGNORE_INDEX:
+                total = total - torch.log_softmax(logits[b, t], dim=-1)[labels[b, t + 1]]
+        out.append(total)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("hidden_states", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_npo_and_simnpo_match_the_papers_formulas_in_value_and_gradient(hidden_states, chunk_size):
+    g = torch.Generator().manual_seed(3)
+    student, teacher, labels = _batch(seed=9)
+    labels[2, :] = IGNORE_INDEX  # a row without scored tokens: left out of the mean
+    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, requires_grad=True)
+    logits = student.clone().requires_grad_(True)
+    outputs = HiddenStates(hidden, OutputHead(weight, None, 1.0, 3.0)) if hidden_states else logits
+    ref_nll = _slow_sequence_nll(teacher.double(), labels).float()
+    beta, gamma = 0.7, 0.4
+    n = torch.tensor([float(int((labels[b, 1:] != IGNORE_INDEX).sum())) for b in range(B)], dtype=torch.float64)
+
+    for kind in ("npo", "simnpo"):
+        leaves = [hidden, weight] if hidden_states else [logits]
+        for leaf in leaves:
+            leaf.grad = None
+        if kind == "npo":
+            loss = npo_loss(outputs, labels, ref_nll, beta, chunk_size=chunk_size)
+        else:
+            loss = simnpo_loss(outputs, labels, beta, gamma, chunk_size=chunk_size)
+        loss.backward()
+
+        ref_leaves = [x.detach().double().requires_grad_(True) for x in leaves]
+        ref_logits = _naive_logits(ref_leaves[0], ref_leaves[1], None, 1.0, 3.0) if hidden_states else ref_leaves[0]
+        s = _slow_sequence_nll(ref_logits, labels)
+        # NPO: -(2/beta) log sigmoid(-beta log(p / p_ref)); SimNPO: -(2/beta) log sigmoid(-(beta / |y|) log p - gamma)
+        log_ratio = -s + ref_nll.double()
+        inner = -beta * log_ratio if kind == "npo" else -(beta / n.clamp(min=1)) * (-s) - gamma
+        per_row = -(2.0 / beta) * torch.nn.functional.logsigmoid(inner)
+        ref = per_row[:2].mean()  # row 2 scores nothing
+        ref.backward()
+
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5), kind
+        for got, want in zip(leaves, ref_leaves):
+            torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-6, msg=kind)
+    assert torch.equal(sequence_nll(outputs, labels)[2], torch.tensor(0.0))
+
+
+def test_npo_is_log_4_over_beta_at_the_reference_and_vanishes_once_forgotten():
+    student, _, labels = _batch(seed=4)
+    nll = sequence_nll(student, labels)
+    beta = 0.5
+    # at the reference itself every row's log-ratio is 0: (2 / beta) softplus(0) = (2 / beta) ln 2
+    assert npo_loss(student, labels, nll, beta).item() == pytest.approx(2 / beta * math.log(2), rel=1e-6)
+    assert npo_loss(student, labels, nll - 200.0, beta).item() < 1e-30  # far less likely than the reference
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s, l: npo_loss(s, l, torch.zeros(B), 0.0), r"beta=0.0: NPO's inverse temperature must be > 0"),
+    (lambda s, l: simnpo_loss(s, l, -1.0), r"beta=-1.0: SimNPO's inverse temperature must be > 0"),
+    (lambda s, l: simnpo_loss(s, l, 1.0, gamma=-0.5), r"gamma=-0.5: SimNPO's reward margin must be >= 0"),
+])
+def test_npo_and_simnpo_refuse_bad_settings(call, message):
+    student, _, labels = _batch()
+    with pytest.raises(ValueError, match=message):
+        call(student, labels)

@@ -1,4 +1,4 @@
-"""UnlearnModule: GradDiff / MaxEnt / RMU, RepNoise and SAM, checked against losses recomputed here."""
+"""UnlearnModule: GradDiff / MaxEnt / NPO / SimNPO / RMU, RepNoise and SAM, checked against losses recomputed here."""
 
 import copy
 import json
@@ -15,13 +15,16 @@ from undo_lightning.losses import (
     causal_lm_loss,
     lm_hidden_states,
     maxent_loss,
+    npo_loss,
     repnoise_loss,
     rmu_control_vector,
     rmu_forget_loss,
     rmu_retain_loss,
+    sequence_nll,
+    simnpo_loss,
 )
 from undo_lightning.models import build_model
-from undo_lightning.modules import RMU, SAM, GradDiff, MaxEnt, RepNoise, UnlearnModule
+from undo_lightning.modules import NPO, RMU, SAM, GradDiff, MaxEnt, RepNoise, SimNPO, UnlearnModule
 
 
 @pytest.fixture(scope="module")
@@ -340,6 +343,9 @@ def test_bf16_mixed_steps(tokenizer, tmp_path, kwargs):
     (lambda: RMU(layer=-1), "layer=-1"),
     (lambda: RMU(layer=1, train_layers=[2]), r"train_layers=\[2\]"),
     (lambda: UnlearnModule(repnoise=True), "repnoise=True: expected RepNoise"),
+    (lambda: NPO(beta=0.0), "beta=0.0: NPO's inverse temperature must be > 0"),
+    (lambda: SimNPO(beta=-2.0), "beta=-2.0: SimNPO's inverse temperature must be > 0"),
+    (lambda: SimNPO(gamma=-1.0), "gamma=-1.0: SimNPO's reward margin must be >= 0"),
 ])
 def test_bad_arguments_fail_at_construction(make, message):
     with pytest.raises(ValueError, match=message):
@@ -373,3 +379,50 @@ def test_sam_rejects_what_it_cannot_honour(tokenizer, tmp_path, trainer_kwargs, 
     module = UnlearnModule(model="gemma2-micro", sam=SAM(rho=0.05))
     with pytest.raises(ValueError, match=message):
         tiny_trainer(tmp_path, max_steps=1, **trainer_kwargs).fit(module, datamodule=small_datamodule(tokenizer))
+
+
+# ----------------------------------------------------------------------------------------------------- NPO, SimNPO
+def test_npo_objective_reads_the_frozen_copy_and_equals_the_losses_recomputed_here(tokenizer):
+    forget, retain = paired(tokenizer, n=4)
+    npo = built(tokenizer, method=NPO(beta=0.2, retain_weight=2.0))
+    simnpo = built(tokenizer, method=SimNPO(beta=1.5, gamma=0.3))
+    assert npo.frozen is not None and simnpo.frozen is None  # only NPO needs the reference likelihoods
+    start = build_model("gemma2-micro", tokenizer).eval()  # the starting point, built independently of the module
+    # a step away from the starting point, so that the frozen copy and the trained model differ
+    with torch.no_grad():
+        for p in npo.model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    terms = npo.compute_losses(forget, retain)
+    with torch.no_grad():
+        start = lm_hidden_states(start, forget["input_ids"], forget["attention_mask"])
+        out = lm_hidden_states(npo.model, forget["input_ids"], forget["attention_mask"])
+        retain_out = lm_hidden_states(npo.model, retain["input_ids"], retain["attention_mask"])
+        expected_forget = npo_loss(out, forget["labels"], sequence_nll(start, forget["labels"]), 0.2)
+        expected = expected_forget + 2.0 * causal_lm_loss(retain_out, retain["labels"])
+    assert terms["forget_loss"].item() == pytest.approx(expected_forget.item(), rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert expected_forget.item() != pytest.approx(2 / 0.2 * math.log(2), rel=1e-3)  # not at the reference
+
+    terms = simnpo.compute_losses(forget, retain)
+    with torch.no_grad():
+        out = lm_hidden_states(simnpo.model, forget["input_ids"], forget["attention_mask"])
+        expected_forget = simnpo_loss(out, forget["labels"], 1.5, 0.3)
+    assert terms["forget_loss"].item() == pytest.approx(expected_forget.item(), rel=1e-5)
+
+
+def test_npo_unlearning_lowers_the_forget_likelihood_and_records_its_settings(reference, tokenizer, tmp_path):
+    dm = small_datamodule(tokenizer, docs=3000, add_sub_range=(1, 4), mul_div_range=(1, 4), batch_size=16)
+    module = UnlearnModule(model=reference, method=NPO(beta=0.1), optimizer={"lr": 3e-3})
+    root = tmp_path / "unlearn_npo"
+    tiny_trainer(root, max_steps=12, val_check_interval=12).fit(module, datamodule=dm)
+    record = json.loads((root / "metrics.json").read_text())
+    start = build_model(reference, tokenizer).eval()
+    dm.setup()
+    val = dm._blocks["forget/val"][:16]
+    batch = {"input_ids": val, "labels": val, "attention_mask": torch.ones_like(val)}
+    with torch.no_grad():
+        nll = [sequence_nll(lm_hidden_states(m.eval(), val, batch["attention_mask"]), val).mean().item()
+               for m in (start, module.model)]
+    assert nll[1] > nll[0] + 5.0, nll  # the forget sequences became much less likely
+    assert record["method"] == "npo" and record["method_hparams"]["beta"] == 0.1
+    assert record["compute"]["frozen_tokens"] == 12 * 16 * 32  # the reference pass: forget batches only

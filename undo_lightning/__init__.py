@@ -24,6 +24,8 @@ _EXPORTS = {
     "UnlearningMethod": "undo_lightning.modules",
     "GradDiff": "undo_lightning.modules",
     "MaxEnt": "undo_lightning.modules",
+    "NPO": "undo_lightning.modules",
+    "SimNPO": "undo_lightning.modules",
     "RMU": "undo_lightning.modules",
     "RepNoise": "undo_lightning.modules",
     "SAM": "undo_lightning.modules",

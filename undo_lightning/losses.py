@@ -190,6 +190,7 @@ class _Job:
     teacher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None  # "kl": (b, t) -> float32 [c, V] log q
     chunk_size: int
     divisor: float | torch.Tensor
+    weights: torch.Tensor | None = None  # "ce": [N] float32 weight of each position's loss (a constant)
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -220,9 +221,13 @@ class _ChunkedLoss(torch.autograd.Function):
             log_p = F.log_softmax(s, dim=-1)
             if job.kind == "ce":
                 y = job.targets[start:start + job.chunk_size, None]  # [c, 1]
-                total -= log_p.gather(1, y).sum()
+                w = None if job.weights is None else job.weights[start:start + job.chunk_size, None]  # [c, 1]
+                nll = -log_p.gather(1, y)
+                total += (nll if w is None else nll * w).sum()
                 grad = log_p.exp_().scatter_add_(1, y, torch.full(y.shape, -1.0, device=y.device)) if needs_grad \
                     else None  # d CE / d s = softmax(s) - onehot(y)
+                if grad is not None and w is not None:
+                    grad.mul_(w)
             elif job.kind == "maxent":
                 # KL(uniform || p) = logsumexp(s) - mean_v(s) - log V; d/ds = softmax(s) - 1/V
                 total += (s.logsumexp(dim=-1) - s.mean(dim=-1)).sum() - s.shape[0] * math.log(s.shape[1])
@@ -241,17 +246,21 @@ class _ChunkedLoss(torch.autograd.Function):
             grad = head.backward(grad, s)  # [c, V] w.r.t. h W^T + b
             grad_x[b, t] = (grad.to(weight.dtype) @ weight).to(grad_x.dtype)
             if grad_w is not None:
-                grad_w += grad.T @ x_c.float()
+                # in place: `grad_w += grad.T @ x_c` would allocate (and page-fault) a second [V, H] every chunk
+                grad_w.addmm_(grad.T, x_c.float())
             if grad_b is not None:
                 grad_b += grad.sum(dim=0)
         if needs_grad:
-            ctx.save_for_backward(grad_x, grad_w, grad_b)
+            # Held as attributes, not saved tensors, so backward can let go of them: autograd then takes the returned
+            # gradient as .grad without copying it (it copies a tensor something else still references).
+            ctx.grads = [grad_x, grad_w, grad_b]
             ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         return total / job.divisor
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_x, grad_w, grad_b = ctx.saved_tensors
+        grad_x, grad_w, grad_b = ctx.grads
+        ctx.grads = None
         w_dtype, b_dtype = ctx.dtypes
         # The usual case is a bare `loss.backward()`: skip the multiply so no second input-sized tensor is allocated.
         scale = None if torch.equal(grad_output, torch.ones_like(grad_output)) else grad_output
@@ -308,7 +317,8 @@ def _teacher_log_probs(teacher: Outputs) -> Callable[[torch.Tensor, torch.Tensor
 
 
 def _chunked_loss(kind: str, outputs: Outputs, labels: torch.Tensor, teacher: Outputs | None = None,
-                  chunk_size: int | None = None, divisor: float | torch.Tensor | None = None) -> torch.Tensor:
+                  chunk_size: int | None = None, divisor: float | torch.Tensor | None = None,
+                  row_weights: torch.Tensor | None = None) -> torch.Tensor:
     x, head, vocab = _parts(outputs, labels, kind)
     if chunk_size is None:
         chunk_size = auto_chunk_size(vocab)
@@ -318,7 +328,8 @@ def _chunked_loss(kind: str, outputs: Outputs, labels: torch.Tensor, teacher: Ou
     if divisor is None:
         divisor = max(b_idx.numel(), 1)
     job = _Job(kind, head, (b_idx, t_idx), labels[b_idx, t_idx + 1] if kind == "ce" else None,
-               _teacher_log_probs(teacher) if teacher is not None else None, chunk_size, divisor)
+               _teacher_log_probs(teacher) if teacher is not None else None, chunk_size, divisor,
+               None if row_weights is None else row_weights.detach().float()[b_idx])
     weight, bias = (head.weight, head.bias) if head is not None else (None, None)
     # `ctx.needs_input_grad` ignores no_grad mode: decide here, so evaluation never builds a gradient.
     needs_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, weight, bias))
@@ -405,6 +416,90 @@ def maxent_loss(outputs: Outputs, labels: torch.Tensor, chunk_size: int | None =
         float32 scalar; ``0.0`` when no position is scored.
     """
     return _chunked_loss("maxent", outputs, labels, chunk_size=chunk_size, divisor=divisor)
+
+
+def sequence_nll(outputs: Outputs, labels: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """Each row's summed next-token negative log-likelihood, ``-log p(y_b | x_b)`` over its scored tokens (no gradient).
+
+    Returns:
+        float32 ``[B]`` (0 for a row without scored tokens).
+    """
+    with torch.no_grad():
+        return torch.stack([causal_lm_loss(_rows(outputs, b), labels[b:b + 1], chunk_size, divisor=1.0)
+                            for b in range(labels.shape[0])])
+
+
+def _rows(outputs: Outputs, b: int) -> Outputs:
+    """Row ``b`` of ``outputs``, as a batch of one."""
+    if isinstance(outputs, HiddenStates):
+        return HiddenStates(outputs.hidden[b:b + 1], outputs.head)
+    return outputs[b:b + 1]
+
+
+def _sequence_preference_loss(outputs: Outputs, labels: torch.Tensor, margin: Callable, beta: float,
+                              chunk_size: int | None) -> torch.Tensor:
+    """``(2 / beta) mean_b softplus(z_b)`` over the rows with scored tokens, ``z_b = margin(s_b, n_b)`` with ``s_b`` a
+    row's summed NLL and ``n_b`` its scored tokens.
+
+    Logits-free like the other losses: ``s_b`` is computed once without gradient, and the gradient comes from a
+    chunked CE whose tokens are weighted by ``dL/ds_b`` (constant per row), so ``d/dtheta`` is exact:
+    ``dL/dtheta = sum_b dL/ds_b * ds_b/dtheta``. The returned value is the loss itself.
+    """
+    nll = sequence_nll(outputs, labels, chunk_size)
+    n = (shift_labels(labels) != IGNORE_INDEX).sum(dim=1).float()
+    rows = n > 0
+    s = nll.detach().requires_grad_(True)
+    with torch.enable_grad():
+        z = margin(s, n.clamp(min=1))
+        value = torch.where(rows, F.softplus(z), torch.zeros_like(z)).sum() * (2.0 / beta) / rows.sum().clamp(min=1)
+        (weights,) = torch.autograd.grad(value, s)  # dL/ds_b
+    surrogate = _chunked_loss("ce", outputs, labels, chunk_size=chunk_size, divisor=1.0, row_weights=weights)
+    return value.detach() + (surrogate - surrogate.detach())
+
+
+def npo_loss(outputs: Outputs, labels: torch.Tensor, reference_nll: torch.Tensor, beta: float,
+             chunk_size: int | None = None) -> torch.Tensor:
+    """Negative preference optimisation (Zhang et al. 2024, arXiv 2404.05868, Eq. 3): the forget sequences as
+    dispreferred answers against a frozen reference model,
+    ``L = -(2 / beta) mean_b log sigmoid(-beta log(p(y_b) / p_ref(y_b))) = (2 / beta) mean_b softplus(beta (s_ref - s))``
+    with ``s = -log p(y_b | x_b)`` summed over the row's scored tokens. It tends to 0 as the model's likelihood of the
+    forget sequences falls below the reference's; its gradient is gradient ascent on ``s`` weighted per row by
+    ``sigmoid(beta (s_ref - s))``, which fades on rows already forgotten (unlike GradDiff's unbounded ascent).
+
+    Args:
+        outputs: the trained model's ``[B, T, V]`` logits or :class:`HiddenStates` on the forget batch.
+        labels: ``[B, T]``, ``-100`` = ignored.
+        reference_nll: ``[B]`` the reference model's :func:`sequence_nll` on the same batch.
+        beta: inverse temperature, > 0 (the NPO paper: 0.1).
+
+    Returns:
+        float32 scalar, the mean over rows with at least one scored token.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta={beta}: NPO's inverse temperature must be > 0")
+    ref = reference_nll.detach().float()
+    return _sequence_preference_loss(outputs, labels, lambda s, n: beta * (ref - s), beta, chunk_size)
+
+
+def simnpo_loss(outputs: Outputs, labels: torch.Tensor, beta: float, gamma: float = 0.0,
+                chunk_size: int | None = None) -> torch.Tensor:
+    """SimNPO (Fan et al. 2024, arXiv 2410.07163, Eq. 4): NPO without a reference model, on the length-normalised
+    likelihood with a margin, ``L = -(2 / beta) mean_b log sigmoid(-(beta / n_b) log p(y_b | x_b) - gamma)
+    = (2 / beta) mean_b softplus(gamma - beta s_b / n_b)`` (``n_b``: the row's scored tokens).
+
+    Args:
+        outputs, labels: as :func:`npo_loss`.
+        beta: inverse temperature, > 0.
+        gamma: reward margin, >= 0 (the paper's default 0).
+
+    Returns:
+        float32 scalar, the mean over rows with at least one scored token.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta={beta}: SimNPO's inverse temperature must be > 0")
+    if not gamma >= 0:
+        raise ValueError(f"gamma={gamma}: SimNPO's reward margin must be >= 0")
+    return _sequence_preference_loss(outputs, labels, lambda s, n: gamma - beta * s / n, beta, chunk_size)
 
 
 def graddiff_loss(forget_ce: torch.Tensor, retain_ce: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -2,10 +2,10 @@
 
 from undo_lightning.modules.base import OptimizerConfig, UndoModule
 from undo_lightning.modules.distill import DistillModule
-from undo_lightning.modules.methods import RMU, SAM, GradDiff, MaxEnt, RepNoise, UnlearningMethod
+from undo_lightning.modules.methods import NPO, RMU, SAM, GradDiff, MaxEnt, RepNoise, SimNPO, UnlearningMethod
 from undo_lightning.modules.pretrain import PretrainModule
 from undo_lightning.modules.relearn import RelearnAttackModule
 from undo_lightning.modules.unlearn import UnlearnModule
 
-__all__ = ["DistillModule", "GradDiff", "MaxEnt", "OptimizerConfig", "PretrainModule", "RMU", "RelearnAttackModule", "RepNoise", "SAM",
-           "UndoModule", "UnlearnModule", "UnlearningMethod"]
+__all__ = ["DistillModule", "GradDiff", "MaxEnt", "NPO", "OptimizerConfig", "PretrainModule", "RMU", "RelearnAttackModule",
+           "RepNoise", "SAM", "SimNPO", "UndoModule", "UnlearnModule", "UnlearningMethod"]

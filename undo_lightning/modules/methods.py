@@ -1,7 +1,8 @@
 """Unlearning methods: the objective :class:`~undo_lightning.modules.UnlearnModule` minimises on a paired
 forget/retain batch (docs/reference.md §5).
 
-A method is a small object chosen in a config by ``class_path`` (or by name: ``graddiff``, ``maxent``, ``rmu``)::
+A method is a small object chosen in a config by ``class_path`` (or by name: ``graddiff``, ``maxent``, ``npo``, ``simnpo``,
+``rmu``)::
 
     model:
       class_path: undo_lightning.UnlearnModule
@@ -31,12 +32,17 @@ from undo_lightning.losses import (
     causal_lm_loss,
     forward_kl,
     maxent_loss,
+    npo_loss,
+    sequence_nll,
+    simnpo_loss,
     rmu_control_vector,
     rmu_forget_loss,
     rmu_retain_loss,
 )
 
 RetainTerm = Literal["ce", "kl"]
+#: runs the frozen starting copy on the batch at hand: ``(output or None, outputs its hooks recorded)``
+FrozenPass = Callable[[], tuple[Any, dict[str, torch.Tensor]]]
 
 #: batch key the unlearning stage sets to its :meth:`~undo_lightning.modules.base.UndoModule.token_divisor`: token-level
 #: terms divide their sums by it (absent outside a trainer: the batch's own token mean)
@@ -151,13 +157,14 @@ class UnlearningMethod:
     def detach(self) -> None:
         """Removes whatever :meth:`attach` registered."""
 
-    def forget_loss(self, out, recorded: dict[str, torch.Tensor], forget: dict) -> torch.Tensor:
+    def forget_loss(self, out, recorded: dict[str, torch.Tensor], forget: dict, frozen: FrozenPass) -> torch.Tensor:
         """The forget term from the forget pass (``out``: :class:`~undo_lightning.losses.HiddenStates` or ``None``
-        when the method needs no logits; ``recorded``: hooked outputs)."""
+        when the method needs no logits; ``recorded``: hooked outputs; ``frozen()`` runs the frozen copy on the same
+        batch, for methods that compare with it)."""
         raise NotImplementedError
 
     def retain_term(self, out, recorded: dict[str, torch.Tensor], retain: dict, retain_ce: torch.Tensor | None,
-                    frozen: Callable[[], tuple[Any, dict[str, torch.Tensor]]]) -> torch.Tensor | None:
+                    frozen: FrozenPass) -> torch.Tensor | None:
         """The retain term from the retain pass (as :meth:`forget_loss`); ``retain_ce`` is the retain CE where the
         pass ran the LM head, and ``frozen()`` runs the frozen copy on the same batch (``(output, recorded)``)."""
         raise NotImplementedError
@@ -209,7 +216,7 @@ class _LogitMethod(UnlearningMethod):
         return self.retain_loss == "ce"
 
     def retain_term(self, out, recorded: dict[str, torch.Tensor], retain: dict, retain_ce: torch.Tensor | None,
-                    frozen: Callable[[], tuple[Any, dict[str, torch.Tensor]]]) -> torch.Tensor:
+                    frozen: FrozenPass) -> torch.Tensor:
         """The retain CE, or ``KL(p_frozen || p)`` per scored position (``frozen()`` runs the frozen copy)."""
         if self.retain_loss == "ce":
             return retain_ce
@@ -245,7 +252,7 @@ class GradDiff(_LogitMethod):
             raise ValueError(f"max_forget_ce={max_forget_ce}: expected a positive CE ceiling, or None for no guard")
         self.max_forget_ce = max_forget_ce
 
-    def forget_loss(self, out, recorded: dict[str, torch.Tensor], forget: dict) -> torch.Tensor:
+    def forget_loss(self, out, recorded: dict[str, torch.Tensor], forget: dict, frozen: FrozenPass) -> torch.Tensor:
         return causal_lm_loss(out, forget["labels"], divisor=forget.get(DIVISOR))
 
     def forget_objective(self, forget_loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -275,8 +282,73 @@ class MaxEnt(_LogitMethod):
 
     name = "maxent"
 
-    def forget_loss(self, out, recorded: dict[str, torch.Tensor], forget: dict) -> torch.Tensor:
+    def forget_loss(self, out, recorded: dict[str, torch.Tensor], forget: dict, frozen: FrozenPass) -> torch.Tensor:
         return maxent_loss(out, forget["labels"], divisor=forget.get(DIVISOR))
+
+
+class NPO(_LogitMethod):
+    """Negative preference optimisation: ``NPO(forget) + w L_retain`` with the forget sequences as dispreferred
+    answers against the frozen starting model (Zhang et al. 2024, arXiv 2404.05868;
+    :func:`~undo_lightning.losses.npo_loss`). The forget term is a mean over sequences, per micro-batch.
+
+    Args:
+        beta: inverse temperature, > 0 (the NPO paper's 0.1).
+        retain_weight: weight ``w`` of the retain term.
+        retain_loss: ``ce`` or ``kl`` (see :class:`MaxEnt`).
+        convex: weigh the terms ``(1 - w)`` / ``w``; needs ``0 < w < 1``.
+        kl_chunk_size: positions per float32 chunk of the ``kl`` retain term (``None``: 64 MiB per chunk).
+    """
+
+    name = "npo"
+
+    def __init__(self, beta: float = 0.1, retain_weight: float = 1.0, retain_loss: RetainTerm = "ce",
+                 convex: bool = False, kl_chunk_size: int | None = None) -> None:
+        super().__init__(retain_weight, retain_loss, convex, kl_chunk_size)
+        if not beta > 0:
+            raise ValueError(f"beta={beta}: NPO's inverse temperature must be > 0 (the paper uses 0.1)")
+        self.beta = beta
+
+    @property
+    def needs_frozen(self) -> bool:
+        return True  # the reference likelihoods
+
+    def forget_loss(self, out, recorded: dict[str, torch.Tensor], forget: dict, frozen: FrozenPass) -> torch.Tensor:
+        reference, _ = frozen()
+        return npo_loss(out, forget["labels"], sequence_nll(reference, forget["labels"]), self.beta)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "beta": self.beta}
+
+
+class SimNPO(_LogitMethod):
+    """SimNPO: ``SimNPO(forget) + w L_retain``, NPO without a reference model on length-normalised likelihoods with a
+    margin (Fan et al. 2024, arXiv 2410.07163; :func:`~undo_lightning.losses.simnpo_loss`).
+
+    Args:
+        beta: inverse temperature, > 0.
+        gamma: reward margin, >= 0 (the paper's default 0).
+        retain_weight: weight ``w`` of the retain term.
+        retain_loss: ``ce`` or ``kl`` (see :class:`MaxEnt`).
+        convex: weigh the terms ``(1 - w)`` / ``w``; needs ``0 < w < 1``.
+        kl_chunk_size: positions per float32 chunk of the ``kl`` retain term (``None``: 64 MiB per chunk).
+    """
+
+    name = "simnpo"
+
+    def __init__(self, beta: float = 2.5, gamma: float = 0.0, retain_weight: float = 1.0,
+                 retain_loss: RetainTerm = "ce", convex: bool = False, kl_chunk_size: int | None = None) -> None:
+        super().__init__(retain_weight, retain_loss, convex, kl_chunk_size)
+        if not beta > 0:
+            raise ValueError(f"beta={beta}: SimNPO's inverse temperature must be > 0")
+        if not gamma >= 0:
+            raise ValueError(f"gamma={gamma}: SimNPO's reward margin must be >= 0")
+        self.beta, self.gamma = beta, gamma
+
+    def forget_loss(self, out, recorded: dict[str, torch.Tensor], forget: dict, frozen: FrozenPass) -> torch.Tensor:
+        return simnpo_loss(out, forget["labels"], self.beta, self.gamma)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "beta": self.beta, "gamma": self.gamma}
 
 
 class RMU(UnlearningMethod):
@@ -362,12 +434,12 @@ class RMU(UnlearningMethod):
                 recorder.remove()
         self.recorder = self.frozen_recorder = None
 
-    def forget_loss(self, out, recorded: dict[str, torch.Tensor], forget: dict) -> torch.Tensor:
+    def forget_loss(self, out, recorded: dict[str, torch.Tensor], forget: dict, frozen: FrozenPass) -> torch.Tensor:
         hidden = recorded["block"]
         return rmu_forget_loss(hidden, self.control.to(hidden.device), forget["attention_mask"])
 
     def retain_term(self, out, recorded: dict[str, torch.Tensor], retain: dict, retain_ce: torch.Tensor | None,
-                    frozen: Callable[[], tuple[Any, dict[str, torch.Tensor]]]) -> torch.Tensor | None:
+                    frozen: FrozenPass) -> torch.Tensor | None:
         """The activation MSE to the frozen copy's block output (with ``w = 0`` only RepNoise's retain CE)."""
         if not self.has_retain_term:
             return retain_ce
@@ -396,11 +468,11 @@ def parameter_names(model: nn.Module, patterns: list[str], layers: list[int]) ->
     return [n for n in names if n in selected]
 
 
-METHODS: dict[str, type[UnlearningMethod]] = {cls.name: cls for cls in (GradDiff, MaxEnt, RMU)}
+METHODS: dict[str, type[UnlearningMethod]] = {cls.name: cls for cls in (GradDiff, MaxEnt, NPO, SimNPO, RMU)}
 
 
 def resolve_method(method: UnlearningMethod | str) -> UnlearningMethod:
-    """``method`` itself, or the default-configured method of that name (``graddiff``, ``maxent``, ``rmu``)."""
+    """``method`` itself, or the default-configured method of that name (see :data:`METHODS`)."""
     if isinstance(method, UnlearningMethod):
         return method
     if method not in METHODS:

@@ -52,7 +52,8 @@ class UnlearnModule(UndoModule):
         model: the model to unlearn: a folder written by ``save_pretrained`` (the reference stage's ``hf/``), a
             preset or a hub id.
         method: the unlearning method, as ``{class_path: undo_lightning.MaxEnt, init_args: {...}}`` (``GradDiff``,
-            ``MaxEnt``, ``RMU``) or the name of one with its default settings (``graddiff``, ``maxent``, ``rmu``).
+            ``MaxEnt``, ``NPO``, ``SimNPO``, ``RMU``) or the name of one with its default settings (``graddiff``,
+            ``maxent``, ``npo``, ``simnpo``, ``rmu``).
         repnoise: add RepNoise (``{alpha, beta}``); ``None``: off.
         sam: take sharpness-aware steps (``{rho, clip_val}``); ``None``: plain steps.
         optimizer: AdamW and schedule (:class:`~undo_lightning.modules.base.OptimizerConfig`); default: the authors'
@@ -69,7 +70,7 @@ class UnlearnModule(UndoModule):
     def __init__(
         self,
         model: str = "runs/arithmetic/reference/hf",
-        method: UnlearningMethod | Literal["graddiff", "maxent", "rmu"] = "maxent",
+        method: UnlearningMethod | Literal["graddiff", "maxent", "npo", "simnpo", "rmu"] = "maxent",
         repnoise: RepNoise | None = None,
         sam: SAM | None = None,
         optimizer: OptimizerConfig = default_optimizer,
@@ -154,21 +155,17 @@ class UnlearnModule(UndoModule):
         return HiddenStates(self.model.base_model.norm(hidden), out.head)
 
     def _forward(self, batch: dict, logits: bool, hidden_states: bool = False) -> HiddenStates | None:
-        """The trained model on ``batch``; without ``logits`` only the decoder runs (hooks read its blocks)."""
-        if not logits:
-            self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            return None
-        return lm_hidden_states(self.model, batch["input_ids"], batch["attention_mask"], hidden_states)
+        """The trained model on ``batch``; without ``logits`` the output is dropped (hooks read its blocks). Always the
+        model's own forward (see :func:`~undo_lightning.losses.lm_hidden_states`), so a sharded model gathers."""
+        out = lm_hidden_states(self.model, batch["input_ids"], batch["attention_mask"], hidden_states)
+        return out if logits else None
 
     @torch.no_grad()
     def _frozen_forward(self, batch: dict) -> tuple[Any, dict[str, torch.Tensor]]:
         """The frozen copy on ``batch``: ``(output or None, outputs its method hooks recorded)``; counts its tokens."""
         with record([self.method.frozen_recorder]) as (recorded,):
-            if self.method.needs_logits:
-                out = lm_hidden_states(self.frozen, batch["input_ids"], batch["attention_mask"])
-            else:
-                self.frozen.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                out = None
+            out = lm_hidden_states(self.frozen, batch["input_ids"], batch["attention_mask"])
+            out = out if self.method.needs_logits else None
         self.count_tokens(batch, counter="frozen_tokens")
         return out, recorded
 
@@ -192,7 +189,7 @@ class UnlearnModule(UndoModule):
         terms: dict[str, torch.Tensor] = {}
         with record([method.recorder, self._mlps]) as (hooked, mlps):
             out = self._forward(forget, logits, hidden_states=rep is not None)
-        terms["forget_loss"] = method.forget_loss(out, hooked, forget)
+        terms["forget_loss"] = method.forget_loss(out, hooked, forget, lambda: self._frozen_forward(forget))
         retain_ce = None
         if self.uses_retain:
             with record([method.recorder]) as (hooked,):
