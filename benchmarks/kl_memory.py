@@ -1,15 +1,18 @@
-"""Peak memory and time of the chunked ``forward_kl`` vs a naive fp32 full-vocabulary KL, forward + backward.
+"""Peak memory and time of the chunked ``forward_kl`` (or ``causal_lm_loss``) vs a naive fp32 full-vocabulary loss,
+forward + backward.
 
     python benchmarks/kl_memory.py                            # V = 256000, 2 x 512 tokens, bf16 logits, default chunk
     python benchmarks/kl_memory.py --chunk-sizes auto,128,1024   # "auto" = forward_kl's default (65 at V = 256000)
     python benchmarks/kl_memory.py --device cuda --dtype fp32
     python benchmarks/kl_memory.py --hidden 256               # from hidden states through soft-capped heads
+    python benchmarks/kl_memory.py --hidden 2304 --seq 1024 --loss ce   # cross-entropy at gemma-2-2b shapes
 
 With ``--hidden H`` the inputs are what a distillation step has: both models' last hidden states ``[B, T, H]`` and
 output embeddings ``[V, H]`` (soft-capping 30, as Gemma-2). ``naive`` and ``chunked=...`` first build both models'
 full logits through the head (what the stages did before they passed hidden states); ``hidden=...`` passes
 :class:`~undo_lightning.losses.HiddenStates`, so logits exist one chunk at a time. Gradients are compared for the
-student's hidden states and head weight.
+student's hidden states and head weight. ``--loss ce`` measures the next-token cross-entropy of the student alone
+(pretraining, the retain terms, the attack, validation) against ``F.cross_entropy`` on full fp32 logits.
 
 Each variant runs in a fresh subprocess holding only its inputs (student logits requiring grad, teacher logits,
 labels). Peak memory is measured on top of those inputs:
@@ -20,8 +23,9 @@ labels). Peak memory is measured on top of those inputs:
 * CUDA: ``torch.cuda.max_memory_allocated()`` minus ``torch.cuda.memory_allocated()`` before the run.
 
 Each memory worker also saves its loss and input gradient; the parent checks that every chunked variant reproduces
-the naive values and gradients. Time is measured in one more subprocess that alternates the variants for ``--reps``
-rounds (so a busy machine slows all of them alike) and reports each one's median. The table gives chunked / naive
+the naive values and gradients. Time: with ``--reps 1`` the memory run's own wall time; otherwise one more subprocess
+that alternates the variants for ``--reps`` rounds (so a busy machine slows all of them alike) and reports each one's
+median (it holds every variant's inputs at once, so at gemma-2-2b shapes on a 24 GB machine use ``--reps 1``). The table gives chunked / naive
 ratios (goals: memory <= 0.5x, time <= 1.1x).
 """
 
@@ -38,7 +42,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from undo_lightning.losses import IGNORE_INDEX, HiddenStates, OutputHead, forward_kl
+from undo_lightning.losses import IGNORE_INDEX, HiddenStates, OutputHead, causal_lm_loss, forward_kl
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -50,6 +54,12 @@ def naive_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     kl = (log_q.exp() * (log_q - log_p)).sum(-1)[:, :-1]  # [B, T - 1]
     mask = labels[:, 1:] != IGNORE_INDEX
     return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def naive_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Textbook fp32 next-token cross-entropy over the full vocabulary."""
+    logits = student_logits.float()[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def _status_bytes(field: str) -> int:
@@ -81,10 +91,12 @@ def _inputs(args):
     if args.hidden:
         student = HiddenStates(tensor(args.batch, args.seq, args.hidden, grad=True),
                                OutputHead(tensor(args.vocab, args.hidden, std=0.1, grad=True), softcap=SOFTCAP))
-        teacher = HiddenStates(tensor(args.batch, args.seq, args.hidden),
-                               OutputHead(tensor(args.vocab, args.hidden, std=0.1), softcap=SOFTCAP))
+        teacher = None if args.loss == "ce" else HiddenStates(
+            tensor(args.batch, args.seq, args.hidden), OutputHead(tensor(args.vocab, args.hidden, std=0.1),
+                                                                  softcap=SOFTCAP))
     else:
-        student, teacher = tensor(args.batch, args.seq, args.vocab, grad=True), tensor(args.batch, args.seq, args.vocab)
+        student = tensor(args.batch, args.seq, args.vocab, grad=True)
+        teacher = None if args.loss == "ce" else tensor(args.batch, args.seq, args.vocab)
     labels = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device, generator=g)
     labels[:, : args.seq // 16] = IGNORE_INDEX  # as with masked prompts: these positions must cost nothing
     return student, teacher, labels
@@ -99,12 +111,16 @@ def _step(variant: str, student, teacher, labels) -> torch.Tensor:
     for leaf in _leaves(student):
         leaf.grad = None
     kind, _, size = variant.partition("=")
+    chunk_size = None if size in ("", "auto") else int(size)
     if isinstance(student, HiddenStates) and kind != "hidden":  # full logits through the heads first
-        student, teacher = student.head.logits(student.hidden), teacher.head.logits(teacher.hidden).detach()
-    if kind == "naive":
+        student = student.head.logits(student.hidden)
+        teacher = None if teacher is None else teacher.head.logits(teacher.hidden).detach()
+    if teacher is None:  # --loss ce
+        loss = naive_ce(student, labels) if kind == "naive" else causal_lm_loss(student, labels, chunk_size=chunk_size)
+    elif kind == "naive":
         loss = naive_kl(student, teacher, labels)
     else:
-        loss = forward_kl(student, teacher, labels, chunk_size=None if size == "auto" else int(size))
+        loss = forward_kl(student, teacher, labels, chunk_size=chunk_size)
     loss.backward()
     return loss.detach()
 
@@ -124,11 +140,13 @@ def memory_worker(args) -> None:
     else:
         _reset_peak_rss()
         before = _status_bytes("VmRSS")
+    start = time.perf_counter()
     loss = _step(args.variant, student, teacher, labels)
     _sync(args.device)
+    seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() if args.device == "cuda" else _status_bytes("VmHWM")) - before
     torch.save({"loss": loss.cpu(), "grads": [leaf.grad.cpu() for leaf in _leaves(student)]}, args.out)
-    print(peak)
+    print(peak, seconds)
 
 
 def timing_worker(args, variants: list[str]) -> None:
@@ -148,7 +166,8 @@ def timing_worker(args, variants: list[str]) -> None:
 
 def _run_worker(args, *extra: str) -> str:
     """Run this script in a fresh interpreter with the parent's options plus ``extra``; return its stdout."""
-    options = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("variant", "out", "timing")]
+    parent_only = ("variant", "out", "timing", "hidden_only")
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in parent_only]
     cmd = [sys.executable, __file__, *options, *extra]
     return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
 
@@ -163,7 +182,11 @@ def main() -> None:
                         "(forward_kl picks it from the vocabulary size)")
     parser.add_argument("--hidden", type=int, default=0, help="hidden size: inputs are hidden states + heads "
                         "(0: logits)")
+    parser.add_argument("--loss", choices=["kl", "ce"], default="kl", help="forward KL of student and teacher, or the "
+                        "student's cross-entropy")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--hidden-only", action="store_true", help="with --hidden: compare only the hidden-state "
+                        "variants with naive (skip the chunked-logits ones)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # worker subprocess: memory run of one variant
@@ -171,7 +194,7 @@ def main() -> None:
     parser.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)  # worker subprocess: timing
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    variants = ["naive"] + [f"chunked={c}" for c in args.chunk_sizes.split(",")]
+    variants = ["naive"] + ([] if args.hidden_only else [f"chunked={c}" for c in args.chunk_sizes.split(",")])
     if args.hidden:
         variants += [f"hidden={c}" for c in args.chunk_sizes.split(",")]
     if args.variant:
@@ -183,15 +206,18 @@ def main() -> None:
 
     scored = args.batch * (args.seq - 1 - args.seq // 16)
     inputs = f"{args.dtype} hidden states (H={args.hidden}) + heads" if args.hidden else f"{args.dtype} logits"
-    print(f"forward KL, forward + backward: V={args.vocab}, {args.batch} x {args.seq} tokens ({scored} scored), "
+    name = "forward KL" if args.loss == "kl" else "cross-entropy"
+    print(f"{name}, forward + backward: V={args.vocab}, {args.batch} x {args.seq} tokens ({scored} scored), "
           f"{inputs}, device={args.device}, {args.threads} threads, median of {args.reps} reps")
     print("memory = " + ("peak RSS over inputs (VmHWM after reset - VmRSS before), fresh subprocess per variant"
                          if args.device == "cpu" else "torch.cuda.max_memory_allocated over inputs"))
-    peaks = {}
+    peaks, seconds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             out = os.path.join(tmp, variant.replace("=", "_") + ".pt")
-            peaks[variant] = int(_run_worker(args, f"--variant={variant}", f"--out={out}"))
+            peak, wall = _run_worker(args, f"--variant={variant}", f"--out={out}").split()
+            peaks[variant], seconds[variant] = int(peak), float(wall)
+            print(f"  {variant}: peak {int(peak) / 2**20:.0f} MiB, {float(wall):.2f} s", flush=True)
             saved = torch.load(out)
             if variant == "naive":
                 reference = saved
@@ -202,10 +228,10 @@ def main() -> None:
                 torch.testing.assert_close(got.float(), want.float(), rtol=1e-2 if args.dtype == "bf16" else 1e-4,
                                            atol=1e-9 if not args.hidden else 1e-6)
             del saved
-    seconds = {}
-    for line in _run_worker(args, "--timing").splitlines():
-        variant, value = line.split()
-        seconds[variant] = float(value)
+    if args.reps > 1:
+        for line in _run_worker(args, "--timing").splitlines():
+            variant, value = line.split()
+            seconds[variant] = float(value)
 
     print(f"{'variant':<15} {'peak MiB':>10} {'time s':>8} {'mem ratio':>10} {'time ratio':>11}")
     for variant in variants:
