@@ -205,7 +205,7 @@ class UndoModule(L.LightningModule):
         strategy = self.trainer.strategy
         kind = type(strategy).__name__
         fix = ("use ModelParallelStrategy(data_parallel_size=<processes>, tensor_parallel_size=1) (FSDP2: each model "
-               "sharded on its own, configs/fsdp.yaml) or ddp")
+               "sharded on its own: configs/strategies/fsdp.yaml) or ddp")
         if self.holds_frozen_model and kind == "DeepSpeedStrategy" and getattr(strategy, "zero_stage_3", False):
             raise ValueError(f"strategy={kind}(stage=3): {type(self).__name__} holds a frozen model beside the trained "
                              f"one, which Lightning's DeepSpeed ZeRO-3 cannot partition; {fix}")

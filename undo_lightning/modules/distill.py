@@ -55,8 +55,8 @@ class DistillModule(UndoModule):
     student's keys are checked explicitly instead.
 
     Sharding: the noise is applied in ``configure_model``, on full tensors, before any strategy wraps the module. Under
-    FSDP the teacher shares wrapping policy with the student; use ``use_orig_params=True`` (frozen and trainable
-    parameters in one unit).
+    ``ModelParallelStrategy`` (``configs/strategies/fsdp.yaml``) teacher and student are then sharded as separate FSDP2
+    units (:meth:`~undo_lightning.modules.base.UndoModule.prepare_models`); FSDP1 needs ``use_orig_params=True``.
 
     Args:
         teacher: the frozen teacher, a Hugging Face folder written by ``save_pretrained`` (e.g.
