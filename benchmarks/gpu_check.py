@@ -84,7 +84,8 @@ class Stage:
             elif self.stage == "unlearn":
                 forget = lm_hidden_states(self.model, b["input_ids"], b["attention_mask"])
                 retain = lm_hidden_states(self.model, b["input_ids"], b["attention_mask"])
-                loss = maxent_loss(forget, b["labels"]) + causal_lm_loss(retain, b["labels"])  # one backward, as the stage
+                # one backward for both terms, as the stage does
+                loss = maxent_loss(forget, b["labels"]) + causal_lm_loss(retain, b["labels"])
                 tokens = 2 * b["input_ids"].numel()
             else:
                 with torch.no_grad():

@@ -25,8 +25,8 @@ labels). Peak memory is measured on top of those inputs:
 Each memory worker also saves its loss and input gradient; the parent checks that every chunked variant reproduces
 the naive values and gradients. Time: with ``--reps 1`` the memory run's own wall time; otherwise one more subprocess
 that alternates the variants for ``--reps`` rounds (so a busy machine slows all of them alike) and reports each one's
-median (it holds every variant's inputs at once, so at gemma-2-2b shapes on a 24 GB machine use ``--reps 1``). The table gives chunked / naive
-ratios (goals: memory <= 0.5x, time <= 1.1x).
+median (it holds every variant's inputs at once, so at gemma-2-2b shapes on a 24 GB machine use ``--reps 1``).
+The table gives chunked / naive ratios (goals: memory <= 0.5x, time <= 1.1x).
 """
 
 from __future__ import annotations

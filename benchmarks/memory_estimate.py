@@ -77,8 +77,9 @@ def main() -> None:
             cells = " | ".join(f"{per_gpu(params, largest, trained, frozen, g, fsdp) / GIB:.1f}" for g, fsdp in columns)
             print(f"| {name} | {params / 1e9:.2f} B | {stage} | {cells} |")
     logits = args.batch * args.seq * VOCAB * 4
-    print(f"\nNot held by the stages: fp32 logits of {args.batch} x {args.seq} tokens x {VOCAB} = {logits / GIB:.1f} GiB "
-          "per model, for each of student and teacher, before the gradient of the loss doubles it.")
+    print(f"\nNot held by the stages: fp32 logits of {args.batch} x {args.seq} tokens x {VOCAB} = "
+          f"{logits / GIB:.1f} GiB per model, for each of student and teacher, before the gradient of the loss "
+          "doubles it.")
 
 
 if __name__ == "__main__":

@@ -120,7 +120,8 @@ def _strategy(kind: str, **attributes):
 @pytest.mark.parametrize("kind, attributes, mesh, refused", [
     ("DeepSpeedStrategy", {"zero_stage_3": True}, None, r"DeepSpeedStrategy\(stage=3\): DistillModule holds a frozen"),
     ("DeepSpeedStrategy", {"zero_stage_3": False}, None, None),
-    ("FSDPStrategy", {"kwargs": {}}, None, r"FSDPStrategy\(use_orig_params=False\).*set use_orig_params=True"),
+    ("FSDPStrategy", {"kwargs": {"use_orig_params": False}}, None,
+     r"FSDPStrategy\(use_orig_params=False\).*set use_orig_params=True"),
     ("FSDPStrategy", {"kwargs": {"use_orig_params": True}}, None, None),
     ("ModelParallelStrategy", {}, (1, 2), r"ModelParallelStrategy\(tensor_parallel_size=2\).*tensor_parallel_size=1"),
     ("ModelParallelStrategy", {}, (2, 1), None),

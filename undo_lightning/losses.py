@@ -457,14 +457,23 @@ def _sequence_preference_loss(outputs: Outputs, labels: torch.Tensor, margin: Ca
     return value.detach() + (surrogate - surrogate.detach())
 
 
+def check_preference_settings(method: str, beta: float, gamma: float = 0.0) -> None:
+    """Raises unless ``beta > 0`` (inverse temperature) and ``gamma >= 0`` (SimNPO's reward margin)."""
+    if not beta > 0:
+        raise ValueError(f"beta={beta}: {method}'s inverse temperature must be > 0")
+    if not gamma >= 0:
+        raise ValueError(f"gamma={gamma}: {method}'s reward margin must be >= 0")
+
+
 def npo_loss(outputs: Outputs, labels: torch.Tensor, reference_nll: torch.Tensor, beta: float,
              chunk_size: int | None = None) -> torch.Tensor:
     """Negative preference optimisation (Zhang et al. 2024, arXiv 2404.05868, Eq. 3): the forget sequences as
     dispreferred answers against a frozen reference model,
-    ``L = -(2 / beta) mean_b log sigmoid(-beta log(p(y_b) / p_ref(y_b))) = (2 / beta) mean_b softplus(beta (s_ref - s))``
-    with ``s = -log p(y_b | x_b)`` summed over the row's scored tokens. It tends to 0 as the model's likelihood of the
-    forget sequences falls below the reference's; its gradient is gradient ascent on ``s`` weighted per row by
-    ``sigmoid(beta (s_ref - s))``, which fades on rows already forgotten (unlike GradDiff's unbounded ascent).
+    ``L = -(2 / beta) mean_b log sigmoid(-beta log(p(y_b) / p_ref(y_b)))``
+    ``= (2 / beta) mean_b softplus(beta (s_ref - s))`` with ``s = -log p(y_b | x_b)`` summed over the row's scored
+    tokens. It tends to 0 as the model's likelihood of the forget sequences falls below the reference's; its gradient
+    is gradient ascent on ``s`` weighted per row by ``sigmoid(beta (s_ref - s))``, which fades on rows already
+    forgotten (unlike GradDiff's unbounded ascent).
 
     Args:
         outputs: the trained model's ``[B, T, V]`` logits or :class:`HiddenStates` on the forget batch.
@@ -475,8 +484,7 @@ def npo_loss(outputs: Outputs, labels: torch.Tensor, reference_nll: torch.Tensor
     Returns:
         float32 scalar, the mean over rows with at least one scored token.
     """
-    if not beta > 0:
-        raise ValueError(f"beta={beta}: NPO's inverse temperature must be > 0")
+    check_preference_settings("NPO", beta)
     ref = reference_nll.detach().float()
     return _sequence_preference_loss(outputs, labels, lambda s, n: beta * (ref - s), beta, chunk_size)
 
@@ -495,10 +503,7 @@ def simnpo_loss(outputs: Outputs, labels: torch.Tensor, beta: float, gamma: floa
     Returns:
         float32 scalar, the mean over rows with at least one scored token.
     """
-    if not beta > 0:
-        raise ValueError(f"beta={beta}: SimNPO's inverse temperature must be > 0")
-    if not gamma >= 0:
-        raise ValueError(f"gamma={gamma}: SimNPO's reward margin must be >= 0")
+    check_preference_settings("SimNPO", beta, gamma)
     return _sequence_preference_loss(outputs, labels, lambda s, n: gamma - beta * s / n, beta, chunk_size)
 
 

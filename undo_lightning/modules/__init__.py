@@ -7,5 +7,5 @@ from undo_lightning.modules.pretrain import PretrainModule
 from undo_lightning.modules.relearn import RelearnAttackModule
 from undo_lightning.modules.unlearn import UnlearnModule
 
-__all__ = ["DistillModule", "GradDiff", "MaxEnt", "NPO", "OptimizerConfig", "PretrainModule", "RMU", "RelearnAttackModule",
-           "RepNoise", "SAM", "SimNPO", "UndoModule", "UnlearnModule", "UnlearningMethod"]
+__all__ = ["DistillModule", "GradDiff", "MaxEnt", "NPO", "OptimizerConfig", "PretrainModule", "RMU",
+           "RelearnAttackModule", "RepNoise", "SAM", "SimNPO", "UndoModule", "UnlearnModule", "UnlearningMethod"]

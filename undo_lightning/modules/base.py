@@ -209,7 +209,7 @@ class UndoModule(L.LightningModule):
         if self.holds_frozen_model and kind == "DeepSpeedStrategy" and getattr(strategy, "zero_stage_3", False):
             raise ValueError(f"strategy={kind}(stage=3): {type(self).__name__} holds a frozen model beside the trained "
                              f"one, which Lightning's DeepSpeed ZeRO-3 cannot partition; {fix}")
-        if self.holds_frozen_model and kind == "FSDPStrategy" and not strategy.kwargs.get("use_orig_params", False):
+        if self.holds_frozen_model and kind == "FSDPStrategy" and not strategy.kwargs.get("use_orig_params", True):
             raise ValueError(f"strategy={kind}(use_orig_params=False): {type(self).__name__} holds a frozen model "
                              "beside the trained one, and FSDP1 units must then mix frozen and trainable parameters; "
                              f"set use_orig_params=True, or {fix}")

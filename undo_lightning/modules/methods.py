@@ -1,8 +1,8 @@
 """Unlearning methods: the objective :class:`~undo_lightning.modules.UnlearnModule` minimises on a paired
 forget/retain batch (docs/reference.md §5).
 
-A method is a small object chosen in a config by ``class_path`` (or by name: ``graddiff``, ``maxent``, ``npo``, ``simnpo``,
-``rmu``)::
+A method is a small object chosen in a config by ``class_path`` (or by name: ``graddiff``, ``maxent``, ``npo``,
+``simnpo``, ``rmu``)::
 
     model:
       class_path: undo_lightning.UnlearnModule
@@ -30,14 +30,15 @@ from torch import nn
 from undo_lightning.io import check_choice
 from undo_lightning.losses import (
     causal_lm_loss,
+    check_preference_settings,
     forward_kl,
     maxent_loss,
     npo_loss,
-    sequence_nll,
-    simnpo_loss,
     rmu_control_vector,
     rmu_forget_loss,
     rmu_retain_loss,
+    sequence_nll,
+    simnpo_loss,
 )
 
 RetainTerm = Literal["ce", "kl"]
@@ -304,8 +305,7 @@ class NPO(_LogitMethod):
     def __init__(self, beta: float = 0.1, retain_weight: float = 1.0, retain_loss: RetainTerm = "ce",
                  convex: bool = False, kl_chunk_size: int | None = None) -> None:
         super().__init__(retain_weight, retain_loss, convex, kl_chunk_size)
-        if not beta > 0:
-            raise ValueError(f"beta={beta}: NPO's inverse temperature must be > 0 (the paper uses 0.1)")
+        check_preference_settings("NPO", beta)
         self.beta = beta
 
     @property
@@ -338,10 +338,7 @@ class SimNPO(_LogitMethod):
     def __init__(self, beta: float = 2.5, gamma: float = 0.0, retain_weight: float = 1.0,
                  retain_loss: RetainTerm = "ce", convex: bool = False, kl_chunk_size: int | None = None) -> None:
         super().__init__(retain_weight, retain_loss, convex, kl_chunk_size)
-        if not beta > 0:
-            raise ValueError(f"beta={beta}: SimNPO's inverse temperature must be > 0")
-        if not gamma >= 0:
-            raise ValueError(f"gamma={gamma}: SimNPO's reward margin must be >= 0")
+        check_preference_settings("SimNPO", beta, gamma)
         self.beta, self.gamma = beta, gamma
 
     def forget_loss(self, out, recorded: dict[str, torch.Tensor], forget: dict, frozen: FrozenPass) -> torch.Tensor:
