@@ -213,3 +213,47 @@ data:
     # the stage config's data was used: equations only, so no word-problem metric (the default data has one)
     assert "worst case over LRs of val/forget_acc" in out and "val/forget_equation_acc" in out
     assert "word_problem" not in out and "word_problem" not in json.dumps(curve["metrics"])
+
+
+def _synthetic_attacker(monkeypatch, calls):
+    """run_attack replaced by a synthetic attacker: forget accuracy rises with the LR, and LRs >= 3e-3 wreck retain
+    accuracy (drop 0.5 after step 0). Writes curve.json as a finished run does."""
+    def fake(model, name, lr, seed, folder, datamodule, steps, eval_every, attack_="forget", trainer=None,
+             setting=None, module=None):
+        calls.append(lr)
+        grid = attack.expected_steps(steps, eval_every)
+        level = min(1.0, lr * 300)
+        curve = {"model": name, "lr": lr, "seed": seed, "attack": setting or attack_, "steps": grid, "metrics": {
+            "val/forget_acc": [0.0] + [level] * (len(grid) - 1),
+            "val/retain_acc": [0.9] + [0.4 if lr >= 3e-3 else 0.85] * (len(grid) - 1)}}
+        (folder / "curve.json").write_text(json.dumps(curve))
+        return curve
+
+    monkeypatch.setattr(attack, "run_attack", fake)
+
+
+def test_attacker_search_respects_the_retain_floor(tokenizer, models, tmp_path, monkeypatch):
+    calls = []
+    _synthetic_attacker(monkeypatch, calls)
+    one = {"teacher": models["teacher"]}
+    kwargs = dict(seeds=[0, 1], steps=4, eval_every=2, data=_data(tokenizer), search_rounds=1)
+    # with the floor, 1e-2 only counts at step 0: the best LR is 1e-3, the search tries its two midpoints
+    summary = run_sweep(one, [1e-4, 1e-3, 1e-2], out_dir=tmp_path / "floor", max_retain_drop=0.2, **kwargs)
+    mids = [0.000316, 0.00316]  # geometric midpoints, 3 digits
+    np.testing.assert_allclose(summary["search"]["lrs"]["teacher"], sorted([1e-4, 1e-3, 1e-2, *mids]))
+    np.testing.assert_allclose(sorted(set(calls[6:])), mids)  # 2 new LRs x 2 seeds after the 6 grid runs
+    assert len(calls) == 10
+    record = json.loads((run_folder(tmp_path / "floor", "teacher", mids[0], 1) / "run.json").read_text())
+    assert record["search_round"] == 1 and record["seed"] == 1
+    # the searched LRs enter the summary beside the grid (the report's utility bound decides which steps count)
+    assert set(summary["models"]["teacher"]["final_by_lr"]) == {format_lr(lr) for lr in [1e-4, 1e-3, 1e-2, *mids]}
+    # without a floor the best is the largest LR: one midpoint below and one step out
+    calls.clear()
+    summary = run_sweep(one, [1e-4, 1e-3, 1e-2], out_dir=tmp_path / "free", **kwargs)
+    assert sorted(set(calls[6:])) == [0.00316, 0.03]
+    # re-run: every grid and search run is finished and skipped
+    calls.clear()
+    run_sweep(one, [1e-4, 1e-3, 1e-2], out_dir=tmp_path / "free", **kwargs)
+    assert calls == []
+    with pytest.raises(ValueError, match="search_rounds=-1"):
+        run_sweep(one, [1e-3], out_dir=tmp_path / "x", **{**kwargs, "search_rounds": -1})

@@ -16,8 +16,10 @@ PIPELINE_CONFIGS = {"quick.yaml", "paper.yaml", "smoke.yaml", "local.yaml", "pip
 CLAIMS_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "arithmetic", "claims", "*.yaml")))  # pipelines too
 DATA_CONFIGS = [c for c in CONFIGS if os.path.basename(c) == "data.yaml"]  # shared `data:` blocks of stage configs
 STRATEGY_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "strategies", "*.yaml")))  # trainer overlays
+#: experiment overlays: applied over the demo (`undo pipeline -c quick.yaml -c attacks.yaml`)
+OVERLAY_CONFIGS = [os.path.join(ROOT, "configs", "arithmetic", "attacks.yaml")]
 STAGE_CONFIGS = [c for c in CONFIGS if os.path.basename(c) not in PIPELINE_CONFIGS and c not in DATA_CONFIGS
-                 and c not in CLAIMS_CONFIGS and c not in STRATEGY_CONFIGS]
+                 and c not in CLAIMS_CONFIGS and c not in STRATEGY_CONFIGS and c not in OVERLAY_CONFIGS]
 
 
 def test_there_are_configs():
@@ -161,3 +163,27 @@ def test_cli_console_shows_no_expected_warnings(tmp_path):
     assert "will override existing callbacks" not in out and "LeafSpec" not in out  # expected, not actionable
     assert "Warning" not in out, out[-2000:]  # no other warning reaches the console either
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_attacks_overlay_adds_attackers_and_probes_to_the_demo():
+    """configs/arithmetic/attacks.yaml over the demo: the demo's stages unchanged (a finished demo is reused), its two
+    attack settings unchanged, plus a LoRA and a few-shot attacker and both probes."""
+    from undo_lightning.experiment.pipeline import attack_sweeps, load_config, parse_argv, stage_records, validate
+
+    quick = os.path.join(ROOT, "configs", "arithmetic", "quick.yaml")
+    cfg, options = parse_argv(["-c", quick, "-c", OVERLAY_CONFIGS[0]])
+    demo = load_config(quick)
+    assert options == {"overwrite": False, "only": None, "check": False}
+    assert cfg["name"] == demo["name"] and cfg["out_dir"] == "runs/arithmetic-attacks"
+    stages, demo_stages = validate(cfg), validate(demo)
+    assert stage_records(cfg, stages) == stage_records(demo, demo_stages)
+    sweeps, demo_sweeps = attack_sweeps(cfg), attack_sweeps(demo)
+    assert list(sweeps) == ["forget", "heldout", "lora", "fewshot"]
+    assert {k: sweeps[k] for k in demo_sweeps} == demo_sweeps
+    assert sweeps["lora"]["module"] == {"lora": {"rank": 8, "alpha": 16, "target_modules": "all-linear"}}
+    assert sweeps["lora"]["lrs"] == [0.001, 0.003] and sweeps["fewshot"]["lrs"] == demo_sweeps["forget"]["lrs"]
+    assert sweeps["fewshot"]["data"]["few_shot"] == 16
+    assert cfg["probes"]["quantize"]["bits"] == [8, 4] and cfg["probes"]["weights"]["points"] == 5
+    assert cfg["report"]["max_retain_drop"] == 0.2
+    with open(OVERLAY_CONFIGS[0]) as f:
+        assert f.readline().startswith("#")

@@ -157,3 +157,38 @@ def test_resuming_with_another_data_order_is_refused(tokenizer):
         small_datamodule(tokenizer, seed=1, order_seed=2).load_state_dict(state)
     with pytest.raises(ValueError, match="seed=3"):
         small_datamodule(tokenizer, seed=3).load_state_dict(state)
+
+
+def test_few_shot_forget_data_is_the_chosen_documents_repeated(tokenizer):
+    """The few-shot attack's data: exactly ``few_shot`` forget documents (chosen by order_seed), repeated."""
+    def stream(dm):
+        dm.setup()
+        return dm.train_blocks("forget").flatten().tolist()
+
+    full = small_datamodule(tokenizer, docs=100)
+    full.setup()
+    pool = [tuple(d.tolist()) for d in full._docs[("forget", "train")]]
+    sep = full.separator_id
+    for seed in (0, 1):
+        dm = small_datamodule(tokenizer, docs=100, few_shot=3, order_seed=seed)
+        tokens = stream(dm)
+        assert len(tokens) >= dm.block_size * dm.batch_size  # one whole batch of blocks
+        # cut the packed stream at separators: every whole document is one of 3 distinct training documents
+        docs, current = [], []
+        for t in tokens:
+            if t == sep:
+                docs.append(tuple(current))
+                current = []
+            else:
+                current.append(t)
+        whole = docs[1:]  # the first piece precedes the first separator
+        assert set(whole) <= set(pool) and len(set(whole)) == 3
+        if seed == 0:
+            first = set(whole)
+    assert set(whole) != first  # another attack seed holds other examples
+    assert stream(small_datamodule(tokenizer, docs=100)) == full.train_blocks("forget").flatten().tolist()
+    with pytest.raises(ValueError, match="few_shot=101: the forget split has only 100 training documents"):
+        stream(small_datamodule(tokenizer, docs=100, few_shot=101))
+    for bad in (0, -2, True, 2.5):
+        with pytest.raises(ValueError, match=f"few_shot={bad!r}"):
+            small_datamodule(tokenizer, few_shot=bad)

@@ -49,6 +49,16 @@ CASES = {
     "pipeline: misspelt nested key": (
         lambda t: ["pipeline", "-c", _config(t, lambda c: c["undo"].update(alhpas=[0.5]))],
         r"undo pipeline: error: .*bad.yaml: undo: unknown key\(s\) \['alhpas'\] \(did you mean 'alphas'\?\)"),
+    "pipeline: LoRA target that matches nothing": (
+        lambda t: ["pipeline", "-c", _config(t, lambda c: c["relearn"].update(
+            attacks={"lora": {"model": {"lora": {"target_modules": ["q_proj", "qkv_proj"]}}}}))],
+        r"undo pipeline: error: relearn \(attack setting 'lora'\): model\.lora\.target_modules: \['qkv_proj'\] match "
+        r"no Linear layer of Gemma2ForCausalLM; its Linear layers are named \['down_proj', .*\(model 'gemma2-micro'\)"),
+    "pipeline: quantisation bits": (
+        lambda t: ["pipeline", "-c", _config(t, lambda c: c.update(probes={"quantize": {"bits": [8, 3]}}))],
+        r"undo pipeline: error: probes: quantisation bits=3: expected 4 or 8"),
+    "relearn: LoRA rank": (lambda t: ["relearn", "[a]", "--lora.rank", "0"],
+                           r"undo relearn: error: lora.rank=0: expected a positive integer$"),
 }
 
 

@@ -286,3 +286,27 @@ def test_bootstrap_relative_robustness_pairs_seeds():
     with pytest.raises(ValueError, match="paired=False"):
         bootstrap_relative_robustness([0.1, 0.2], [0.9], [0.1])
     assert all(math.isnan(x) for x in bootstrap_relative_robustness([0.1], [0.5], [0.5]))  # anchors coincide
+
+
+def test_lr_scores_and_refinement_by_hand():
+    from undo_lightning.experiment.robustness import lr_scores, refine_lrs
+
+    steps = [0, 10, 20]
+    forget = {(1e-4, 0): [0.0, 0.1, 0.2], (1e-4, 1): [0.0, 0.2, 0.4],   # best 0.2 and 0.4: score 0.3
+              (1e-3, 0): [0.0, 0.5, 0.4], (1e-3, 1): [0.0, 0.3, 0.7],   # 0.5 and 0.7: 0.6
+              (1e-2, 0): [0.0, 0.9, 1.0], (1e-2, 1): [0.0, 0.8, 0.9]}   # 1.0 and 0.9: 0.95 without a floor
+    retain = {k: [0.9, 0.85, 0.8] for k in forget} | {(1e-2, s): [0.9, 0.3, 0.1] for s in (0, 1)}  # 1e-2 wrecks it
+    curves = {k: Curve(steps, v) for k, v in forget.items()}
+    retains = {k: Curve(steps, v) for k, v in retain.items()}
+    assert lr_scores(curves) == pytest.approx({1e-4: 0.3, 1e-3: 0.6, 1e-2: 0.95})
+    # with the floor 0.2, 1e-2 counts only at step 0 (forget 0.0); the others keep every step (drop 0.1)
+    floored = lr_scores(curves, "max", retains, 0.2)
+    assert floored == pytest.approx({1e-4: 0.3, 1e-3: 0.6, 1e-2: 0.0})
+    assert refine_lrs(floored) == [0.000316, 0.00316]
+    assert refine_lrs(lr_scores(curves)) == [0.00316, 0.03]  # an end: one step out
+    assert refine_lrs({1e-3: 0.5}) == [0.000333, 0.003]
+    assert refine_lrs({1e-3: math.nan, 1e-2: math.nan}) == []
+    assert refine_lrs({1e-3: 2.0, 1e-2: 1.0}, mode="min") == [0.00316, 0.03]
+    # a midpoint already tried is not proposed again
+    assert refine_lrs({1e-4: 0.1, 1e-3: 0.6, 0.00316: 0.2, 1e-2: 0.0}) == [0.000316, 0.00178]
+    assert refine_lrs({1e-4: 0.1, 1e-3: 0.6, 0.000316: 0.2, 0.00316: 0.0}) == [0.000562, 0.00178]

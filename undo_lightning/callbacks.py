@@ -76,7 +76,8 @@ class HFExport(L.Callback):
                   "val": pl_module.last_val_metrics, "compute": pl_module.compute_summary(),
                   "wall_time_s": round(pl_module.elapsed_s(), 3), **pl_module.summary()}
         write_json_atomic(os.path.join(root, "metrics.json"), record)
-        export_model(pl_module.model, pl_module.tokenizer, os.path.join(root, self.dirname), state_dict=state_dict)
+        export_model(pl_module.exported_model(), pl_module.tokenizer, os.path.join(root, self.dirname),
+                     state_dict=state_dict)
 
 
 @torch.no_grad()

@@ -225,6 +225,10 @@ class RetainForgetDataModule(L.LightningDataModule):
             on the retain side); each logs ``val/<name>_mcq_acc`` at every validation. Use ``limit`` to keep them
             cheap.
         mcq_batch_size: questions per multiple-choice validation batch (one forward row each).
+        few_shot: the forget training data is only this many documents, drawn with ``order_seed`` and repeated until
+            they fill one training batch of blocks: the few-shot relearning attack (an attacker who holds a handful
+            of examples). ``None`` (default): every forget training document. Only the forget split's training
+            blocks change (not the mixture, not evaluation).
     """
 
     def __init__(
@@ -243,8 +247,12 @@ class RetainForgetDataModule(L.LightningDataModule):
         bpe_vocab_size: int = 8192,
         mcq: dict[str, MCQSpec] | None = None,
         mcq_batch_size: int = 8,
+        few_shot: int | None = None,
     ) -> None:
         super().__init__()
+        if few_shot is not None and (isinstance(few_shot, bool) or not isinstance(few_shot, int) or few_shot < 1):
+            raise ValueError(f"few_shot={few_shot!r}: expected a positive number of forget documents, or null for all")
+        self.few_shot = few_shot
         self.retain = retain if retain is not None else ArithmeticSource(operations=("add", "sub"))
         self.forget = forget if forget is not None else ArithmeticSource(operations=("mul", "div"))
         self.mixture = dict(mixture) if mixture is not None else {"retain": 0.5, "forget": 0.5}
@@ -397,9 +405,20 @@ class RetainForgetDataModule(L.LightningDataModule):
                 docs, is_forget = self._mixture_docs()
                 self._blocks[kind] = self._pack(docs, f"mixture {self.mixture}")
                 self._forget_tokens = forget_tokens_per_block(docs, is_forget, self.block_size)
+            elif kind == "forget" and self.few_shot is not None:
+                self._blocks[kind] = self._pack(self._few_shot_docs(), f"few-shot ({self.few_shot} documents) forget")
             else:
                 self._blocks[kind] = self._pack(self._docs[(kind, "train")], f"{kind} train")
         return self._blocks[kind]
+
+    def _few_shot_docs(self) -> list[np.ndarray]:
+        """``few_shot`` forget training documents drawn with ``order_seed``, repeated until they fill one batch."""
+        pool = self._docs[("forget", "train")]
+        if self.few_shot > len(pool):
+            raise ValueError(f"few_shot={self.few_shot}: the forget split has only {len(pool)} training documents")
+        chosen = [pool[i] for i in random.Random(self.order_seed).sample(range(len(pool)), self.few_shot)]
+        tokens = sum(len(d) + 1 for d in chosen)  # +1: each document's separator
+        return chosen * math.ceil(self.block_size * self.batch_size / tokens)
 
     def _mixture_docs(self) -> tuple[list[np.ndarray], list[bool]]:
         """Draws documents from the splits with ``mixture`` probabilities, each split's pool shuffled and cycled;

@@ -88,11 +88,19 @@ class AttackSetting:
             ``data: {mixture: {retain: 0.875, forget: 0.125}}``).
         data: ``RetainForgetDataModule`` arguments merged over the relearning data for this setting only, e.g.
             ``{forget: {init_args: {eval_fact_fraction: 0.5}}}``: the attacker never trains on the evaluated facts
-            (does the *capability* come back, or only memorised facts?).
+            (does the *capability* come back, or only memorised facts?); ``{few_shot: 8}``: the attacker holds only
+            8 forget documents, repeated (the few-shot attack).
+        model: ``RelearnAttackModule`` arguments of this setting's attacker: ``lora`` (a LoRA attacker, e.g.
+            ``{lora: {rank: 8, target_modules: all-linear}}``, instead of full fine-tuning) and ``optimizer`` fields
+            other than ``lr`` (the LRs are the grid).
+        lrs: this setting's own learning-rate grid (default: the section's ``lrs``); e.g. a LoRA attacker's best LRs
+            are higher than full fine-tuning's.
     """
 
     train_on: Attack = "forget"
     data: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    lrs: list[float] | None = None
 
 
 @dataclass
@@ -109,6 +117,10 @@ class RelearnSection:
         attacks: the attack settings by name (letters, digits, ``_.-``; the name ``forget`` keeps the plain run
             folders ``lr=<lr>_seed=<s>``, another NAME gets ``..._NAME``); every model is attacked with each. Empty
             (default): ``{forget: {}}``, the forget-data attack alone.
+        search_rounds: rounds of the attacker's LR search after the grid, per model and attack setting: each tries
+            the geometric midpoints between the best LR so far and its neighbours (one step outward at an end of the
+            grid), scored by the best forget accuracy reached within the report's retain floor
+            (``report.max_retain_drop``). 0 (default): the grid only.
         report_steps: steps the sweep's ``relearn_summary.json`` reports (default: first evaluation, middle, end).
         reference: model whose step-0 forget accuracy defines "recovered" in the summary.
         recovery_fraction: fraction of that accuracy that counts as recovered.
@@ -122,11 +134,58 @@ class RelearnSection:
     eval_every: int = 25
     batch_size: int | None = None
     attacks: dict[str, AttackSetting] = field(default_factory=dict)
+    search_rounds: int = 0
     report_steps: list[int] | None = None
     reference: str | None = "reference"
     recovery_fraction: float = 0.9
     data: dict[str, Any] = field(default_factory=dict)
     trainer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class QuantizeProbe:
+    """The quantisation probe: every model evaluated after its Linear weights are quantised (arXiv 2410.16454).
+
+    Args:
+        bits: weight bits, each probed on its own (4 or 8).
+        group_size: input features that share one quantisation scale.
+        method: ``rtn`` (round to nearest, any device) or ``nf4`` (bitsandbytes NormalFloat-4; CUDA only).
+        include_embeddings: also quantise the input/output embeddings (kept in full precision by default, as
+            bitsandbytes and GPTQ deployments do).
+    """
+
+    bits: list[int] = field(default_factory=lambda: [8, 4])
+    group_size: int = 128
+    method: Literal["rtn", "nf4"] = "rtn"
+    include_embeddings: bool = False
+
+
+@dataclass
+class WeightProbe:
+    """Weight-space diagnostics: L2 distance of every model to the reference and the teacher, and its metrics along
+    the straight line from the teacher (arXiv 2505.22310).
+
+    Args:
+        points: points along each teacher → model line, both ends included (at least 2).
+    """
+
+    points: int = 5
+
+
+@dataclass
+class ProbeSection:
+    """Probes of every model beside the attacks (results under ``probes/``, sections of the report).
+
+    Args:
+        quantize: the quantisation probe; ``null`` (default): off.
+        weights: the weight-space diagnostics; ``null`` (default): off.
+        data: ``RetainForgetDataModule`` arguments merged over the shared ``data:`` and ``relearn.data`` (the
+            attack's evaluation data) for the probes' evaluations.
+    """
+
+    quantize: QuantizeProbe | None = None
+    weights: WeightProbe | None = None
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -196,6 +255,7 @@ class ExperimentConfig:
         distill: full distillation of the teacher into a random student (``DistillModule``); ``null``: none.
         undo: UNDO students, one per alpha; ``null``: none.
         relearn: the relearning attack.
+        probes: the quantisation probe and weight-space diagnostics (both off by default).
         report: the report's settings.
     """
 
@@ -215,6 +275,7 @@ class ExperimentConfig:
     distill: StageSection | None = field(default_factory=StageSection)
     undo: UndoSection | None = field(default_factory=UndoSection)
     relearn: RelearnSection = field(default_factory=RelearnSection)
+    probes: ProbeSection = field(default_factory=ProbeSection)
     report: ReportSection = field(default_factory=ReportSection)
 
 
@@ -222,7 +283,9 @@ class ExperimentConfig:
 _SECTION_TYPES = {(ExperimentConfig, "pretrain"): StageSection, (ExperimentConfig, "reference"): ModelSection,
                   (ExperimentConfig, "oracle"): ModelSection, (ExperimentConfig, "unlearn"): StageSection,
                   (ExperimentConfig, "distill"): StageSection, (ExperimentConfig, "undo"): UndoSection,
-                  (ExperimentConfig, "relearn"): RelearnSection, (ExperimentConfig, "report"): ReportSection}
+                  (ExperimentConfig, "relearn"): RelearnSection, (ExperimentConfig, "report"): ReportSection,
+                  (ExperimentConfig, "probes"): ProbeSection, (ProbeSection, "quantize"): QuantizeProbe,
+                  (ProbeSection, "weights"): WeightProbe}
 
 
 def parser(prog: str = "undo pipeline"):

@@ -23,6 +23,7 @@ any training; a folder holding another experiment (another ``name``) is refused 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -280,9 +281,13 @@ def validate(cfg: dict) -> list[Stage]:
         if not stage.evaluate_only:
             _check_budget(stage.name, _trainer_kwargs(cfg, stage))
     _check_attacks(cfg)
+    _check_probes(cfg)
     checked: dict[str, Any] = {}  # each distinct data config built (which checks its arguments) and checked once
     for where, data in [*((s.name, deep_merge(cfg.get("data", {}), s.data)) for s in stages),
-                        *((f"relearn (attack setting {n!r})", sweep["data"]) for n, sweep in attack_sweeps(cfg).items())]:
+                        *((f"relearn (attack setting {n!r})", sweep["data"])
+                          for n, sweep in attack_sweeps(cfg).items()),
+                        *((("probes", probe_data(cfg)),) if any((cfg.get("probes") or {}).get(k) is not None
+                                                                  for k in ("quantize", "weights")) else ())]:
         key = json.dumps(data, sort_keys=True, default=str)
         if key not in checked:
             checked[key] = _datamodule(cfg, data)
@@ -291,8 +296,41 @@ def validate(cfg: dict) -> list[Stage]:
             except ValueError as err:
                 raise ValueError(f"{where}: data.{err}") from None
     first = checked[json.dumps(deep_merge(cfg.get("data", {}), stages[0].data), sort_keys=True, default=str)]
-    _check_models(stages, modules, functools.cache(lambda: _tokenizer_or_none(first)))
+    tokenizer = functools.cache(lambda: _tokenizer_or_none(first))
+    _check_models(stages, modules, tokenizer)
+    _check_lora_targets(cfg, modules, tokenizer)
     return stages
+
+
+def _check_lora_targets(cfg: dict, modules: dict[str, Any], tokenizer: Callable[[], Any]) -> None:
+    """A LoRA attacker's target modules, checked before anything trains against the architecture of every preset and
+    local model folder the stages start from (built on the meta device: no weights). Hub models are checked when the
+    attack loads them."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from undo_lightning.models import PRESETS, is_hf_folder, preset_config
+    from undo_lightning.modules.lora import LoraSettings, check_targets
+
+    settings = {name: LoraSettings.of(sweep["module"]["lora"]) for name, sweep in attack_sweeps(cfg).items()
+                if sweep["module"].get("lora")}
+    if not settings:
+        return
+    sources = {getattr(m, "model_name", None) for m in modules.values()} - {None}
+    for source in sorted(sources):
+        if source in PRESETS and tokenizer() is not None:
+            config = preset_config(source, tokenizer())
+        elif source not in PRESETS and is_hf_folder(source):
+            config = AutoConfig.from_pretrained(source)
+        else:
+            continue
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        for name, lora in settings.items():
+            try:
+                check_targets(model, lora)
+            except ValueError as err:
+                raise ValueError(f"relearn (attack setting {name!r}): model.{err} (model {source!r})") from None
 
 
 def _tokenizer_or_none(datamodule):
@@ -437,7 +475,8 @@ def prepare_out_dir(out: Path, cfg: dict, stages: list[Stage], overwrite: bool =
             states[stage.name] = "finished, reused"
         elif (folder / "checkpoints" / "last.ckpt").is_file():
             states[stage.name] = "resumes from its last checkpoint"
-    kept = _prepare_runs(out, run_records(cfg, stages, records), old_runs, dry_run)
+    kept = _prepare_runs(out, run_records(cfg, stages, records), old_runs, dry_run,
+                         (cfg.get("relearn") or {}).get("search_rounds", 0))
     if not dry_run:
         _remove_stale_summaries(out, list(attack_sweeps(cfg)))
         atomic_yaml(saved, cfg)
@@ -471,20 +510,32 @@ def _remove(out: Path, stage: str, why: str, dry_run: bool = False) -> None:
         shutil.rmtree(out / "relearn" / stage, ignore_errors=True)
 
 
-def _prepare_runs(out: Path, expected: dict[Path, dict], previous: dict[Path, dict], dry_run: bool = False) -> int:
+def _base(record: dict[str, Any]) -> str:
+    """What an attack run's record says beyond its LR, seed and search round (its model's grid, setting, data...)."""
+    return json.dumps({k: v for k, v in record.items() if k not in ("lr", "seed", "search_round")}, sort_keys=True)
+
+
+def _prepare_runs(out: Path, expected: dict[Path, dict], previous: dict[Path, dict], dry_run: bool = False,
+                  search_rounds: int = 0) -> int:
     """Removes attack runs the config no longer asks for and those whose record changed (one log line per reason);
-    returns how many finished runs are kept."""
+    returns how many finished runs are kept. Runs of the attacker's LR search (``search_round`` in their record, up
+    to ``search_rounds``) are kept while their model's grid record is still expected."""
     from collections import Counter
 
     from undo_lightning.experiment.sweep import RUN_RECORD
 
     redo: Counter[str] = Counter()
     gone, kept = [], 0
+    bases = {(key.parent.name, _base(record)) for key, record in expected.items()}
     for folder in sorted((out / "relearn").glob("*/*")):
         if not folder.is_dir():
             continue
         key = folder.relative_to(out)
         if key not in expected:
+            record = reuse.read_record(folder / RUN_RECORD) if (folder / RUN_RECORD).is_file() else None
+            if record and record.get("search_round", 0) <= search_rounds and \
+                    (folder.parent.name, _base(record)) in bases:
+                continue  # a run of the attacker's LR search on a grid that is still valid: the search reuses it
             gone.append(key)
         else:
             old = reuse.read_record(folder / RUN_RECORD) if (folder / RUN_RECORD).is_file() else previous.get(key)
@@ -526,6 +577,28 @@ def atomic_yaml(path: Path, data: dict) -> None:
 
 def _log(msg: str) -> None:
     print(f"[undo pipeline {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _logged_in_pipeline_format(logger: str, phase: str):
+    """A phase's own log lines (one per attack run, per probed model) in the pipeline's format, so a long phase is not
+    silent; Lightning's per-run banners and transformers' loading bars are hidden meanwhile."""
+    from undo_lightning.experiment.sweep import quiet
+
+    phase_log = logging.getLogger(logger)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[undo pipeline %(asctime)s] {phase}: %(message)s", "%H:%M:%S"))
+    level, propagate = phase_log.level, phase_log.propagate
+    phase_log.addHandler(handler)
+    phase_log.setLevel(logging.INFO)
+    phase_log.propagate = False
+    try:
+        with quiet():
+            yield
+    finally:
+        phase_log.removeHandler(handler)
+        phase_log.setLevel(level)
+        phase_log.propagate = propagate
 
 
 def run_stage(stage: Stage, cfg: dict, out: Path, record: dict[str, Any]) -> dict:
@@ -622,8 +695,11 @@ def attack_sweeps(cfg: dict) -> dict[str, dict[str, Any]]:
     # asks for it, not because the stages show theirs
     shared = {k: v for k, v in (cfg.get("trainer") or {}).items() if k != "enable_progress_bar"}
     trainer = deep_merge(shared, spec.pop("trainer", {}))
-    return {name: {**spec, "attack": setting.get("train_on", "forget"), "setting": name, "trainer": trainer,
-                   "data": deep_merge(data, setting.get("data", {}))}
+    # the attacker's LR search keeps the report's utility bound
+    floor = (cfg.get("report") or {}).get("max_retain_drop")
+    return {name: {**spec, "lrs": setting.get("lrs") or spec.get("lrs"), "attack": setting.get("train_on", "forget"),
+                   "setting": name, "trainer": trainer, "data": deep_merge(data, setting.get("data", {})),
+                   "module": dict(setting.get("model") or {}), "max_retain_drop": floor}
             for name, setting in attacks.items()}
 
 
@@ -648,22 +724,62 @@ def run_relearn(cfg: dict, out: Path, stages: list[Stage], model_ids: dict[str, 
     sweeps = attack_sweeps(cfg)
     _log(f"relearn: attacking {len(models)} models with {len(sweeps)} attack setting(s): {', '.join(sweeps)}")
     started = time.perf_counter()
-    # the sweep's one line per attack run, in the pipeline's own format: a long attack phase is not silent
-    sweep_log = logging.getLogger("undo_lightning.experiment.sweep")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[undo pipeline %(asctime)s] relearn: %(message)s", "%H:%M:%S"))
-    level, propagate = sweep_log.level, sweep_log.propagate
-    sweep_log.addHandler(handler)
-    sweep_log.setLevel(logging.INFO)
-    sweep_log.propagate = False
-    try:
+    with _logged_in_pipeline_format("undo_lightning.experiment.sweep", "relearn"):
         for sweep in sweeps.values():
             run_sweep(models=models, out_dir=str(out), model_ids=model_ids, **sweep)
-    finally:
-        sweep_log.removeHandler(handler)
-        sweep_log.setLevel(level)
-        sweep_log.propagate = propagate
     _log(f"relearn: finished in {time.perf_counter() - started:.1f} s")
+
+
+def probe_data(cfg: dict) -> dict:
+    """The probes' evaluation data: the shared ``data:``, then ``relearn.data`` (what the attacks evaluate), then
+    ``probes.data``."""
+    probes = cfg.get("probes") or {}
+    return deep_merge(deep_merge(cfg.get("data", {}), (cfg.get("relearn") or {}).get("data", {})),
+                      probes.get("data", {}))
+
+
+def _check_probes(cfg: dict) -> None:
+    """The probes' settings, checked before any stage trains."""
+    from undo_lightning.experiment.probes import interpolation_points
+    from undo_lightning.quantize import check_bits
+
+    probes = cfg.get("probes") or {}
+    quantize, weights = probes.get("quantize"), probes.get("weights")
+    try:
+        if quantize is not None:
+            if not quantize["bits"]:
+                raise ValueError("quantize.bits=[]: give the weight bits to probe (4, 8) or set quantize: null")
+            for bits in quantize["bits"]:
+                check_bits(bits)
+            if quantize["group_size"] < 1:
+                raise ValueError(f"quantize.group_size={quantize['group_size']}: expected a positive integer")
+        if weights is not None:
+            interpolation_points(weights["points"])
+    except ValueError as err:
+        raise ValueError(f"probes: {err}") from None
+
+
+def run_probes(cfg: dict, out: Path, stages: list[Stage], model_ids: dict[str, str]) -> None:
+    """The quantisation probe and the weight-space diagnostics over every stage's model (each when configured)."""
+    probes = cfg.get("probes") or {}
+    if probes.get("quantize") is None and probes.get("weights") is None:
+        return
+    from undo_lightning.experiment.probes import quantization_probe, weight_probe
+
+    models = {s.name: s.hf for s in stages}
+    datamodule = _datamodule(cfg, probe_data(cfg))
+    trainer = dict(cfg.get("trainer") or {})
+    started = time.perf_counter()
+    with _logged_in_pipeline_format("undo_lightning.experiment.probes", "probes"):
+        if probes.get("quantize") is not None:
+            _log(f"probes: quantisation ({probes['quantize']}) of {len(models)} models")
+            quantization_probe(out, models, model_ids, datamodule, trainer=trainer, **probes["quantize"])
+        if probes.get("weights") is not None:
+            roles = {s.role.value: s.name for s in stages}
+            _log(f"probes: weight space ({probes['weights']['points']} points per path) of {len(models)} models")
+            weight_probe(out, models, model_ids, datamodule, teacher=roles.get("teacher"),
+                         reference=roles.get("reference"), points=probes["weights"]["points"], trainer=trainer)
+    _log(f"probes: finished in {time.perf_counter() - started:.1f} s")
 
 
 def run_pipeline(config: str | os.PathLike | None = None, out_dir: str | None = None, overwrite: bool = False,
@@ -712,7 +828,9 @@ def run_experiment(cfg: dict, overwrite: bool = False, only: list[str] | None = 
             run_stage(stage, cfg, out, records[stage.name])
     if only is not None:
         return {}
-    run_relearn(cfg, out, stages, {name: reuse.digest(record) for name, record in records.items()})
+    model_ids = {name: reuse.digest(record) for name, record in records.items()}
+    run_relearn(cfg, out, stages, model_ids)
+    run_probes(cfg, out, stages, model_ids)
     from undo_lightning.experiment.report import write_report
 
     # the report shows the attack settings the sweep ran, in the config's order
@@ -727,14 +845,21 @@ def check_summary(cfg: dict, stages: list[Stage], out: Path, states: dict[str, s
     (``states``, from :func:`prepare_out_dir`), and the attack grid with its ``finished`` runs."""
     sweeps = attack_sweeps(cfg)
     grid = next(iter(sweeps.values()))
-    total = len(sweeps) * len(stages) * len(grid["lrs"]) * len(grid["seeds"])
+    total = sum(len(stages) * len(sweep["lrs"]) * len(sweep["seeds"]) for sweep in sweeps.values())
     lines = [f"{cfg['name']}: valid; {len(stages)} training stages and {total} attack runs -> {out}"]
     for stage in stages:
         kind = "evaluated" if stage.evaluate_only else stage.module_cls.rsplit(".", 1)[-1]
         lines.append(f"  {stage.name:<16} {stage.role.value:<9} {kind:<16} {states[stage.name]}")
-    lines.append(f"  attacks: {', '.join(sweeps)} x {len(stages)} models x {len(grid['lrs'])} LRs x "
+    lrs = {len(sweep["lrs"]) for sweep in sweeps.values()}
+    lrs_text = f"{lrs.pop()} LRs" if len(lrs) == 1 else "(" + ", ".join(
+        f"{name}: {len(sweep['lrs'])}" for name, sweep in sweeps.items()) + ") LRs"
+    lines.append(f"  attacks: {', '.join(sweeps)} x {len(stages)} models x {lrs_text} x "
                  f"{len(grid['seeds'])} seeds, {grid['steps']} steps each: {finished} finished, reused; "
                  f"{total - finished} to run")
+    probes = cfg.get("probes") or {}
+    on = [k for k in ("quantize", "weights") if probes.get(k) is not None]
+    if on:
+        lines.append(f"  probes: {', '.join(on)} of {len(stages)} models")
     return "\n".join(lines)
 
 
@@ -746,6 +871,14 @@ def pipeline_command(argv: list[str]) -> None:
         ValueError: a bad config, option or run folder (``undo`` prints it as one line, exit code 2).
         jsonargparse.ArgumentError: a bad option or a value of the wrong type (likewise).
     """
+    cfg, options = parse_argv(argv)
+    run_experiment(cfg, **options)
+
+
+def parse_argv(argv: list[str]) -> tuple[dict, dict[str, Any]]:
+    """``undo pipeline``'s command line -> the resolved experiment (every ``-c`` applied in order, e.g. an overlay
+    such as ``configs/arithmetic/attacks.yaml`` over the demo, then the ``--key value`` overrides) and the run options
+    (``overwrite``, ``only``, ``check``). ``--print_config`` prints the experiment and exits."""
     if not any(a in ("-c", "--config") or a.startswith("--config=") for a in argv):
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
     paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")]
@@ -757,6 +890,6 @@ def pipeline_command(argv: list[str]) -> None:
             check_keys(yaml.safe_load(f) or {}, path)
     namespace = parser().parse_args(argv)  # --print_config prints the resolved experiment and exits here
     cfg = namespace.as_dict()
-    overwrite, only, check = cfg.pop("overwrite"), cfg.pop("only"), cfg.pop("check")
+    options = {key: cfg.pop(key) for key in ("overwrite", "only", "check")}
     cfg.pop("config", None)
-    run_experiment(finish(cfg, Path(paths[-1]).stem), overwrite, only, check)
+    return finish(cfg, Path(paths[-1]).stem), options

@@ -141,11 +141,12 @@ def _attack_settings(relearn_dir: Path) -> dict[str, dict[str, Any]]:
     import yaml
 
     config = relearn_dir.parent / "config.yaml"
-    overrides = {}
+    overrides, attackers = {}, {}
     if config.is_file():
         with open(config) as f:
-            overrides = {name: _dotted(setting.get("data") or {}) for name, setting in
-                         (((yaml.safe_load(f) or {}).get("relearn") or {}).get("attacks") or {}).items()}
+            settings = (((yaml.safe_load(f) or {}).get("relearn") or {}).get("attacks") or {})
+        overrides = {name: _dotted(setting.get("data") or {}) for name, setting in settings.items()}
+        attackers = {name: _dotted(setting.get("model") or {}) for name, setting in settings.items()}
     found: dict[str, dict[str, Any]] = {}
     for path in sorted(relearn_dir.glob("*/*/curve.json")):
         with open(path) as f:
@@ -154,8 +155,36 @@ def _attack_settings(relearn_dir: Path) -> dict[str, dict[str, Any]]:
         if name not in found:
             train_on = curve.get("train_on", name)  # curves written before settings had names: the name is the data
             found[name] = {"train_on": train_on, "description": ATTACK_DESCRIPTIONS.get(train_on),
-                           "data": overrides.get(name) or {}}
+                           "data": overrides.get(name) or {}, "attacker": attackers.get(name) or {}}
     return dict(sorted(found.items(), key=lambda item: (item[0] != "forget", item[0])))
+
+
+def _read_probes(run_dir: Path, names: Sequence[str], metric: str, retain_metric: str) -> dict[str, Any]:
+    """The probes' results (``probes/quantize.json``, ``probes/weights.json``, written by
+    :mod:`undo_lightning.experiment.probes`) of the reported models: forget/retain metric per quantisation, distances,
+    barriers and the interpolation paths of the two metrics."""
+    out: dict[str, Any] = {}
+    folder = run_dir / "probes"
+    path = folder / "quantize.json"
+    if path.is_file():
+        with open(path) as f:
+            data = json.load(f)
+        out["quantize"] = {"settings": data["settings"], "models": {
+            name: {variant: {"forget": _num(v.get(metric)), "retain": _num(v.get(retain_metric)),
+                             "relative_error": v.get("relative_error")}
+                   for variant, v in entry.items() if variant != "record"}
+            for name, entry in data["models"].items() if name in names}}
+    path = folder / "weights.json"
+    if path.is_file():
+        with open(path) as f:
+            data = json.load(f)
+        out["weights"] = {"settings": data["settings"], "models": {
+            name: {"l2_to_reference": entry.get("l2_to_reference"), "l2_to_teacher": entry.get("l2_to_teacher"),
+                   "barrier": entry.get("barrier"),
+                   "path": None if not entry.get("path") else {k: entry["path"].get(k) for k in
+                                                               ("t", metric, retain_metric)}}
+            for name, entry in data["models"].items() if name in names}}
+    return out
 
 
 def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -310,6 +339,7 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
         "frontier": {a: pareto_frontier([(e["name"], e["relative_compute"], e["attacks"][a]["relative_robustness"])
                                          for e in models if e["role"] == Role.STUDENT]) for a in attacks},
         "curves": {a: {e["name"]: curves[a][e["name"]] for e in models if e["name"] in curves[a]} for a in attacks},
+        "probes": _read_probes(run_dir, [e["name"] for e in models], metric, retain_metric),
     }
 
 
@@ -438,7 +468,9 @@ def _attack_title(name: str, info: dict[str, Any]) -> str:
     trained = {"forget": "fine-tuned on forget data", "retain": "fine-tuned on retain data only",
                "mixture": "fine-tuned on the retain/forget mixture"}.get(info.get("train_on") or "", "no runs")
     data = "; ".join(f"{k}={v}" for k, v in (info.get("data") or {}).items())
-    return f"attack `{name}` ({trained}" + (f"; data: {data}" if data else "") + ")"
+    attacker = "; ".join(f"{k}={v}" for k, v in (info.get("attacker") or {}).items())
+    return (f"attack `{name}` ({trained}" + (f"; data: {data}" if data else "")
+            + (f"; attacker: {attacker}" if attacker else "") + ")")
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -531,6 +563,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             cells = [f"`{n}` ({by_name[n]['relative_compute'] * 100:.3g} %, "
                      f"{by_name[n]['attacks'][attack]['relative_robustness']:.3f})" for n in names]
             lines.append(f"- attack `{attack}`: " + (" → ".join(cells) if cells else "–"))
+    lines += _probe_sections(report)
     lines += [
         "",
         "**Legend**", "",
@@ -553,6 +586,80 @@ def render_markdown(report: dict[str, Any]) -> str:
         "- –: not available.", "",
     ]
     return "\n".join(lines)
+
+
+def _quantized_worst(report: dict[str, Any], name: str) -> tuple[float, str | None]:
+    """The attacker's best forget value over the probed quantisations of ``name`` and which one gave it."""
+    entry = (report["probes"].get("quantize") or {}).get("models", {}).get(name) or {}
+    values = [(v["forget"], variant) for variant, v in entry.items()
+              if variant != "full" and math.isfinite(v["forget"])]
+    if not values:
+        return math.nan, None
+    return (max if report["mode"] == "max" else min)(values)
+
+
+def _probe_sections(report: dict[str, Any]) -> list[str]:
+    """The per-attack overview (every attack setting and the quantisation probe side by side) and one section per
+    probe."""
+    fm, rm = _short(report["metric"]), _short(report["retain_metric"])
+    last, probes, lines = report["relative_robustness_step"], report["probes"], []
+    if len(report["attacks"]) > 1 or "quantize" in probes:
+        head = ["model", f"{fm} before", *(f"`{a}`: worst {fm} @{last}" for a in report["attacks"])]
+        head += [f"quantised: worst {fm}"] if "quantize" in probes else []
+        rows = []
+        for e in report["models"]:
+            row = [e["name"], _fmt(e["forget_before"])]
+            row += [_fmt(e["attacks"][a]["after"][-1]["mean"]) for a in report["attacks"]]
+            if "quantize" in probes:
+                value, variant = _quantized_worst(report, e["name"])
+                row.append(f"{_fmt(value)} ({variant})" if variant else "–")
+            rows.append(row)
+        bound = (f"LR runs whose `{report['retain_metric']}` dropped more than {report['max_retain_drop']} are not "
+                 "counted" if report["max_retain_drop"] is not None else "no retain floor")
+        lines += ["", "## Worst case per attack", "",
+                  f"The attacker's best {fm} under each attack setting (mean over seeds, {bound}) and after weight "
+                  "quantisation (the worse of the probed bit widths).", "", *_table(head, rows)]
+    quantize = probes.get("quantize")
+    if quantize:
+        variants = [f"int{b}" for b in quantize["settings"]["bits"]]
+        head = ["model", f"{fm} full", *(f"{fm} {v}" for v in variants), f"{rm} full", *(f"{rm} {v}" for v in variants),
+                *(f"rel. weight error {v}" for v in variants)]
+        rows = []
+        for e in report["models"]:
+            entry = quantize["models"].get(e["name"])
+            if not entry:
+                continue
+            rows.append([e["name"], *(_fmt(entry[v]["forget"]) for v in ["full", *variants]),
+                         *(_fmt(entry[v]["retain"]) for v in ["full", *variants]),
+                         *(_fmt(entry[v]["relative_error"], ".4f") for v in variants)])
+        st = quantize["settings"]
+        lines += ["", "## Quantisation probe", "",
+                  f"Every model evaluated after its Linear weights are rounded to {', '.join(variants)} "
+                  f"({st['method']}, one scale per {st['group_size']} input features"
+                  f"{', embeddings included' if st['include_embeddings'] else ', embeddings in full precision'}). "
+                  "Quantisation restores much of what gradient-ascent-style unlearning removed (arXiv 2410.16454); a "
+                  f"model whose {fm} rises here only hid the capability.", "", *_table(head, rows)]
+    weights = probes.get("weights")
+    if weights:
+        st = weights["settings"]
+        head = ["model", "L2 to reference", "L2 to teacher", f"barrier {fm}", f"barrier {rm}",
+                "barrier forget CE", "barrier retain CE"]
+        rows = []
+        for e in report["models"]:
+            entry = weights["models"].get(e["name"])
+            if not entry:
+                continue
+            b = entry.get("barrier") or {}
+            rows.append([e["name"], _fmt(entry["l2_to_reference"]), _fmt(entry["l2_to_teacher"]),
+                         *(_fmt(b.get(m)) for m in (report["metric"], report["retain_metric"], "val/forget_ce",
+                                                    "val/retain_ce"))])
+        lines += ["", "## Weight space", "",
+                  f"L2 distance of all parameters to the reference `{st['reference']}` and the teacher "
+                  f"`{st['teacher']}`, and the barrier along the straight line from the teacher to each model "
+                  f"({st['points']} points): how much worse the path is than the line between its ends (0: linearly "
+                  "connected). Models close to, or linearly connected with, a model that has the capability tend to "
+                  "relearn it fast (arXiv 2505.22310). Plot: `weight_interpolation.png`.", "", *_table(head, rows)]
+    return lines
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -720,6 +827,30 @@ def _plot_retain_forget(report: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def _plot_interpolation(report: dict, path: Path) -> None:
+    """Forget and retain metric along the line from the teacher (t = 0) to each model (t = 1)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11.0, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    styles = _styles(report["models"])
+    weights = report["probes"]["weights"]
+    for ax, metric in zip(axes, (report["metric"], report["retain_metric"])):
+        for e in report["models"]:
+            p = (weights["models"].get(e["name"]) or {}).get("path")
+            if p and p.get(metric):
+                ax.plot(p["t"], p[metric], marker="o", ms=3, label=_label(e), **styles[e["name"]])
+        ax.set_xlabel(f"t: (1 − t) θ_{weights['settings']['teacher']} + t θ_model")
+        ax.set_ylabel(metric)
+    axes[0].set_title("Forget metric along the path from the teacher")
+    axes[1].set_title("Retain metric along the path from the teacher")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7, loc="best")
+    _save(fig, path)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # entry points
 
@@ -755,6 +886,8 @@ def write_report(run_dir: str | Path, *, tradeoff_y: TradeoffY = "forget", **kw:
         _plot_relearn_curves(report, attack, run_dir / curves_plot_name(attack))
     _plot_tradeoff(report, run_dir / "robustness_vs_compute.png", tradeoff_y)
     _plot_retain_forget(report, run_dir / "retain_vs_forget.png")
+    if "weights" in report["probes"]:
+        _plot_interpolation(report, run_dir / "weight_interpolation.png")
     return json.loads(text)
 
 

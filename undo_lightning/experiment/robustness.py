@@ -325,6 +325,74 @@ def worst_case(curves: Mapping[RunKey, Curve], mode: str = "max", retain_curves:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# attacker search over the learning rate
+
+
+def lr_scores(curves: Mapping[RunKey, Curve], mode: str = "max", retain_curves: Mapping[RunKey, Curve] | None = None,
+              max_retain_drop: float | None = None, *, retain_higher_is_better: bool = True) -> dict[float, float]:
+    """How well each learning rate attacked: per run, its best value over the evaluated steps at which it kept the
+    retain floor (the utility bound of :func:`worst_case`: retain metric at most ``max_retain_drop`` worse than at
+    the run's first step); then the mean over seeds. NaN for an LR none of whose steps is usable.
+
+    Args:
+        curves: ``{(lr, seed): Curve}`` of the forget metric.
+        mode: the attacker's direction (``max``: accuracy).
+        retain_curves: the retain metric of the same runs; with ``max_retain_drop``.
+        max_retain_drop: the retain floor (``None``: none).
+        retain_higher_is_better: direction of the retain metric.
+
+    Returns:
+        ``{lr: score}``.
+    """
+    check_mode(mode)
+    per_lr: dict[float, list[float]] = {}
+    for (lr, seed), curve in sorted(curves.items()):
+        v = curve.values.copy()
+        if retain_curves is not None and max_retain_drop is not None:
+            r = retain_curves[(lr, seed)].values
+            drop = (r[0] - r) if retain_higher_is_better else (r - r[0])
+            with np.errstate(invalid="ignore"):
+                v[drop > max_retain_drop] = np.nan
+        usable = v[~np.isnan(v)]
+        per_lr.setdefault(lr, []).append(float(usable.max() if mode == "max" else usable.min()) if len(usable)
+                                         else math.nan)
+    return {lr: float(np.nanmean(vals)) if not all(math.isnan(x) for x in vals) else math.nan
+            for lr, vals in per_lr.items()}
+
+
+def refine_lrs(scores: Mapping[float, float], mode: str = "max", step: float = 3.0) -> list[float]:
+    """One round of the attacker's grid refinement: new learning rates around the best one tried so far.
+
+    The best LR (by :func:`lr_scores`; the smaller LR on a tie) gets geometric midpoints towards its neighbours in the
+    tried grid; at an end of the grid, one LR a factor ``step`` further out instead (the optimum may lie outside).
+    LRs whose every step broke the retain floor (NaN score) count as tried, never as best.
+
+    Args:
+        scores: ``{lr: score}`` of every LR tried so far.
+        mode: the attacker's direction for the scores.
+        step: factor of the outward step at an end of the grid (> 1).
+
+    Returns:
+        the new LRs, ascending, rounded to 3 significant digits; empty when no LR has a score.
+    """
+    check_mode(mode)
+    if not step > 1:
+        raise ValueError(f"step={step}: expected a factor > 1")
+    tried = sorted(scores)
+    scored = [lr for lr in tried if not math.isnan(scores[lr])]
+    if not scored:
+        return []
+    sign = 1.0 if mode == "max" else -1.0
+    best = max(scored, key=lambda lr: (sign * scores[lr], -lr))
+    i = tried.index(best)
+    lower = math.sqrt(best * tried[i - 1]) if i > 0 else best / step
+    upper = math.sqrt(best * tried[i + 1]) if i < len(tried) - 1 else best * step
+    # 3 significant digits: readable run folders (lr=0.000316), and no attacker optimum is that sharp
+    new = [float(f"{lr:.3g}") for lr in (lower, upper)]
+    return [lr for lr in new if not any(math.isclose(lr, t, rel_tol=1e-9) for t in tried)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # summaries of one curve
 
 

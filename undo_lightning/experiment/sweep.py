@@ -23,6 +23,7 @@ A run folder without ``curve.json`` (interrupted) is deleted and redone; attacke
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -41,7 +42,9 @@ from undo_lightning.data import RetainForgetDataModule
 from undo_lightning.experiment import reuse
 from undo_lightning.experiment.robustness import (
     load_curves,
+    lr_scores,
     recovery_threshold,
+    refine_lrs,
     steps_to_reach,
     value_at,
     worst_case,
@@ -49,6 +52,8 @@ from undo_lightning.experiment.robustness import (
 from undo_lightning.experiment.trainer import TRAINER_DEFAULTS, tensorboard_logger
 from undo_lightning.io import check_choice, json_safe, write_json_atomic
 from undo_lightning.models import is_hf_folder
+from undo_lightning.modules.base import OptimizerConfig
+from undo_lightning.modules.lora import LoraSettings
 from undo_lightning.modules.relearn import (
     ATTACK_DESCRIPTIONS,
     Attack,
@@ -170,7 +175,7 @@ RUN_RECORD = "run.json"
 def run_records(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[int], steps: int, eval_every: int,
                 batch_size: int | None = None, data: DataSpec = None, attack: Attack = "forget",
                 precision: str = "32-true", trainer: Mapping[str, Any] | None = None, setting: str | None = None,
-                model_ids: Mapping[str, str] | None = None,
+                model_ids: Mapping[str, str] | None = None, module: Mapping[str, Any] | None = None,
                 **summary_settings: Any) -> dict[tuple[str, float, int], dict[str, Any]]:
     """What each run of a sweep depends on, by ``(model name, lr, seed)``: written to ``<run>/run.json`` before the
     run starts, compared by later sweeps and pipeline re-runs (:mod:`undo_lightning.experiment.reuse`).
@@ -178,7 +183,8 @@ def run_records(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence
     Takes :func:`run_sweep`'s arguments; ``summary_settings`` (``report_steps``, ``reference``, ...) shape the summary,
     not the runs, and are ignored. A record holds the model's identity (``model_ids[name]``, e.g. a pipeline stage's
     digest, else its path) as its input, the LR, seed, setting, attack data, evaluated steps, batch size, data
-    arguments (a factory by its qualified name) and the Trainer arguments that change what a run computes.
+    arguments (a factory by its qualified name), the attacker's module arguments (e.g. ``lora``) and the Trainer
+    arguments that change what a run computes.
     """
     trainer = reuse.computed_trainer({"precision": precision, **(trainer or {})})
     data_id = f"{data.__module__}.{data.__qualname__}" if callable(data) else dict(data or {})
@@ -186,7 +192,8 @@ def run_records(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence
     return {(name, lr, seed): reuse.normalized({
         "inputs": {"model": (model_ids or {}).get(name, path)}, "lr": float(lr), "seed": int(seed),
         "setting": setting, "train_on": attack, "steps": expected_steps(steps, eval_every), "batch_size": batch_size,
-        "data": data_id, "trainer": trainer}) for name, path in models.items() for lr in lrs for seed in seeds}
+        "data": data_id, "trainer": trainer, **({"module": dict(module)} if module else {})})
+        for name, path in models.items() for lr in lrs for seed in seeds}
 
 
 def _finished(folder: Path, lr: float, seed: int, attack: str, steps: list[int],
@@ -223,7 +230,7 @@ def _check_no_foreign_runs(out_dir: str | Path, setting: str, grid: list[int], r
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """Hides Lightning's per-run banners and transformers' loading bars during a sweep of many short runs."""
     from transformers.utils import logging as hf_logging
 
@@ -249,7 +256,7 @@ _PER_RUN_TRAINER = ("max_steps", "val_check_interval", "default_root_dir", "logg
 
 def run_attack(model: str, name: str, lr: float, seed: int, folder: str | Path, datamodule: RetainForgetDataModule,
                steps: int, eval_every: int, attack: str = "forget", trainer: Mapping[str, Any] | None = None,
-               setting: str | None = None) -> dict:
+               setting: str | None = None, module: Mapping[str, Any] | None = None) -> dict:
     """One attack run in ``folder`` (TensorBoard events in ``folder/tb``, ``folder/curve.json`` written last).
 
     Args:
@@ -265,13 +272,16 @@ def run_attack(model: str, name: str, lr: float, seed: int, folder: str | Path, 
             ``mixture`` (the data module's retain/forget mixture).
         trainer: Lightning Trainer arguments over :data:`ATTACK_TRAINER`.
         setting: the attack setting's name recorded in ``curve.json`` (default: ``attack``).
+        module: further :class:`RelearnAttackModule` arguments (:data:`MODULE_KEYS`), e.g. ``{"lora": {"rank": 8}}``.
 
     Returns:
         The curve dict written to ``curve.json``.
     """
     L.seed_everything(seed, verbose=False)
-    module = RelearnAttackModule(model=model, attack=attack, name=name, optimizer={"lr": lr}, seed=seed,
-                                 setting=setting)
+    module = dict(module or {})
+    optimizer = {**module.pop("optimizer", {}), "lr": lr}
+    module = RelearnAttackModule(model=model, attack=attack, name=name, optimizer=optimizer, seed=seed,
+                                 setting=setting, **module)
     settings = {**ATTACK_TRAINER, "log_every_n_steps": min(eval_every, 50), **(trainer or {}), **_FIXED_TRAINER}
     L.Trainer(max_steps=steps, val_check_interval=eval_every, default_root_dir=str(folder),
               logger=tensorboard_logger(folder), **settings).fit(module, datamodule=datamodule)
@@ -282,9 +292,33 @@ def run_attack(model: str, name: str, lr: float, seed: int, folder: str | Path, 
 # the sweep
 
 
+#: the attacker's module arguments an attack setting may set (the sweep sets the model, LR, seed, data and names)
+MODULE_KEYS = ("lora", "optimizer")
+
+
+def check_module_settings(module: Mapping[str, Any] | None) -> None:
+    """Checks an attack setting's :class:`RelearnAttackModule` arguments (``lora``; ``optimizer`` without ``lr``).
+
+    Raises:
+        ValueError: naming the bad key or value and what would be accepted.
+    """
+    module = dict(module or {})
+    unknown = sorted(set(module) - set(MODULE_KEYS))
+    if unknown:
+        raise ValueError(f"model: {unknown} cannot be set per attack setting (the sweep sets the attacked model, LR, "
+                         f"seed, data and names); expected some of {list(MODULE_KEYS)}")
+    LoraSettings.of(module.get("lora"))
+    optimizer = module.get("optimizer") or {}
+    if "lr" in optimizer:
+        raise ValueError(f"model.optimizer.lr={optimizer['lr']}: the attack's learning rates are the sweep's `lrs`")
+    OptimizerConfig.of(optimizer, RelearnAttackModule.default_optimizer)
+
+
 def check_sweep_settings(lrs: Sequence[float], seeds: Sequence[int], steps: int, eval_every: int, attack: str,
                          setting: str, batch_size: int | None, trainer: Mapping[str, Any],
-                         report_steps: Sequence[int] | None, recovery_fraction: float) -> None:
+                         report_steps: Sequence[int] | None, recovery_fraction: float,
+                         module: Mapping[str, Any] | None = None, search_rounds: int = 0,
+                         max_retain_drop: float | None = None) -> None:
     """Checks a sweep's settings (everything but the models, which may not exist yet); see :func:`run_sweep`.
 
     Raises:
@@ -310,20 +344,26 @@ def check_sweep_settings(lrs: Sequence[float], seeds: Sequence[int], steps: int,
         raise ValueError(f"report_steps={report_steps}: expected a non-empty list of attack steps >= 0")
     if not 0 < recovery_fraction <= 1:
         raise ValueError(f"recovery_fraction={recovery_fraction}: expected a fraction in (0, 1]")
+    if isinstance(search_rounds, bool) or not isinstance(search_rounds, int) or search_rounds < 0:
+        raise ValueError(f"search_rounds={search_rounds!r}: expected an integer >= 0 (0: the LR grid only)")
+    if max_retain_drop is not None and not (math.isfinite(max_retain_drop) and max_retain_drop >= 0):
+        raise ValueError(f"max_retain_drop={max_retain_drop}: expected a number >= 0 (the retain floor) or null")
     managed = [k for k in trainer if k in _PER_RUN_TRAINER or (k in _FIXED_TRAINER and trainer[k] != _FIXED_TRAINER[k])]
     if managed:
         raise ValueError(f"trainer settings {managed} are set by the relearning sweep (steps, eval_every, run folders, "
                          f"TensorBoard logger, {_FIXED_TRAINER}); remove them")
+    check_module_settings(module)
 
 
 def _check_sweep_args(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[int], steps: int,
                       eval_every: int, attack: str, setting: str, batch_size: int | None,
                       trainer: Mapping[str, Any], report_steps: Sequence[int] | None,
-                      recovery_fraction: float) -> None:
+                      recovery_fraction: float, module: Mapping[str, Any] | None, search_rounds: int,
+                      max_retain_drop: float | None) -> None:
     if not models:
         raise ValueError("models={}: nothing to attack")
     check_sweep_settings(lrs, seeds, steps, eval_every, attack, setting, batch_size, trainer, report_steps,
-                         recovery_fraction)
+                         recovery_fraction, module, search_rounds, max_retain_drop)
     for name, path in models.items():
         if not is_hf_folder(path):
             raise ValueError(f"model {name!r}: {path!r} is not a Hugging Face model folder (no config.json there); "
@@ -345,7 +385,9 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
               attack: Attack = "forget", precision: str = "32-true",
               trainer: Mapping[str, Any] | None = None, report_steps: Sequence[int] | None = None,
               reference: str | None = "reference", recovery_fraction: float = 0.9,
-              setting: str | None = None, model_ids: Mapping[str, str] | None = None) -> dict:
+              setting: str | None = None, model_ids: Mapping[str, str] | None = None,
+              module: Mapping[str, Any] | None = None, search_rounds: int = 0,
+              max_retain_drop: float | None = None) -> dict:
     """Attack every model with every (LR, seed), then write ``relearn_summary.json`` (see :func:`summarize`).
 
     Finished runs (``curve.json`` of the same LR, seed, attack setting and evaluated steps, and a ``run.json`` record,
@@ -379,6 +421,13 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
             ``attack``.
         model_ids: identity of each model in the runs' records (the pipeline passes its stages' digests, so that a
             redone stage's runs are redone); default: the model's path.
+        module: further attacker arguments of every run (:data:`MODULE_KEYS`): ``lora`` (a LoRA attacker,
+            :class:`~undo_lightning.modules.lora.LoraSettings`) and ``optimizer`` fields but ``lr``.
+        search_rounds: rounds of the attacker's LR search after the grid (:func:`search_lrs`), per model: each round
+            tries the geometric midpoints between the best LR so far and its neighbours (one step outward at an end
+            of the grid), every seed. 0: the grid only.
+        max_retain_drop: the retain floor of the search: a step at which a run's retain accuracy fell more than this
+            below its start does not count for its LR (the report's utility bound); ``None``: no floor.
 
     Returns:
         The summary dict (also written to :func:`summary_path`).
@@ -386,7 +435,7 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
     trainer = {"precision": precision, **(trainer or {})}
     setting = setting or attack
     _check_sweep_args(models, lrs, seeds, steps, eval_every, attack, setting, batch_size, trainer, report_steps,
-                      recovery_fraction)
+                      recovery_fraction, module, search_rounds, max_retain_drop)
     make_data = _datamodule_factory(data, batch_size)
     datamodule = make_data(seeds[0])
     datamodule.setup()
@@ -394,43 +443,91 @@ def run_sweep(models: Mapping[str, str], lrs: Sequence[float], seeds: Sequence[i
     _check_vocabularies(models, len(datamodule.tokenizer))
     grid = expected_steps(steps, eval_every)
     records = run_records(models, lrs, seeds, steps, eval_every, batch_size, data, attack, trainer=trainer,
-                          setting=setting, model_ids=model_ids)
+                          setting=setting, model_ids=model_ids, module=module)
     _check_no_foreign_runs(out_dir, setting, grid, records)
     total = len(models) * len(lrs) * len(seeds)
-    log.info("attack setting %r, %s: %d models x %d LRs x %d seeds = %d runs of %d steps in %s", setting,
-             ATTACK_DESCRIPTIONS[attack], len(models), len(lrs), len(seeds), total, steps, Path(out_dir) / "relearn")
-    done = 0
-    for name, path in models.items():
+    log.info("attack setting %r, %s%s: %d models x %d LRs x %d seeds = %d runs of %d steps in %s", setting,
+             ATTACK_DESCRIPTIONS[attack], _attacker(module, datamodule), len(models), len(lrs), len(seeds), total,
+             steps, Path(out_dir) / "relearn")
+    progress = {"done": 0, "total": total}
+
+    def attack_once(name: str, lr: float, seed: int, record: Mapping[str, Any]) -> None:
+        progress["done"] += 1
+        where = f"[{progress['done']}/{progress['total']}] {name} lr={format_lr(lr)} seed={seed}"
+        folder = run_folder(out_dir, name, lr, seed, setting)
+        if _finished(folder, lr, seed, setting, grid, record):
+            log.info("%s: finished earlier, skipped", where)
+            return
+        if folder.exists():  # interrupted (no curve.json; finished foreign runs were refused above)
+            log.info("%s: removing unfinished run folder %s", where, folder)
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        reuse.write_record(folder / RUN_RECORD, record)
+        started = time.perf_counter()
+        with quiet():
+            curve = run_attack(models[name], name, lr, seed, folder, make_data(seed), steps, eval_every, attack,
+                               trainer, setting, module)
+        metrics = curve["metrics"]
+        log.info("%s: forget_acc %s -> %s, retain_acc %s -> %s (%.1f s)", where, *_ends(metrics.get("val/forget_acc")),
+                 *_ends(metrics.get("val/retain_acc")), time.perf_counter() - started)
+
+    for name in models:
         for seed in seeds:
             for lr in lrs:
-                done += 1
-                folder = run_folder(out_dir, name, lr, seed, setting)
-                if _finished(folder, lr, seed, setting, grid, records[name, lr, seed]):
-                    log.info("[%d/%d] %s lr=%s seed=%d: finished earlier, skipped", done, total, name,
-                             format_lr(lr), seed)
-                    continue
-                if folder.exists():  # interrupted (no curve.json; finished foreign runs were refused above)
-                    log.info("[%d/%d] %s lr=%s seed=%d: removing unfinished run folder %s", done, total, name,
-                             format_lr(lr), seed, folder)
-                    shutil.rmtree(folder)
-                folder.mkdir(parents=True)
-                reuse.write_record(folder / RUN_RECORD, records[name, lr, seed])
-                started = time.perf_counter()
-                with _quiet():
-                    curve = run_attack(path, name, lr, seed, folder, make_data(seed), steps, eval_every, attack,
-                                       trainer, setting)
-                metrics = curve["metrics"]
-                log.info("[%d/%d] %s lr=%s seed=%d: forget_acc %s -> %s, retain_acc %s -> %s (%.1f s)", done, total,
-                         name, format_lr(lr), seed, *_ends(metrics.get("val/forget_acc")),
-                         *_ends(metrics.get("val/retain_acc")), time.perf_counter() - started)
+                attack_once(name, lr, seed, records[name, lr, seed])
+    tried = {name: [float(lr) for lr in lrs] for name in models}
+    for round_ in range(1, search_rounds + 1):  # the attacker's LR search, per model (it attacks one model)
+        for name in models:
+            new = search_lrs(out_dir, name, setting, tried[name], seeds, max_retain_drop)
+            progress["total"] += len(new) * len(seeds)
+            for lr in new:
+                log.info("%s: attacker search round %d tries lr=%s", name, round_, format_lr(lr))
+                for seed in seeds:
+                    attack_once(name, lr, seed, search_record(records[name, lrs[0], seeds[0]], lr, seed, round_))
+            tried[name] += new
+    runs = sorted({(lr, int(seed)) for name in models for lr in tried[name] for seed in seeds})
     summary = summarize(out_dir, list(models), attack=setting, train_on=attack,
                         report_steps=report_steps or _default_report_steps(steps, eval_every), reference=reference,
-                        recovery_fraction=recovery_fraction, runs=[(float(lr), int(seed)) for lr in lrs for seed in seeds])
+                        recovery_fraction=recovery_fraction, runs=runs)
     summary.update({"paths": dict(models), "lrs": [float(lr) for lr in lrs], "seeds": list(seeds),
                     "attack_steps": steps, "eval_every": eval_every, "precision": trainer["precision"],
                     "batch_size": make_data(seeds[0]).batch_size})
+    if search_rounds:
+        summary["search"] = {"rounds": search_rounds, "max_retain_drop": max_retain_drop,
+                             "lrs": {name: sorted(tried[name]) for name in models}}
     write_json_atomic(str(summary_path(out_dir, setting)), json_safe(summary))
     return summary
+
+
+def search_lrs(out_dir: str | Path, model: str, setting: str, tried: Sequence[float], seeds: Sequence[int],
+               max_retain_drop: float | None) -> list[float]:
+    """One round of the attacker's LR search for ``model``: the LRs :func:`~undo_lightning.experiment.robustness.
+    refine_lrs` proposes from the finished runs of the ``tried`` LRs, which are scored by the best forget accuracy
+    (forget CE when the runs have no accuracy) reached at a step within the retain floor, mean over ``seeds``."""
+    wanted = {(float(lr), int(seed)) for lr in tried for seed in seeds}
+    metric, mode = next((m, d) for m, d in SUMMARY_METRICS.items()
+                        if m in _metric_names(out_dir, model, setting, sorted(wanted)))
+    curves = {k: c for k, c in load_curves(out_dir, model, metric, setting).items() if k in wanted}
+    retain = None
+    if max_retain_drop is not None:
+        retain_metric = metric.replace("forget", "retain")
+        retain = {k: c for k, c in load_curves(out_dir, model, retain_metric, setting).items() if k in wanted}
+    scores = lr_scores(curves, mode, retain, max_retain_drop, retain_higher_is_better=metric.endswith("_acc"))
+    return refine_lrs(scores, mode)
+
+
+def search_record(grid_record: Mapping[str, Any], lr: float, seed: int, round_: int) -> dict[str, Any]:
+    """The record of a search run: its model's grid record with this LR and seed, and the search round."""
+    return reuse.normalized({**grid_record, "lr": float(lr), "seed": int(seed), "search_round": round_})
+
+
+def _attacker(module: Mapping[str, Any] | None, datamodule: RetainForgetDataModule) -> str:
+    """What sets the attacker apart from full fine-tuning on all of its data, for the sweep's log line."""
+    lora = LoraSettings.of((module or {}).get("lora"))
+    parts = [f"LoRA attacker (rank {lora.rank}, alpha {lora.alpha:g}, targets {lora.target_modules})"] if lora else []
+    if getattr(datamodule, "few_shot", None) is not None:
+        parts.append(f"few-shot: {datamodule.few_shot} forget documents, repeated")
+    return "".join(f"; {p}" for p in parts)
 
 
 def _ends(values: list | None) -> tuple[str, str]:
@@ -569,7 +666,9 @@ def relearn_command(models: list[str], lrs: list[float] = list(CPU_LRS), seeds: 
                     attack: Attack = "forget", setting: str | None = None, data_config: str | None = None,
                     batch_size: int = 32, eval_prompts_per_set: int | None = 50, precision: str = "32-true",
                     report_steps: list[int] | None = None, reference: str | None = "reference",
-                    recovery_fraction: float = 0.9, accelerator: str = "auto", devices: int = 1) -> None:
+                    recovery_fraction: float = 0.9, accelerator: str = "auto", devices: int = 1,
+                    lora: LoraSettings | None = None, few_shot: int | None = None, search_rounds: int = 0,
+                    max_retain_drop: float | None = None) -> None:
     """Run the relearning attack (LR x seed sweep) on model folders and write relearn_summary.json.
 
     Example (CPU arithmetic setting)::
@@ -603,6 +702,10 @@ def relearn_command(models: list[str], lrs: list[float] = list(CPU_LRS), seeds: 
         recovery_fraction: see ``reference``.
         accelerator: Lightning accelerator.
         devices: devices per run.
+        lora: a LoRA attacker (rank, alpha, target modules) instead of full fine-tuning, e.g. ``--lora.rank 8``.
+        few_shot: the attacker holds only this many forget documents, repeated (the few-shot attack).
+        search_rounds: rounds of the attacker's LR search per model after the grid (midpoints around the best LR).
+        max_retain_drop: the search's retain floor: steps at which retain accuracy fell more than this do not count.
     """
     if not logging.getLogger().handlers and not log.handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -610,10 +713,14 @@ def relearn_command(models: list[str], lrs: list[float] = list(CPU_LRS), seeds: 
     data: dict[str, Any] = data_kwargs_from_config(data_config) if data_config else {}
     if eval_prompts_per_set is not None:
         data["eval_prompts_per_set"] = eval_prompts_per_set
+    if few_shot is not None:
+        data["few_shot"] = few_shot
+    module = {"lora": dataclasses.asdict(LoraSettings.of(lora))} if lora is not None else None
     summary = run_sweep(parse_models(models), lrs, seeds, out_dir, steps, eval_every, batch_size=batch_size,
                         data=data, attack=attack, setting=setting, precision=precision,
                         trainer={"accelerator": accelerator, "devices": devices}, report_steps=report_steps,
-                        reference=reference, recovery_fraction=recovery_fraction)
+                        reference=reference, recovery_fraction=recovery_fraction, module=module,
+                        search_rounds=search_rounds, max_retain_drop=max_retain_drop)
     print(format_summary(summary))
     for metric in next(iter(summary["models"].values()))["worst_case"]:  # per-group tables (e.g. problem forms)
         if metric not in SUMMARY_METRICS:

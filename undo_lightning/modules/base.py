@@ -236,6 +236,10 @@ class UndoModule(L.LightningModule):
             if mesh is not None:
                 shard(model, mesh)
 
+    def exported_model(self):
+        """The model :class:`~undo_lightning.callbacks.HFExport` saves once training is over (the trained one)."""
+        return self.model
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 

@@ -16,6 +16,7 @@ per step it is weaker than the forget-only attack. A curve records its attack *s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Literal
@@ -28,6 +29,7 @@ from undo_lightning.callbacks import RelearnCurve
 from undo_lightning.io import check_choice
 from undo_lightning.losses import causal_lm_loss, lm_hidden_states
 from undo_lightning.modules.base import OptimizerConfig, UndoModule
+from undo_lightning.modules.lora import LoraAdapters, LoraSettings
 
 #: the data an attack fine-tunes on: forget data (the paper's arithmetic attack), retain data only (arXiv
 #: 2505.22310), or a retain/forget mixture (the authors' default attack: their pretraining mix)
@@ -79,6 +81,8 @@ class RelearnAttackModule(UndoModule):
         export: also write ``metrics.json`` and the attacked model to ``<default_root_dir>/hf`` (default: no).
         setting: name of the attack setting recorded as ``curve.json["attack"]`` (default: ``attack``); the sweep
             names settings such as ``heldout`` (forget data with held-out facts) this way.
+        lora: train LoRA adapters (:class:`~undo_lightning.modules.lora.LoraSettings`: rank, alpha, target modules)
+            instead of every weight; ``None`` (default): full fine-tuning.
     """
 
     #: the paper's attack (docs/reference.md §8): constant LR after a 1-step warm-up, weight decay 0
@@ -94,11 +98,16 @@ class RelearnAttackModule(UndoModule):
         checkpoint_every: int = 0,
         export: bool = False,
         setting: str | None = None,
+        lora: LoraSettings | None = None,
     ) -> None:
         check_choice("attack", attack, Attack)
         check_setting_name(setting or attack)
+        lora = LoraSettings.of(lora)
         super().__init__(model=model, optimizer=optimizer, seed=seed, checkpoint_every=checkpoint_every,
                          export=export)
+        # plain values only in hparams (checkpoints are loaded with weights_only=True)
+        self.hparams["lora"] = None if lora is None else dataclasses.asdict(lora)
+        self.lora = None if lora is None else LoraAdapters(lora)
         self.attack = attack
         self.setting = setting or attack
         self.train_data = attack  # what RetainForgetDataModule serves
@@ -107,8 +116,18 @@ class RelearnAttackModule(UndoModule):
 
     # ------------------------------------------------------------------------------------------------ training
     def configure_model(self) -> None:
-        super().configure_model()
-        self.model.train()  # from_pretrained returns eval mode; the attack fine-tunes in train mode
+        if self.model is not None:
+            return
+        self.check_strategy()
+        model = self.build(self.model_name)
+        if self.lora is not None:  # before sharding: the adapters are parameters of the sharded units
+            self.lora.inject(model)
+        self.model = model.train()  # from_pretrained returns eval mode; the attack fine-tunes in train mode
+        self.prepare_models()
+
+    def exported_model(self):
+        """With LoRA, the adapters merged into the weights (or the adapter alone, ``lora.merge=False``)."""
+        return self.model if self.lora is None else self.lora.exported()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         split = batch.get("split")
@@ -130,7 +149,8 @@ class RelearnAttackModule(UndoModule):
         return {"model": self.name, "model_path": self.model_name, "lr": float(self.optimizer_config.lr),
                 "seed": int(self.hparams.seed), "data_seed": getattr(datamodule, "seed", None),
                 "attack": self.setting, "train_on": self.attack,
-                "attack_description": ATTACK_DESCRIPTIONS[self.attack]}
+                "attack_description": ATTACK_DESCRIPTIONS[self.attack], "lora": self.hparams.get("lora"),
+                "few_shot": getattr(datamodule, "few_shot", None)}
 
     def curve(self) -> dict:
         """The relearning curve as written to ``curve.json`` (see :class:`~undo_lightning.callbacks.RelearnCurve`)."""
@@ -148,5 +168,7 @@ class RelearnAttackModule(UndoModule):
         return [*callbacks, self.relearn_curve]  # after HFExport, whose final evaluation it reuses
 
     def summary(self) -> dict:
+        lora = self.hparams.get("lora")
         return {**super().summary(), "attack": self.setting, "train_on": self.attack,
-                "attack_description": ATTACK_DESCRIPTIONS[self.attack]}
+                "attack_description": ATTACK_DESCRIPTIONS[self.attack], "lora": lora,
+                "trainable_parameters": sum(p.numel() for p in self.trainable_parameters())}
