@@ -37,6 +37,16 @@ SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     kind, teacher, root = sys.argv[1:4]
 
+    import undo_lightning.modules.base as base
+    built = []  # (rank, model, empty) of every model this process builds
+    real_build = base.build_model
+    def recorded(name, *args, empty=False, **kwargs):
+        model = real_build(name, *args, empty=empty, **kwargs)
+        built.append([int(os.environ.get("LOCAL_RANK", 0)), os.path.basename(name), empty,
+                      sum(p.is_meta for p in model.parameters())])
+        return model
+    base.build_model = recorded
+
     class Inspect(L.Callback):
         def on_before_optimizer_step(self, trainer, module, optimizer):
             trained = {{id(p) for group in optimizer.param_groups for p in group["params"]}}
@@ -61,6 +71,8 @@ SCRIPT = textwrap.dedent("""
     module = DistillModule(teacher=teacher, student_init="teacher", alpha=0.5, beta=0.1, seed=0, kl_chunk_size=7,
                            optimizer=dict(lr=3e-3, warmup_steps=1), checkpoint_every=3)
     trainer.fit(module, datamodule=dm)
+    os.makedirs(root, exist_ok=True)
+    json.dump(built, open(f"{{root}}/built_rank{{trainer.global_rank}}.json", "w"))
     close_process_group()
 """)
 
@@ -82,6 +94,12 @@ def test_fsdp_distillation_shards_a_frozen_teacher_and_trains_as_ddp_does(tmp_pa
     fsdp = _run(script, "fsdp", teacher, tmp_path / "fsdp")
     ddp = _run(script, "ddp", teacher, tmp_path / "ddp")
 
+    # FSDP: the teacher (and the student, its copy) read from disk on rank 0 only; rank 1 built it on the meta device
+    # and received its shards by broadcast (the equality with DDP below shows the values arrived, buffers included)
+    built = {rank: json.loads((tmp_path / "fsdp" / f"built_rank{rank}.json").read_text()) for rank in (0, 1)}
+    assert [b[1:3] for b in built[0]] == [["teacher", False]] and built[0][0][3] == 0
+    assert [b[1:3] for b in built[1]] == [["teacher", True]] and built[1][0][3] > 0
+    assert [b[1:3] for b in json.loads((tmp_path / "ddp" / "built_rank1.json").read_text())] == [["teacher", False]]
     inspect = json.loads((tmp_path / "fsdp" / "inspect.json").read_text())
     assert inspect["sharded"] == [True, True]
     assert inspect["teacher_grads"] == inspect["teacher_in_optimizer"] == inspect["teacher_requires_grad"] == 0

@@ -91,6 +91,12 @@ class OutputHead:
         return cls._read(model)
 
     @classmethod
+    def checked_on_another_rank(cls, model: torch.nn.Module) -> None:
+        """Records that ``model``'s head passed :meth:`of`'s check on another rank (a model this rank built on the
+        meta device, whose values arrive by broadcast, cannot run the check itself)."""
+        _CHECKED_HEADS.add(model)
+
+    @classmethod
     def _read(cls, model: torch.nn.Module) -> OutputHead:
         # Read at each use, not cached: a sharded model's parameters are other tensors once gathered by its forward.
         lm_head = model.get_output_embeddings()

@@ -55,8 +55,12 @@ def preset_config(name: str, tokenizer, **overrides) -> Gemma2Config:
 
 
 def build_model(model: str, tokenizer=None, seed: int = 0, attn_implementation: str = "eager",
-                trust_remote_code: bool = False, **overrides) -> PreTrainedModel:
+                trust_remote_code: bool = False, empty: bool = False, **overrides) -> PreTrainedModel:
     """Returns the causal LM named by ``model``.
+
+    With ``empty``, the same architecture in float32 on the meta device (no weights read, no memory): what the ranks
+    but the first build when a sharded model is loaded once and broadcast
+    (:func:`~undo_lightning.sharding.shard_from_rank0`).
 
     Args:
         model: preset name, local ``save_pretrained`` folder, or hub id.
@@ -74,6 +78,8 @@ def build_model(model: str, tokenizer=None, seed: int = 0, attn_implementation: 
             raise ValueError(f"model={model!r} is a preset: a tokenizer is needed to size its vocabulary")
         config = preset_config(model, tokenizer, **overrides)
         config._attn_implementation = attn_implementation
+        if empty:
+            return _empty(config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return Gemma2ForCausalLM(config)
@@ -83,8 +89,11 @@ def build_model(model: str, tokenizer=None, seed: int = 0, attn_implementation: 
     try:
         config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
         kwargs = {"attn_implementation": attn_implementation} if config.model_type.startswith("gemma") else {}
-        loaded = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code,
-                                                      dtype=torch.float32, **kwargs)
+        if empty:
+            loaded = _empty(config, trust_remote_code=trust_remote_code, **kwargs)
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code,
+                                                          dtype=torch.float32, **kwargs)
     except OSError as err:
         raise ValueError(f"model={model!r} is neither a preset {sorted(PRESETS)} nor a local folder, and loading it as "
                          f"a hub id failed ({err.__class__.__name__}: {str(err)[:200]}). Offline, pass a local folder "
@@ -92,6 +101,12 @@ def build_model(model: str, tokenizer=None, seed: int = 0, attn_implementation: 
     if tokenizer is not None:
         check_vocabulary(loaded, tokenizer, model)
     return loaded
+
+
+def _empty(config, **kwargs) -> PreTrainedModel:
+    """The model of ``config`` in float32 on the meta device (shapes only)."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
 
 
 def check_vocabulary(model: PreTrainedModel, tokenizer, name: str) -> None:

@@ -58,6 +58,44 @@ def shard(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:
     return model
 
 
+def is_empty(model: torch.nn.Module) -> bool:
+    """Whether ``model`` was built on the meta device (shapes, no values)."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def shard_from_rank0(model: torch.nn.Module, mesh: DeviceMesh, device: torch.device) -> torch.nn.Module:
+    """Shards ``model`` like :func:`shard` when only rank 0 holds its weights: every other rank holds the same
+    architecture on the meta device (``build_model(..., empty=True)``), so no rank but the first ever holds a full
+    copy. After sharding, each rank allocates its shards on ``device`` and rank 0's full tensors are broadcast into
+    them (``set_model_state_dict(..., broadcast_from_rank0=True)``); buffers, which no state dict holds when they
+    are not persistent (e.g. the rotary ``inv_freq``), are broadcast from rank 0 as well.
+
+    A collective: call it on every rank, in the same order for every model.
+
+    Args:
+        model: rank 0: the model with its weights (CPU); other ranks: the same model on the meta device.
+        mesh: Lightning's device mesh.
+        device: where the shards live (the strategy's root device: the broadcast's backend needs it there).
+
+    Returns:
+        the same module, sharded, with rank 0's values on every rank.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    first = dist.get_rank() == 0
+    full = model.state_dict() if first else {}
+    shard(model, mesh)
+    if first:
+        model.to(device)
+    else:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+    return model
+
+
 def tensor_parallel_size(mesh: DeviceMesh | None) -> int:
     """The size of the mesh's ``"tensor_parallel"`` dimension (1 when there is none)."""
     if mesh is None or "tensor_parallel" not in (mesh.mesh_dim_names or ()):

@@ -24,7 +24,7 @@ from undo_lightning.eval.metrics import ValidationMetrics, answer_correct, lm_nl
 from undo_lightning.io import check_choice
 from undo_lightning.losses import OutputHead, scored_tokens
 from undo_lightning.models import build_model, count_parameters, is_hf_folder
-from undo_lightning.sharding import is_sharded, shard, tensor_parallel_size
+from undo_lightning.sharding import is_sharded, shard, shard_from_rank0, tensor_parallel_size
 
 #: learning-rate schedules of every stage (see :func:`lr_factor`)
 Schedule = Literal["cosine", "constant"]
@@ -152,8 +152,20 @@ class UndoModule(L.LightningModule):
         self._tokenizer = value
 
     def build(self, name: str, seed: int | None = None):
-        """Builds/loads a model by name with this module's tokenizer (shared by stages that hold several models)."""
-        return build_model(name, self.tokenizer, seed=self.hparams.seed if seed is None else seed)
+        """Builds/loads a model by name with this module's tokenizer (shared by stages that hold several models).
+
+        When the models will be sharded over several processes (:attr:`loads_on_rank0_only`), only rank 0 reads the
+        weights; the others build the architecture on the meta device and receive their shards from rank 0 in
+        :meth:`prepare_models`.
+        """
+        return build_model(name, self.tokenizer, seed=self.hparams.seed if seed is None else seed,
+                           empty=self.loads_on_rank0_only and self.global_rank != 0)
+
+    @property
+    def loads_on_rank0_only(self) -> bool:
+        """Whether models are loaded on rank 0 alone and broadcast into the other ranks' shards: under
+        ``ModelParallelStrategy`` (FSDP2) with more than one process, so no rank but the first holds a full copy."""
+        return self._trainer is not None and self.device_mesh is not None and self.trainer.world_size > 1
 
     def freeze(self, name: str, model: torch.nn.Module) -> torch.nn.Module:
         """Holds ``model`` as the frozen attribute ``name`` (a distillation teacher, a frozen starting copy).
@@ -232,9 +244,29 @@ class UndoModule(L.LightningModule):
         for model in (self.model, *(getattr(self, name) for name in self._frozen)):
             if model is None or is_sharded(model):
                 continue
-            OutputHead.of(model)
-            if mesh is not None:
-                shard(model, mesh)
+            if not self.loads_on_rank0_only:
+                OutputHead.of(model)
+                if mesh is not None:
+                    shard(model, mesh)
+                continue
+            self._check_head_on_rank0(model)
+            shard_from_rank0(model, mesh, self.trainer.strategy.root_device)
+
+    def _check_head_on_rank0(self, model: torch.nn.Module) -> None:
+        """:meth:`OutputHead.of` on rank 0, which holds the weights; every rank learns the outcome (one all-reduce),
+        so all of them stop on a refused head instead of waiting for rank 0 in the next collective."""
+        error = None
+        if self.global_rank == 0:
+            try:
+                OutputHead.of(model)
+            except ValueError as err:
+                error = err
+        failed = self.trainer.strategy.reduce(torch.tensor(float(error is not None)), reduce_op="sum")
+        if error is not None:
+            raise error
+        if failed.item() > 0:
+            raise ValueError(f"{type(model).__name__}: rank 0 refused the model's output head (see its error)")
+        OutputHead.checked_on_another_rank(model)
 
     def exported_model(self):
         """The model :class:`~undo_lightning.callbacks.HFExport` saves once training is over (the trained one)."""

@@ -11,6 +11,7 @@ One module covers three experiments (docs/reference.md §7), chosen by ``student
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
@@ -23,9 +24,10 @@ from undo_lightning.callbacks import RetainGapStop, final_evaluation, retain_gap
 from undo_lightning.data.tokenizers import load_tokenizer
 from undo_lightning.io import check_choice
 from undo_lightning.losses import forward_kl, lm_hidden_states
-from undo_lightning.models import build_model, count_parameters, is_hf_folder
+from undo_lightning.models import count_parameters, is_hf_folder
 from undo_lightning.modules.base import OptimizerConfig, UndoModule
 from undo_lightning.noise import shrink_and_perturb
+from undo_lightning.sharding import is_empty
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -142,10 +144,11 @@ class DistillModule(UndoModule):
                              "expected the hf/ folder an earlier stage exported (e.g. runs/arithmetic/unlearn/hf)")
         tokenizer = self.tokenizer
         self._check_shipped_tokenizer("teacher", self.teacher_path, tokenizer)
-        teacher = build_model(self.teacher_path, tokenizer)
+        teacher = self.build(self.teacher_path)
         if hp.student_init == "random":
             config = copy.deepcopy(teacher.config)
-            with torch.random.fork_rng(devices=[]):
+            empty = is_empty(teacher)  # a rank that receives its shards from rank 0 (see UndoModule.build)
+            with torch.random.fork_rng(devices=[]), torch.device("meta") if empty else contextlib.nullcontext():
                 torch.manual_seed(hp.seed)
                 student = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                            attn_implementation=config._attn_implementation)
