@@ -178,7 +178,8 @@ def test_attacks_overlay_adds_attackers_and_probes_to_the_demo():
     stages, demo_stages = validate(cfg), validate(demo)
     assert stage_records(cfg, stages) == stage_records(demo, demo_stages)
     sweeps, demo_sweeps = attack_sweeps(cfg), attack_sweeps(demo)
-    assert list(sweeps) == ["forget", "heldout", "lora", "fewshot"]
+    assert list(sweeps) == ["forget", "heldout", "lora", "fewshot", "mix"]
+    assert sweeps["mix"]["attack"] == "mixture" and sweeps["mix"]["data"]["mixture"] == {"retain": 0.875, "forget": 0.125}
     assert {k: sweeps[k] for k in demo_sweeps} == demo_sweeps
     assert sweeps["lora"]["module"] == {"lora": {"rank": 8, "alpha": 16, "target_modules": "all-linear"}}
     assert sweeps["lora"]["lrs"] == [0.001, 0.003] and sweeps["fewshot"]["lrs"] == demo_sweeps["forget"]["lrs"]

@@ -618,7 +618,9 @@ def _probe_sections(report: dict[str, Any]) -> list[str]:
                  "counted" if report["max_retain_drop"] is not None else "no retain floor")
         lines += ["", "## Worst case per attack", "",
                   f"The attacker's best {fm} under each attack setting (mean over seeds, {bound}) and after weight "
-                  "quantisation (the worse of the probed bit widths).", "", *_table(head, rows)]
+                  "quantisation (the worse of the probed bit widths); – where the model was not attacked that way"
+                  + (" or every LR run broke the retain floor at that step" if report["max_retain_drop"] is not None
+                     else "") + ".", "", *_table(head, rows)]
     quantize = probes.get("quantize")
     if quantize:
         variants = [f"int{b}" for b in quantize["settings"]["bits"]]
