@@ -168,7 +168,14 @@ def test_cli_console_shows_no_expected_warnings(tmp_path):
 def test_attacks_overlay_adds_attackers_and_probes_to_the_demo():
     """configs/arithmetic/attacks.yaml over the demo: the demo's stages unchanged (a finished demo is reused), its two
     attack settings unchanged, plus a LoRA and a few-shot attacker and both probes."""
-    from undo_lightning.experiment.pipeline import attack_sweeps, load_config, parse_argv, stage_records, validate
+    from undo_lightning.experiment.pipeline import (
+        attack_sweeps,
+        load_config,
+        parse_argv,
+        run_records,
+        stage_records,
+        validate,
+    )
 
     quick = os.path.join(ROOT, "configs", "arithmetic", "quick.yaml")
     cfg, options = parse_argv(["-c", quick, "-c", OVERLAY_CONFIGS[0]])
@@ -176,11 +183,14 @@ def test_attacks_overlay_adds_attackers_and_probes_to_the_demo():
     assert options == {"overwrite": False, "only": None, "check": False}
     assert cfg["name"] == demo["name"] and cfg["out_dir"] == "runs/arithmetic-attacks"
     stages, demo_stages = validate(cfg), validate(demo)
-    assert stage_records(cfg, stages) == stage_records(demo, demo_stages)
+    records = stage_records(cfg, stages)
+    assert records == stage_records(demo, demo_stages)
+    # the demo's attack runs are this experiment's too (reused when it runs in the demo's folder)
+    runs, demo_runs = run_records(cfg, stages, records), run_records(demo, demo_stages, records)
+    assert len(demo_runs) == 56 and {k: runs[k] for k in demo_runs} == demo_runs and len(runs) == 56 + 3 * 28
     sweeps, demo_sweeps = attack_sweeps(cfg), attack_sweeps(demo)
     assert list(sweeps) == ["forget", "heldout", "lora", "fewshot", "mix"]
     assert sweeps["mix"]["attack"] == "mixture" and sweeps["mix"]["data"]["mixture"] == {"retain": 0.875, "forget": 0.125}
-    assert {k: sweeps[k] for k in demo_sweeps} == demo_sweeps
     assert sweeps["lora"]["module"] == {"lora": {"rank": 8, "alpha": 16, "target_modules": "all-linear"}}
     assert sweeps["lora"]["lrs"] == [0.001, 0.003] and sweeps["fewshot"]["lrs"] == demo_sweeps["forget"]["lrs"]
     assert sweeps["fewshot"]["data"]["few_shot"] == 16
