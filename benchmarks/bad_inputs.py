@@ -91,6 +91,13 @@ def cases(work: Path, run: Path, model: str) -> list[tuple[str, list[str], dict]
             students={"odd": {"model": {"student_init": str(other_vocab)}}})), {}),
         ("GradDiff at a destructive LR", c("c14", lambda d: d["unlearn"]["model"].update(
             method="graddiff", optimizer={"lr": 1.0, "schedule": "constant"})), {"watch": work / "c14"}),
+        ("LoRA target that matches nothing", c("c15", lambda d: d["relearn"].update(
+            attacks={"lora": {"model": {"lora": {"target_modules": ["qkv"]}}}})), {}),
+        ("quantisation bits 3", c("c16", lambda d: d.update(probes={"quantize": {"bits": [3]}})), {}),
+        ("NPO beta <= 0", c("c17", lambda d: d["unlearn"]["model"].update(
+            method={"class_path": "undo_lightning.NPO", "init_args": {"beta": 0.0}})), {}),
+        ("few-shot with 0 documents", c("c18", lambda d: d["relearn"].update(
+            attacks={"few": {"data": {"few_shot": 0}}})), {}),
         # command lines
         ("pipeline: unknown option", ["pipeline", "--relearn.stepz", "5"], {}),
         ("pipeline: missing config file", ["pipeline", "-c", str(work / "missing.yaml")], {}),

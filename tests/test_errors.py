@@ -57,6 +57,10 @@ CASES = {
     "pipeline: quantisation bits": (
         lambda t: ["pipeline", "-c", _config(t, lambda c: c.update(probes={"quantize": {"bits": [8, 3]}}))],
         r"undo pipeline: error: probes: quantisation bits=3: expected 4 or 8"),
+    "pipeline: NPO beta": (
+        lambda t: ["pipeline", "-c", _config(t, lambda c: c["unlearn"]["model"].update(
+            method={"class_path": "undo_lightning.NPO", "init_args": {"beta": 0.0}}))],
+        r"undo pipeline: error: stage 'unlearn': UnlearnModule: beta=0.0: NPO's inverse temperature must be > 0$"),
     "relearn: LoRA rank": (lambda t: ["relearn", "[a]", "--lora.rank", "0"],
                            r"undo relearn: error: lora.rank=0: expected a positive integer$"),
 }

@@ -111,3 +111,15 @@ def test_check_choice_names_the_value_and_the_choices():
         check_choice("schedule", "linear", Literal["cosine", "constant"])
     with pytest.raises(ValueError, match=r"mode='up': expected one of 'max', 'min'"):
         check_choice("mode", "up", ("max", "min"))
+
+
+def test_union_reasons_keep_the_alternatives_own_errors():
+    from undo_lightning.io import union_reasons
+
+    text = ("Does not validate against any of the Union subtypes\nSubtypes: [<class 'X'>, typing.Literal['a']]\n"
+            "Errors:\n  - beta=0.0: must be > 0\n  - Expected a typing.Literal['a']\nGiven value type: <class 'N'>\n"
+            "Given value: Namespace(beta=0.0)")
+    assert union_reasons(text) == "beta=0.0: must be > 0"
+    only_types = text.replace("  - beta=0.0: must be > 0\n", "")
+    assert union_reasons(only_types) == "Expected a typing.Literal['a']"
+    assert union_reasons("plain message") == "plain message"

@@ -166,17 +166,14 @@ def one_line(err: BaseException) -> str:
     """``err``'s message on one line: jsonargparse's bookkeeping about union types dropped and its wording tidied
     (:func:`~undo_lightning.io.tidy_parser_text`), lines joined."""
     from undo_lightning.experiment.config import error_message
-    from undo_lightning.io import tidy_parser_text
+    from undo_lightning.io import tidy_parser_text, union_reasons
 
     # jsonargparse raises a union's validation failure (e.g. an optional dataclass group) as a plain ValueError
-    from_parser = err.__class__.__name__ == "ArgumentError" or str(err).startswith("Does not validate against any")
-    text = tidy_parser_text(error_message(err)) if from_parser else str(err)
+    from_parser = err.__class__.__name__ == "ArgumentError"
+    text = tidy_parser_text(error_message(err)) if from_parser else union_reasons(str(err))
     if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
         text = f"{err.filename}: {text}"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if from_parser and len(lines) == 1:  # the one reason a union gave, without its list bullet
-        lines[0] = lines[0].removeprefix("- ")
-    return " ".join(lines) or type(err).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> None:

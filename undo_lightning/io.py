@@ -316,7 +316,12 @@ def init_kwargs(cls: type, init_args: Mapping[str, Any], what: str) -> dict[str,
     except ArgumentError as err:
         raise ValueError(f"{what}: {cls.__name__}: {parse_error_message(err, 'init.', 'model.')}") from None
     build = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
-    return dict(vars(build(namespace).init))
+    try:
+        return dict(vars(build(namespace).init))
+    except ValueError as err:  # a nested class (e.g. an unlearning method) refused its arguments
+        if not str(err).startswith(UNION_FAILURE):
+            raise
+        raise ValueError(f"{what}: {cls.__name__}: {union_reasons(str(err))}") from None
 
 
 def did_you_mean(name: Any, choices: Any) -> str:
@@ -363,6 +368,22 @@ def parse_error_message(err: Exception, prefix: str = "", replacement: str = "")
         return f"{name}={value.group(1).strip()}: expected {' or '.join(accepted) or subtypes.group(1)}"
     text = tidy_parser_text(text)
     return text.replace(prefix, replacement) if prefix else text
+
+
+UNION_FAILURE = "Does not validate against any of the Union subtypes"
+
+
+def union_reasons(text: str) -> str:
+    """The reasons of a union value that jsonargparse could not build (``Does not validate against any of the Union
+    subtypes ... Errors: - reason ...``), without the bookkeeping: the alternatives' own errors (e.g. an unlearning
+    method's ``beta=0.0: ... must be > 0``), leaving out "Expected a <type>" lines of the alternatives the value was
+    never meant as when another reason is given. Any other text is returned as is."""
+    if not text.startswith(UNION_FAILURE):
+        return text
+    errors = text.split("Errors:", 1)[-1].split("Given value type:", 1)[0]
+    reasons = [line.strip()[2:] for line in errors.splitlines() if line.strip().startswith("- ")]
+    meant = [r for r in reasons if not r.startswith("Expected a ")]
+    return "; ".join(meant or reasons) or text
 
 
 def tidy_parser_text(text: str) -> str:
