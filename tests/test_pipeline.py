@@ -119,6 +119,36 @@ def test_a_changed_setting_redoes_only_what_depends_on_it(smoke_run, tmp_path, c
 
 
 @pytest.mark.slow
+def test_attacker_search_runs_are_reused_and_removed_with_the_search(smoke_run, tmp_path):
+    """relearn.search_rounds: each model gets 2 more LRs (every seed), a re-run reuses them, and a config without the
+    search removes them while keeping the grid."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run[0], out)
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["relearn"]["search_rounds"] = 1
+    cfg["report"]["max_retain_drop"] = 0.5
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    grid = _stamps(out)
+    run_pipeline(str(path), out_dir=str(out))
+    searched = {k: v for k, v in _stamps(out).items() if k not in grid}
+    assert len(searched) == 2 * len(STAGES) and {k: v for k, v in _stamps(out).items() if k in grid} == grid
+    for key in searched:
+        record = json.loads((out / Path(key).parent / "run.json").read_text())
+        assert record["search_round"] == 1 and record["lr"] not in cfg["relearn"]["lrs"]
+    summary = json.loads((out / "relearn_summary.json").read_text())
+    assert summary["search"]["max_retain_drop"] == 0.5 and all(len(lrs) == 4 for lrs in summary["search"]["lrs"].values())
+    run_pipeline(str(path), out_dir=str(out))
+    assert _stamps(out) == {**grid, **searched}  # nothing redone
+    cfg["relearn"]["search_rounds"] = 0
+    path.write_text(yaml.safe_dump(cfg))
+    run_pipeline(str(path), out_dir=str(out))
+    assert _stamps(out) == grid
+
+
+@pytest.mark.slow
 def test_a_stage_the_config_drops_is_removed_with_its_runs(smoke_run, tmp_path):
     import shutil
 

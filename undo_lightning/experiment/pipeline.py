@@ -533,7 +533,7 @@ def _prepare_runs(out: Path, expected: dict[Path, dict], previous: dict[Path, di
         key = folder.relative_to(out)
         if key not in expected:
             record = reuse.read_record(folder / RUN_RECORD) if (folder / RUN_RECORD).is_file() else None
-            if record and record.get("search_round", 0) <= search_rounds and \
+            if record and 0 < record.get("search_round", 0) <= search_rounds and \
                     (folder.parent.name, _base(record)) in bases:
                 continue  # a run of the attacker's LR search on a grid that is still valid: the search reuses it
             gone.append(key)
