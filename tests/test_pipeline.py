@@ -139,7 +139,8 @@ def test_attacker_search_runs_are_reused_and_removed_with_the_search(smoke_run, 
         record = json.loads((out / Path(key).parent / "run.json").read_text())
         assert record["search_round"] == 1 and record["lr"] not in cfg["relearn"]["lrs"]
     summary = json.loads((out / "relearn_summary.json").read_text())
-    assert summary["search"]["max_retain_drop"] == 0.5 and all(len(lrs) == 4 for lrs in summary["search"]["lrs"].values())
+    assert summary["search"]["max_retain_drop"] == 0.5
+    assert all(len(lrs) == 4 for lrs in summary["search"]["lrs"].values())
     run_pipeline(str(path), out_dir=str(out))
     assert _stamps(out) == {**grid, **searched}  # nothing redone
     cfg["relearn"]["search_rounds"] = 0
