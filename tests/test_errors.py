@@ -49,6 +49,12 @@ CASES = {
     "pipeline: misspelt nested key": (
         lambda t: ["pipeline", "-c", _config(t, lambda c: c["undo"].update(alhpas=[0.5]))],
         r"undo pipeline: error: .*bad.yaml: undo: unknown key\(s\) \['alhpas'\] \(did you mean 'alphas'\?\)"),
+}
+
+
+#: cases checked in this process through the same entry point (``cli.main``): the message is what they test; the
+#: subprocess cases above already show that such a message is the whole of stderr
+IN_PROCESS = {
     "pipeline: LoRA target that matches nothing": (
         lambda t: ["pipeline", "-c", _config(t, lambda c: c["relearn"].update(
             attacks={"lora": {"model": {"lora": {"target_modules": ["q_proj", "qkv_proj"]}}}}))],
@@ -74,6 +80,23 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert pytest.importorskip("re").match(pattern, lines[0]), lines[0]
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+@pytest.mark.parametrize("case", sorted(IN_PROCESS))
+def test_bad_input_in_process(case, tmp_path, capsys, monkeypatch):
+    import undo_lightning.cli as cli
+
+    # process-wide settings of a real `undo` process (heap tuning, warning/log filters) stay out of the test process
+    monkeypatch.setattr(cli, "tune_allocator", lambda: False)
+    monkeypatch.setattr(cli, "quiet_expected_warnings", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    args, pattern = IN_PROCESS[case]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args(tmp_path))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and lines, lines
+    assert pytest.importorskip("re").match(pattern, lines[-1]), lines[-1]
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
