@@ -9,6 +9,7 @@ stage) never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import math
@@ -322,6 +323,24 @@ def init_kwargs(cls: type, init_args: Mapping[str, Any], what: str) -> dict[str,
         if not str(err).startswith(UNION_FAILURE):
             raise
         raise ValueError(f"{what}: {cls.__name__}: {union_reasons(str(err))}") from None
+
+
+def settings_from(cls: type, value: Any, name: str, default: Any = None) -> Any:
+    """``value`` as an instance of the settings dataclass ``cls``: an instance as it is; a mapping (a config section, a
+    checkpoint's ``hparams``) sets the fields it names over ``default`` (``cls``'s own defaults when ``None``).
+
+    Raises:
+        ValueError: ``value`` is neither, or names a field ``cls`` does not have (naming ``name`` and the fields).
+    """
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name}={value!r}: expected {cls.__name__}(...) or a mapping of its fields")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ValueError(f"{name}: unknown key(s) {unknown}; expected some of {names}")
+    return cls(**value) if default is None else dataclasses.replace(default, **value)
 
 
 def did_you_mean(name: Any, choices: Any) -> str:

@@ -21,7 +21,7 @@ from undo_lightning.data.steps import STEP_TOKENS
 from undo_lightning.data.tokenizers import load_tokenizer
 from undo_lightning.eval.mcq import mcq_correct
 from undo_lightning.eval.metrics import ValidationMetrics, answer_correct, lm_nll
-from undo_lightning.io import check_choice
+from undo_lightning.io import check_choice, settings_from
 from undo_lightning.losses import OutputHead, scored_tokens
 from undo_lightning.models import build_model, count_parameters, is_hf_folder
 from undo_lightning.sharding import is_sharded, shard, shard_from_rank0, tensor_parallel_size
@@ -70,15 +70,9 @@ class OptimizerConfig:
     def of(cls, value: OptimizerConfig | Mapping, default: OptimizerConfig) -> OptimizerConfig:
         """``value`` as an :class:`OptimizerConfig`: an instance as it is; a mapping (a Python dict, a checkpoint's
         ``hparams``) overrides only the fields it names, over ``default`` (the stage's defaults)."""
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, Mapping):
-            raise ValueError(f"optimizer={value!r}: expected OptimizerConfig(...) or a mapping of its fields")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(value) - set(names))
-        if unknown:
-            raise ValueError(f"optimizer: unknown key(s) {unknown}; expected some of {names}")
-        return dataclasses.replace(default, **{k: tuple(v) if k == "betas" else v for k, v in value.items()})
+        if isinstance(value, Mapping):  # YAML and checkpoints give lists
+            value = {k: tuple(v) if k == "betas" else v for k, v in value.items()}
+        return settings_from(cls, value, "optimizer", default)
 
 
 class UndoModule(L.LightningModule):

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 
 import torch
 
+from undo_lightning.io import settings_from
+
 #: peft's name for "every Linear layer but the output head"
 ALL_LINEAR = "all-linear"
 
@@ -65,15 +67,7 @@ class LoraSettings:
     def of(cls, value: LoraSettings | Mapping | None) -> LoraSettings | None:
         """``value`` as settings: an instance as it is, a mapping (a config, a checkpoint's ``hparams``) over the
         defaults, ``None`` as ``None`` (no LoRA: full fine-tuning)."""
-        if value is None or isinstance(value, cls):
-            return value
-        if not isinstance(value, Mapping):
-            raise ValueError(f"lora={value!r}: expected LoraSettings(...), a mapping of its fields, or null")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(value) - set(names))
-        if unknown:
-            raise ValueError(f"lora: unknown key(s) {unknown}; expected some of {names}")
-        return cls(**value)
+        return None if value is None else settings_from(cls, value, "lora")
 
 
 def linear_names(model: torch.nn.Module) -> list[str]:
