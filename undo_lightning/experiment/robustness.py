@@ -233,6 +233,15 @@ def _take(curve: Curve, steps: np.ndarray, what: str) -> np.ndarray:
     return curve.values[idx]
 
 
+def _within_floor(values: np.ndarray, retain: np.ndarray, retain_start: float, max_retain_drop: float,
+                  retain_higher_is_better: bool) -> np.ndarray:
+    """``values`` with NaN at the steps where the retain metric is worse than ``retain_start`` by more than
+    ``max_retain_drop`` (the utility bound of :func:`worst_case`); a NaN retain value keeps its step. A new array."""
+    drop = (retain_start - retain) if retain_higher_is_better else (retain - retain_start)
+    with np.errstate(invalid="ignore"):
+        return np.where(drop > max_retain_drop, np.nan, values)  # NaN drop compares False -> kept
+
+
 def worst_case(curves: Mapping[RunKey, Curve], mode: str = "max", retain_curves: Mapping[RunKey, Curve] | None = None,
                max_retain_drop: float | None = None, *, retain_higher_is_better: bool = True,
                ddof: int = 0) -> WorstCase:
@@ -291,14 +300,11 @@ def worst_case(curves: Mapping[RunKey, Curve], mode: str = "max", retain_curves:
         for (lr, s), curve in sorted(curves.items()):
             if s != seed:
                 continue
-            v = _take(curve, steps, f"curve lr={lr} seed={s}").copy()
+            v = _take(curve, steps, f"curve lr={lr} seed={s}")
             if retain_curves is not None:
                 r_curve = retain_curves[(lr, s)]
-                r = _take(r_curve, steps, f"retain curve lr={lr} seed={s}")
-                r0 = r_curve.values[0]
-                drop = (r0 - r) if retain_higher_is_better else (r - r0)
-                with np.errstate(invalid="ignore"):
-                    v[drop > max_retain_drop] = np.nan  # NaN drop compares False -> kept
+                v = _within_floor(v, _take(r_curve, steps, f"retain curve lr={lr} seed={s}"), r_curve.values[0],
+                                  max_retain_drop, retain_higher_is_better)
             rows.append(v)
         stack = np.vstack(rows)
         usable = ~np.all(np.isnan(stack), axis=0)
@@ -347,12 +353,10 @@ def lr_scores(curves: Mapping[RunKey, Curve], mode: str = "max", retain_curves: 
     check_mode(mode)
     per_lr: dict[float, list[float]] = {}
     for (lr, seed), curve in sorted(curves.items()):
-        v = curve.values.copy()
+        v = curve.values
         if retain_curves is not None and max_retain_drop is not None:
             r = retain_curves[(lr, seed)].values
-            drop = (r[0] - r) if retain_higher_is_better else (r - r[0])
-            with np.errstate(invalid="ignore"):
-                v[drop > max_retain_drop] = np.nan
+            v = _within_floor(v, r, r[0], max_retain_drop, retain_higher_is_better)
         usable = v[~np.isnan(v)]
         per_lr.setdefault(lr, []).append(float(usable.max() if mode == "max" else usable.min()) if len(usable)
                                          else math.nan)

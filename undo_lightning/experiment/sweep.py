@@ -40,6 +40,7 @@ import yaml
 
 from undo_lightning.data import RetainForgetDataModule
 from undo_lightning.experiment import reuse
+from undo_lightning.experiment.report import default_retain_metric
 from undo_lightning.experiment.robustness import (
     load_curves,
     lr_scores,
@@ -510,8 +511,8 @@ def search_lrs(out_dir: str | Path, model: str, setting: str, tried: Sequence[fl
     curves = {k: c for k, c in load_curves(out_dir, model, metric, setting).items() if k in wanted}
     retain = None
     if max_retain_drop is not None:
-        retain_metric = metric.replace("forget", "retain")
-        retain = {k: c for k, c in load_curves(out_dir, model, retain_metric, setting).items() if k in wanted}
+        retain = {k: c for k, c in load_curves(out_dir, model, default_retain_metric(metric), setting).items()
+                  if k in wanted}
     scores = lr_scores(curves, mode, retain, max_retain_drop, retain_higher_is_better=metric.endswith("_acc"))
     return refine_lrs(scores, mode)
 

@@ -188,8 +188,12 @@ class UndoModule(L.LightningModule):
             return
         self.check_strategy()
         # from_pretrained returns eval mode; a stage trains its model (Lightning keeps submodule modes as found)
-        self.model = self.build(self.model_name).train()
+        self.model = self.build_trained().train()
         self.prepare_models()
+
+    def build_trained(self) -> torch.nn.Module:
+        """The model this stage trains, before sharding (a stage that adapts it, e.g. with LoRA, overrides this)."""
+        return self.build(self.model_name)
 
     #: whether the stage holds a frozen model beside the trained one (a teacher, a frozen copy); see check_strategy
     holds_frozen_model: bool = False

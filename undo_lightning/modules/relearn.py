@@ -115,15 +115,11 @@ class RelearnAttackModule(UndoModule):
         self.relearn_curve = RelearnCurve()
 
     # ------------------------------------------------------------------------------------------------ training
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        self.check_strategy()
-        model = self.build(self.model_name)
-        if self.lora is not None:  # before sharding: the adapters are parameters of the sharded units
-            self.lora.inject(model)
-        self.model = model.train()  # from_pretrained returns eval mode; the attack fine-tunes in train mode
-        self.prepare_models()
+    def build_trained(self) -> torch.nn.Module:
+        """The attacked model, with LoRA adapters when ``lora`` is set (injected before sharding: the adapters are
+        parameters of the sharded units)."""
+        model = super().build_trained()
+        return model if self.lora is None else self.lora.inject(model)
 
     def exported_model(self):
         """With LoRA, the adapters merged into the weights (or the adapter alone, ``lora.merge=False``)."""
