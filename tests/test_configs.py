@@ -13,7 +13,7 @@ from undo_lightning.cli import _lightning_cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 PIPELINE_CONFIGS = {"quick.yaml", "paper.yaml", "smoke.yaml", "local.yaml", "pipeline.yaml"}  # experiment files read by `undo pipeline`
-CLAIMS_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "arithmetic", "claims", "*.yaml")))  # pipelines too
+CLAIMS_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "arithmetic", "claims", "*.yaml")))  # overlays of the demo
 DATA_CONFIGS = [c for c in CONFIGS if os.path.basename(c) == "data.yaml"]  # shared `data:` blocks of stage configs
 STRATEGY_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "strategies", "*.yaml")))  # trainer overlays
 #: experiment overlays: applied over the demo (`undo pipeline -c quick.yaml -c attacks.yaml`)
@@ -98,48 +98,59 @@ def test_pipeline_configs_validate(name):
             assert f.readline().startswith("#")
 
 
-#: the stages each claims config must run (the paper's three arithmetic claims, one command each)
+#: the stages each claims config adds to the demo's (the paper's three arithmetic claims, one command each)
+DEMO_STAGES = ["reference", "oracle", "unlearn", "distill", "undo_a0.2", "undo_a0.5", "undo_a0.8"]
 CLAIM_STAGES = {
-    "oracle_matching.yaml": ["reference", "oracle", "unlearn", "match_reference", "match_random"],
-    "methods.yaml": ["reference", "oracle", "unlearn", "graddiff", "rmu", "distill", "distill_graddiff", "distill_rmu"],
-    "alpha_grid.yaml": ["reference", "oracle", "unlearn", "distill"]
-                       + [f"undo_a{a}_n{n}" for a in (0.1, 0.3, 0.5, 0.7, 0.9) for n in (0, 1)],
-    "frontier.yaml": ["reference", "oracle", "unlearn", "distill", "undo_a0.2", "undo_a0.4", "undo_a0.6", "undo_a0.8",
-                      "beta0.5_a0.2", "beta0.5_a0.4", "beta1_a0.2", "mlp_only_a0.4", "attn_only_a0.4",
-                      "forget_heavy_a0.4", "retain_heavy_a0.4"],
+    "oracle_matching.yaml": DEMO_STAGES + ["match_reference", "match_random"],
+    "methods.yaml": DEMO_STAGES[:3] + ["graddiff", "rmu"] + DEMO_STAGES[3:] + ["distill_graddiff", "distill_rmu"],
+    "alpha_grid.yaml": DEMO_STAGES[:4] + [f"undo_a{a}_n{n}" for a in (0.1, 0.3, 0.5, 0.7, 0.9) for n in (0, 1)],
+    "frontier.yaml": DEMO_STAGES[:4] + ["undo_a0.2", "undo_a0.4", "undo_a0.6", "undo_a0.8", "beta0.5_a0.2",
+                                         "beta0.5_a0.4", "beta1_a0.2", "mlp_only_a0.4", "attn_only_a0.4",
+                                         "forget_heavy_a0.4", "balanced_a0.4"],
 }
 
 
 @pytest.mark.parametrize("path", CLAIMS_CONFIGS, ids=os.path.basename)
 def test_claims_configs_validate(path):
-    from undo_lightning.experiment.pipeline import attack_sweeps, load_config, validate
+    """Each claims config is an overlay of the demo: the demo's stages it keeps have the demo's records (so a copy of
+    a finished demo is reused), and it adds the stages and attack seeds of its claim."""
+    from undo_lightning.experiment.pipeline import attack_sweeps, load_config, parse_argv, stage_records, validate
 
-    cfg = load_config(path)
+    quick = os.path.join(ROOT, "configs", "arithmetic", "quick.yaml")
+    cfg, _ = parse_argv(["-c", quick, "-c", path])
+    demo = load_config(quick)
     stages = {s.name: s for s in validate(cfg)}
     assert list(stages) == CLAIM_STAGES[os.path.basename(path)]
+    records, demo_records = stage_records(cfg, list(stages.values())), stage_records(demo, validate(demo))
+    kept = [name for name in DEMO_STAGES if name in stages]
+    assert kept[:4] == DEMO_STAGES[:4] and all(records[name] == demo_records[name] for name in kept)
+    assert cfg["name"] == demo["name"]  # runs in a copy of the demo's folder without --overwrite
     # every claim: both attacks (the frontier search: the forget attack), at least 3 attack seeds (the demo has 2)
     sweeps = attack_sweeps(cfg)
     frontier = os.path.basename(path) == "frontier.yaml"
     assert list(sweeps) == (["forget"] if frontier else ["forget", "heldout"])
     assert all(len(s["seeds"]) >= 3 for s in sweeps.values())
+    assert all(s["lrs"] == demo["relearn"]["lrs"] for s in sweeps.values())
     assert cfg["out_dir"].startswith("runs/claims/")
     if "match_reference" in stages:  # oracle matching: the oracle into the reference and into a random init
         ref, rnd = stages["match_reference"], stages["match_random"]
         assert ref.module["teacher"] == rnd.module["teacher"] == stages["oracle"].hf
         assert (ref.module["student_init"], rnd.module["student_init"]) == (stages["reference"].hf, "random")
-        assert ref.trainer == rnd.trainer and "stop_threshold" not in ref.module  # equal compute, no stop rule
+        assert ref.trainer == rnd.trainer and ref.module["stop_threshold"] is None  # equal compute, no stop rule
     if "graddiff" in stages:  # each method's teacher distilled with the same settings
         for method in ("graddiff", "rmu"):
             student = stages[f"distill_{method}"]
             assert student.module["teacher"] == stages[method].hf and student.record["teacher_stage"] == method
             assert {k: v for k, v in student.module.items() if k != "teacher"} == \
                 {k: v for k, v in stages["distill"].module.items() if k != "teacher"}
+            assert student.data == stages["distill"].data
     if frontier:  # each variant is the teacher's noised copy, distilled with the shared settings
         for name in CLAIM_STAGES["frontier.yaml"][8:]:
             assert stages[name].module["student_init"] == "teacher" and stages[name].record["alpha"] in (0.2, 0.4)
-            assert stages[name].module["stop_threshold"] == 0.05
+            assert stages[name].module["stop_threshold"] == stages["distill"].module["stop_threshold"]
         assert stages["mlp_only_a0.4"].module["noise_include"] == "mlp"
-        assert stages["forget_heavy_a0.4"].data == {"mixture": {"retain": 0.1, "forget": 0.9}}
+        assert stages["forget_heavy_a0.4"].data["mixture"] == {"retain": 0.1, "forget": 0.9}
+        assert stages["beta1_a0.2"].data == stages["distill"].data
     if "undo_a0.1_n0" in stages:  # 2 noise seeds per alpha
         assert stages["undo_a0.5_n1"].module["noise_seed"] == 1 and stages["undo_a0.5_n0"].module["noise_seed"] == 0
     with open(path) as f:

@@ -19,9 +19,13 @@ def test_readme_python_example_builds_the_demo_stages(monkeypatch):
     exec(compile(code, "README.md", "exec"), {})
     assert [type(m).__name__ for _, m, _ in fitted] == ["PretrainModule", "UnlearnModule", "DistillModule",
                                                           "RelearnAttackModule"]
-    demo = RetainForgetDataModule.from_config(load_config(None)["data"])  # configs/arithmetic/quick.yaml
-    for trainer, _, dm in fitted:
+    config = load_config(None)  # configs/arithmetic/quick.yaml
+    demo = RetainForgetDataModule.from_config(config["data"])
+    for trainer, module, dm in fitted:
+        batch_size = config["relearn"]["batch_size"] if type(module).__name__ == "RelearnAttackModule" else \
+            demo.batch_size
         assert (dm.retain, dm.forget, dm.block_size, dm.batch_size) == (demo.retain, demo.forget, demo.block_size,
-                                                                        demo.batch_size)
+                                                                        batch_size)
+    assert fitted[2][2].mixture == config["distill"]["data"]["mixture"]
     attack = fitted[-1][0]
     assert attack.max_steps // attack.val_check_interval >= 4  # the attack curve has more than its two ends
