@@ -136,9 +136,12 @@ def test_ctrl_c_stops_the_pipeline_with_exit_130_and_says_how_to_resume(tmp_path
     import time
 
     out = tmp_path / "run"
+    # a shell starts background jobs (`pytest &`, CI runners) with SIGINT ignored and children inherit that, so the
+    # child gets the default disposition back: Python then installs its KeyboardInterrupt handler as in a terminal
     proc = subprocess.Popen([sys.executable, "-m", "undo_lightning.cli", "pipeline", "-c", str(SMOKE), "--out_dir",
                              str(out)], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt = out / "reference" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
