@@ -13,7 +13,7 @@ from undo_lightning.cli import _lightning_cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 PIPELINE_CONFIGS = {"quick.yaml", "paper.yaml", "smoke.yaml", "local.yaml", "pipeline.yaml"}  # experiment files read by `undo pipeline`
-CLAIMS_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "arithmetic", "claims", "*.yaml")))  # overlays of the demo
+CLAIMS_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "arithmetic", "claims", "*.yaml")))  # demo overlays
 DATA_CONFIGS = [c for c in CONFIGS if os.path.basename(c) == "data.yaml"]  # shared `data:` blocks of stage configs
 STRATEGY_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "strategies", "*.yaml")))  # trainer overlays
 #: experiment overlays: applied over the demo (`undo pipeline -c quick.yaml -c attacks.yaml`)
