@@ -140,6 +140,30 @@ def test_eval_fact_fraction_keeps_evaluated_facts_out_of_every_document():
                                                            ).documents("train", 3)
 
 
+def test_trained_eval_sets_score_the_facts_the_documents_hold():
+    source = ArithmeticSource(("mul", "div"), train_documents=3000, val_documents=300, eval_fact_fraction=0.5,
+                              mul_div_range=(1, 20), word_problem_fraction=0.0, eval_forms=("equation",))
+
+    def facts(sets):
+        out = set()
+        for items in sets.values():
+            for item in items:
+                a, symbol, b = re.fullmatch(r"(\d+) (\S) (\d+) =", item.prompt).groups()
+                assert int(item.answer) == (int(a) * int(b) if symbol == "*" else int(a) // int(b))
+                out.add((SYMBOL_OPS[symbol], (int(a), int(b))))
+        return out
+
+    trained_sets = source.trained_eval_sets(seed=3, n_per_set=60)
+    assert set(trained_sets) == set(source.eval_sets(seed=3, n_per_set=60)) == {"mul_equation", "div_equation"}
+    trained, held = facts(trained_sets), facts(source.eval_sets(seed=3, n_per_set=60))
+    documented = {(p.op, p.operands) for p in source.problems("train", seed=3)}
+    assert len(trained) > 60 and not trained & held
+    assert trained <= documented  # 3000 documents cover every training-side fact of 1..20
+    assert not any(source.is_eval_fact(Problem(op, "equation", "", 0, operands=ops)) for op, ops in trained)
+    # without held-out facts every evaluated fact is trained: no second set
+    assert ArithmeticSource(("mul",), train_documents=5).trained_eval_sets(seed=3, n_per_set=10) == {}
+
+
 def test_an_empty_side_of_the_fact_split_is_a_clear_error():
     # one multiplication fact (1 * 1): it is either held out or not, so one side of the split has no fact at all
     source = ArithmeticSource(("mul",), mul_div_range=(1, 1), eval_fact_fraction=0.5, train_documents=5)

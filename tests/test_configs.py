@@ -124,12 +124,10 @@ def test_claims_configs_validate(path):
     records, demo_records = stage_records(cfg, list(stages.values())), stage_records(demo, validate(demo))
     assert all(records[name] == demo_records[name] for name in DEMO_STAGES if name in stages)
     assert cfg["name"] == demo["name"]  # runs in a copy of the demo's folder without --overwrite
-    # at least 3 attack seeds (the demo has 2); the forget-data attack, and the held-out-facts attack as well where
-    # an hour on 2 cores allows it
+    # at least 3 attack seeds (the demo has 2) of the demo's attack, which scores trained and held-out facts
     sweeps = attack_sweeps(cfg)
     frontier = os.path.basename(path) == "frontier.yaml"
-    forget_only = os.path.basename(path) in ("frontier.yaml", "alpha_grid.yaml")
-    assert list(sweeps) == (["forget"] if forget_only else ["forget", "heldout"])
+    assert list(sweeps) == ["heldout"] and sweeps["heldout"]["data"] == attack_sweeps(demo)["heldout"]["data"]
     assert all(len(s["seeds"]) >= 3 for s in sweeps.values())
     assert all(s["lrs"] == demo["relearn"]["lrs"] for s in sweeps.values())
     assert cfg["out_dir"].startswith("runs/claims/")
@@ -199,12 +197,12 @@ def test_attacks_overlay_adds_attackers_and_probes_to_the_demo():
     assert records == stage_records(demo, demo_stages)
     # the demo's attack runs are this experiment's too (reused when it runs in the demo's folder)
     runs, demo_runs = run_records(cfg, stages, records), run_records(demo, demo_stages, records)
-    assert len(demo_runs) == 56 and {k: runs[k] for k in demo_runs} == demo_runs and len(runs) == 56 + 3 * 28
+    assert len(demo_runs) == 28 and {k: runs[k] for k in demo_runs} == demo_runs and len(runs) == 28 + 4 * 28
     sweeps, demo_sweeps = attack_sweeps(cfg), attack_sweeps(demo)
     assert list(sweeps) == ["forget", "heldout", "lora", "fewshot", "mix"]
     assert sweeps["mix"]["attack"] == "mixture" and sweeps["mix"]["data"]["mixture"] == {"retain": 0.875, "forget": 0.125}
     assert sweeps["lora"]["module"] == {"lora": {"rank": 8, "alpha": 16, "target_modules": "all-linear"}}
-    assert sweeps["lora"]["lrs"] == [0.001, 0.003] and sweeps["fewshot"]["lrs"] == demo_sweeps["forget"]["lrs"]
+    assert sweeps["lora"]["lrs"] == [0.001, 0.003] and sweeps["fewshot"]["lrs"] == demo_sweeps["heldout"]["lrs"]
     assert sweeps["fewshot"]["data"]["few_shot"] == 16
     assert cfg["probes"]["quantize"]["bits"] == [8, 4] and cfg["probes"]["weights"]["points"] == 5
     assert cfg["report"]["max_retain_drop"] == 0.2

@@ -117,6 +117,17 @@ def test_validation_loaders(tokenizer):
     assert set(dm.eval_set_split.values()) == {"retain", "forget"} and len(dm.eval_set_split) == 8
 
 
+def test_held_out_facts_add_trained_sets_on_a_side_of_their_own(tokenizer):
+    dm = small_datamodule(tokenizer)
+    dm.forget.eval_fact_fraction = 0.5
+    dm.setup()
+    trained = {n: s for n, s in dm.eval_set_split.items() if s == "forget_trained"}
+    assert set(trained) == {f"{n}_trained" for n, s in dm.eval_set_split.items() if s == "forget"}
+    assert all(dm.eval_sets[n] == dm.forget.trained_eval_sets(dm.seed, dm.eval_prompts_per_set)[n[:-8]]
+               for n in trained)
+    assert not set(trained) & set(dm.eval_set_group)  # no group: they never join val/forget_<group>_acc
+
+
 def test_empty_or_too_small_split_is_a_clear_error(tokenizer):
     class Empty(ArithmeticSource):
         def documents(self, split, seed):

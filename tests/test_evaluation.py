@@ -77,6 +77,20 @@ def test_group_accuracies_are_unweighted_means_per_side_by_hand():
     assert "val/retain_equation_acc" not in out  # add_equation was never scored
 
 
+def test_trained_sets_have_their_own_side_mean_outside_the_forget_accuracy_by_hand():
+    split = {"mul_equation": "forget", "div_equation": "forget", "mul_equation_trained": "forget_trained",
+             "div_equation_trained": "forget_trained", "add_equation": "retain"}
+    m = ValidationMetrics(split, eval_set_group={"mul_equation": "equation", "div_equation": "equation"})
+    m.update_answers(["mul_equation", "div_equation", "div_equation", "mul_equation_trained", "mul_equation_trained",
+                      "div_equation_trained", "add_equation"], [False, True, False, True, True, False, True])
+    out = m.compute()
+    assert out["val/forget_acc"] == pytest.approx((0.0 + 0.5) / 2)  # the held-out sets only
+    assert out["val/forget_equation_acc"] == out["val/forget_acc"]
+    assert out["val/forget_trained_acc"] == pytest.approx((1.0 + 0.0) / 2)
+    assert out["val/mul_equation_trained_acc"] == 1.0 and out["val/retain_acc"] == 1.0
+    assert "val/forget_trained_equation_acc" not in out  # trained sets carry no group
+
+
 def test_mixture_keeps_each_components_set_groups_under_the_renamed_set_names():
     from undo_lightning import ArithmeticSource, MixtureSource
 

@@ -379,3 +379,33 @@ def test_report_lists_the_students_frontier(run):
     md = (run / "report.md").read_text()
     assert ("- attack `forget`: `undo_a0.2` (10 %, 0.167) → `undo_a0.6` (25 %, 0.667) → `distill` (50 %, 0.917)"
             in md)
+
+
+def test_an_attack_scoring_trained_and_held_out_facts_is_two_column_groups_of_one_run_set(run):
+    """A held-out-facts attack whose curves also carry ``val/forget_trained_acc`` is reported twice from the same
+    runs: ``heldout`` reads the held-out facts, ``heldout.trained`` the facts the attacker trains on."""
+    held = {"teacher": [0.0, 0.3, 0.5, 0.6], "oracle": [0.0, 0.0, 0.1, 0.2], "undo_a0.6": [0.0, 0.1, 0.2, 0.3]}
+    trained = {"teacher": [0.0, 0.6, 0.8, 1.0], "oracle": [0.0, 0.2, 0.4, 0.5], "undo_a0.6": [0.0, 0.3, 0.5, 0.6]}
+    for model in held:
+        for lr in LRS:
+            d = run / "relearn" / model / f"lr={lr}_seed=0_heldout"
+            d.mkdir()
+            (d / "curve.json").write_text(json.dumps({
+                "model": model, "lr": lr, "seed": 0, "attack": "heldout", "train_on": "forget", "steps": STEPS,
+                "metrics": {"val/forget_acc": held[model], "val/forget_trained_acc": trained[model],
+                            "val/retain_acc": [0.9] * 4}}))
+    rep = write_report(run, steps=[300], attacks=["forget", "heldout"])
+    assert list(rep["attacks"]) == ["forget", "heldout", "heldout.trained"]
+    assert rep["attacks"]["heldout.trained"]["runs"] == "heldout"
+    assert rep["attacks"]["heldout.trained"]["metric"] == "val/forget_trained_acc"
+    h, t = by_name(rep, "heldout"), by_name(rep, "heldout.trained")
+    assert h["teacher"]["after"][-1]["mean"] == 0.6 and t["teacher"]["after"][-1]["mean"] == 1.0
+    assert h["undo_a0.6"]["runs"]["n_runs"] == t["undo_a0.6"]["runs"]["n_runs"] == 2
+    # (0.3 - 0.6) / (0.2 - 0.6) and (0.6 - 1.0) / (0.5 - 1.0)
+    assert h["undo_a0.6"]["relative_robustness"] == 0.75 and t["undo_a0.6"]["relative_robustness"] == 0.8
+    assert by_name(rep)["teacher"]["after"][-1]["mean"] == 0.9  # the forget attack's own runs are untouched
+    md = (run / "report.md").read_text()
+    assert "## attack `heldout` (fine-tuned on forget data; scored on the material it never trains on)" in md
+    assert ("## attack `heldout.trained` (fine-tuned on forget data; the runs of `heldout` scored on the material "
+            "they train on)") in md
+    assert (run / "relearn_curves_heldout.trained.png").is_file()

@@ -130,17 +130,20 @@ class ArithmeticSource(DocumentSource):
             raise ValueError(f"train_documents={self.train_documents}, val_documents={self.val_documents}: "
                              "expected at least 1 of each (an empty split cannot be trained or validated)")
 
-    def _problem(self, rng: random.Random, op: str | None = None, form: str | None = None, heldout: bool = False):
+    def _problem(self, rng: random.Random, op: str | None = None, form: str | None = None, heldout: bool = False,
+                 eval_fact: bool | None = None):
         """One problem; with ``eval_fact_fraction``, redrawn until its fact is on the side the caller asks for
-        (evaluation prompts: ``heldout``; documents: the rest)."""
+        (``eval_fact``, default ``heldout``: evaluation prompts come from the held-out facts, documents from the
+        rest). ``heldout`` also selects the evaluation-only word-problem templates."""
+        eval_fact = heldout if eval_fact is None else eval_fact
         for _ in range(_MAX_DRAWS):
             chosen_op = op or self.operations[rng.randrange(len(self.operations))]
             chosen_form = form or ("word_problem" if rng.random() < self.word_problem_fraction else "equation")
             problem = make_problem(chosen_op, chosen_form, rng, heldout=heldout,
                                    add_sub_range=tuple(self.add_sub_range), mul_div_range=tuple(self.mul_div_range))
-            if self.eval_fact_fraction is None or self.is_eval_fact(problem) == heldout:
+            if self.eval_fact_fraction is None or self.is_eval_fact(problem) == eval_fact:
                 return problem
-        raise ValueError(f"eval_fact_fraction={self.eval_fact_fraction}: no {'held-out' if heldout else 'training'} "
+        raise ValueError(f"eval_fact_fraction={self.eval_fact_fraction}: no {'held-out' if eval_fact else 'training'} "
                          f"{op or 'any'} fact in {_MAX_DRAWS} draws from add_sub_range={tuple(self.add_sub_range)}, "
                          f"mul_div_range={tuple(self.mul_div_range)}; widen the ranges or change the fraction")
 
@@ -165,13 +168,23 @@ class ArithmeticSource(DocumentSource):
         return {f"{op}_{form}": form for op in self.operations for form in self.eval_forms}
 
     def eval_sets(self, seed: int, n_per_set: int) -> dict[str, list[EvalItem]]:
+        return self._eval_sets(seed, n_per_set, eval_fact=True)
+
+    def trained_eval_sets(self, seed: int, n_per_set: int) -> dict[str, list[EvalItem]]:
+        """With ``eval_fact_fraction``: the same sets drawn from the facts the documents contain (the held-out
+        templates still phrase the word problems), so an attack on this data reports the facts it trains on beside
+        the held-out ones. Empty without it (:meth:`eval_sets` then already covers every fact)."""
+        return {} if self.eval_fact_fraction is None else self._eval_sets(seed, n_per_set, eval_fact=False)
+
+    def _eval_sets(self, seed: int, n_per_set: int, eval_fact: bool) -> dict[str, list[EvalItem]]:
         out: dict[str, list[EvalItem]] = {}
         for op in self.operations:
             for form in self.eval_forms:
                 # One stream per (op, form) so adding a set never changes the others (the reference reuses one seed
                 # for every op, so its add and sub prompts mirror each other; docs/reference.md §13).
-                rng = random.Random(f"{seed + _SPLIT_OFFSET['eval']}-{op}-{form}")
-                items = [self._problem(rng, op, form, heldout=True) for _ in range(n_per_set)]
+                stream = f"{seed + _SPLIT_OFFSET['eval']}-{op}-{form}" + ("" if eval_fact else "-trained")
+                rng = random.Random(stream)
+                items = [self._problem(rng, op, form, heldout=True, eval_fact=eval_fact) for _ in range(n_per_set)]
                 out[f"{op}_{form}"] = [EvalItem(p.prompt, str(p.answer)) for p in items]
         return out
 

@@ -346,6 +346,11 @@ class RetainForgetDataModule(L.LightningDataModule):
                     self.eval_sets[name], self.eval_set_split[name] = items, split
                     if name in groups:
                         self.eval_set_group[name] = groups[name]
+            # sets of trained material score on a side of their own (val/<side>_trained_acc), never in val/<side>_acc
+            for name, items in source.trained_eval_sets(self.seed, self.eval_prompts_per_set).items():
+                if items:
+                    key = f"{name}_trained"
+                    self.eval_sets[key], self.eval_set_split[key] = items, f"{split}_trained"
         self.check_block_size(self.eval_sets)
         for split in SPLITS:
             self._blocks[f"{split}/val"] = self._pack(self._docs[(split, "val")], f"{split} val")

@@ -276,6 +276,10 @@ class MixtureSource(DocumentSource):
         """The components' answer-scored sets; a name used by two sources gets a ``source{i}_`` prefix."""
         return _merged(source.eval_sets(seed, n_per_set) for source in self.sources)
 
+    def trained_eval_sets(self, seed: int, n_per_set: int) -> dict[str, list[EvalItem]]:
+        """The components' trained-material sets; a name used by two sources gets a ``source{i}_`` prefix."""
+        return _merged(source.trained_eval_sets(seed, n_per_set) for source in self.sources)
+
     def eval_groups(self) -> dict[str, str]:
         """The components' set groups, under the set names :meth:`eval_sets` gives."""
         return _merged(source.eval_groups() for source in self.sources)

@@ -100,10 +100,12 @@ class ValidationMetrics:
 
     ``val/retain_acc`` / ``val/forget_acc`` are the unweighted means over a side's answer-scored sets (arithmetic);
     a side without answer-scored sets takes the mean over its multiple-choice sets instead (WMDP -> forget,
-    MMLU -> retain), so the accuracy a stop rule or report reads is always one kind of metric.
+    MMLU -> retain), so the accuracy a stop rule or report reads is always one kind of metric. Sets of trained
+    material (side ``forget_trained``, see ``DocumentSource.trained_eval_sets``) get their own mean,
+    ``val/forget_trained_acc``.
 
     Args:
-        eval_set_split: answer-scored set name -> ``"retain"`` or ``"forget"``.
+        eval_set_split: answer-scored set name -> ``"retain"`` or ``"forget"`` (or ``"<side>_trained"``).
         eval_set_group: answer-scored set name -> group (e.g. ``"equation"``); each group's unweighted mean per side
             is ``val/<side>_<group>_acc``.
         mcq_set_split: multiple-choice set name -> ``"retain"`` or ``"forget"``.
@@ -152,7 +154,8 @@ class ValidationMetrics:
             kind, name = key.split("/", 1)
             suffix = {"ce": "ce", "acc": "acc", "mcq": "mcq_acc"}[kind]
             out[f"val/{name}_{suffix}"] = total / count
-        for split in SIDES:
+        # the sides are retain and forget, plus "<side>_trained" when a source scores its trained material apart
+        for split in list(SIDES) + sorted(set(self.set_split.values()) - set(SIDES)):
             accs = [out[f"val/{n}_acc"] for n, s in self.set_split.items() if s == split and f"val/{n}_acc" in out]
             if not accs:
                 accs = [out[f"val/{n}_mcq_acc"] for n, s in self.mcq_split.items()

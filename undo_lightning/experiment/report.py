@@ -134,10 +134,21 @@ def _find_anchor(stages: dict[str, dict], role: str, explicit: str | None) -> st
 # building the report dict
 
 
-def _attack_settings(relearn_dir: Path) -> dict[str, dict[str, Any]]:
+def trained_metric(metric: str) -> str:
+    """The metric of an attack's trained material beside its held-out metric: ``val/forget_acc`` ->
+    ``val/forget_trained_acc`` (see ``DocumentSource.trained_eval_sets``)."""
+    return metric.replace("forget", "forget_trained", 1)
+
+
+def _attack_settings(relearn_dir: Path, metric: str) -> dict[str, dict[str, Any]]:
     """Every attack setting with runs under ``relearn/``, what it trains on (from its first curve) and, for a
     pipeline run folder, the data the setting changes (``data``: dotted keys of its ``data:`` override in the run's
-    ``config.yaml``); ``forget`` first, then by name."""
+    ``config.yaml``); ``forget`` first, then by name.
+
+    A setting whose curves also score the material the attacker trains on (:func:`trained_metric`, e.g. the held-out
+    facts attack) is reported twice: ``<setting>`` reads ``metric`` (the held-out material) and ``<setting>.trained``
+    reads the trained material from the same runs (``runs``: the runs' setting, ``metric``: the metric read).
+    """
     import yaml
 
     config = relearn_dir.parent / "config.yaml"
@@ -155,7 +166,11 @@ def _attack_settings(relearn_dir: Path) -> dict[str, dict[str, Any]]:
         if name not in found:
             train_on = curve.get("train_on", name)  # curves written before settings had names: the name is the data
             found[name] = {"train_on": train_on, "description": ATTACK_DESCRIPTIONS.get(train_on),
-                           "data": overrides.get(name) or {}, "attacker": attackers.get(name) or {}}
+                           "data": overrides.get(name) or {}, "attacker": attackers.get(name) or {},
+                           "runs": name, "metric": metric, "scored_on": None}
+            if trained_metric(metric) in curve.get("metrics", {}):
+                found[name]["scored_on"] = "held-out"
+                found[f"{name}.trained"] = {**found[name], "metric": trained_metric(metric), "scored_on": "trained"}
     return dict(sorted(found.items(), key=lambda item: (item[0] != "forget", item[0])))
 
 
@@ -221,7 +236,8 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
             :func:`~undo_lightning.experiment.robustness.worst_case`);
             the retain metric's direction is taken to match ``mode`` (higher is better when ``mode="max"``).
         attacks: attack settings to report (``curve.json["attack"]``), in table order; default: every setting with
-            runs, ``forget`` first.
+            runs, ``forget`` first. A setting whose runs also score the material they train on is followed by
+            ``<setting>.trained``, which reads that score (``val/forget_trained_acc``) from the same runs.
         oracle: stage to use as the oracle anchor; default: the unique stage with role ``oracle``.
         teacher: stage to use as the unlearn-only anchor; default: the unique stage with role ``teacher``.
         include_unlearning_compute: for students, add the teacher anchor's (unlearning) FLOPs to their distillation
@@ -253,12 +269,14 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
                "teacher": _find_anchor(stages, Role.TEACHER, teacher)}
     rr_step = req_steps[-1]
     relearn_dir = run_dir / "relearn"
-    settings = _attack_settings(relearn_dir)
+    settings = _attack_settings(relearn_dir, metric)
     attacks = list(attacks) if attacks is not None else (list(settings) or ["forget"])
     if not attacks or len(set(attacks)) != len(attacks):
         raise ValueError(f"attacks={attacks}: expected a non-empty list of distinct attack setting names")
     for name in attacks:
-        check_setting_name(name)
+        check_setting_name(name.removesuffix(".trained"))
+    # a setting that also scores its trained material is followed by that view (unless listed already)
+    attacks = list(dict.fromkeys(v for a in attacks for v in (a, f"{a}.trained") if v == a or v in settings))
     bootstrap = {"level": ci_level, "resamples": ci_resamples, "seed": ci_seed}
     check_bootstrap(ci_level, ci_resamples)
 
@@ -300,9 +318,11 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
         for attack in attacks:
             result: dict[str, Any] = {"runs": None, "after": _empty_after(req_steps), "auc": math.nan,
                                       "relative_robustness": math.nan, "relative_robustness_ci": [math.nan, math.nan]}
-            runs = load_curves(run_dir, name, metric, attack) if (relearn_dir / name).is_dir() else {}
+            view = settings.get(attack, {})
+            source, view_metric = view.get("runs", attack), view.get("metric", metric)
+            runs = load_curves(run_dir, name, view_metric, source) if (relearn_dir / name).is_dir() else {}
             if runs:
-                retain_runs = load_curves(run_dir, name, retain_metric, attack) if max_retain_drop is not None \
+                retain_runs = load_curves(run_dir, name, retain_metric, source) if max_retain_drop is not None \
                     else None
                 wc = worst_case(runs, mode, retain_runs, max_retain_drop, retain_higher_is_better=(mode == "max"),
                                 ddof=ddof)
@@ -332,7 +352,8 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
         "compute_basis": ("students: distillation + teacher unlearning FLOPs" if include_unlearning_compute
                           else "students: distillation FLOPs only"),
         "anchors": anchors,
-        "attacks": {a: settings.get(a, {"train_on": None, "description": None, "data": {}}) for a in attacks},
+        "attacks": {a: settings.get(a, {"train_on": None, "description": None, "data": {}, "runs": a, "metric": metric,
+                                        "scored_on": None}) for a in attacks},
         "models": models,
         "noise_seed_groups": _noise_seed_groups(models, attacks, ddof),
         # students that no other student beats on both relative compute and relative robustness, per attack setting
@@ -469,8 +490,10 @@ def _attack_title(name: str, info: dict[str, Any]) -> str:
                "mixture": "fine-tuned on the retain/forget mixture"}.get(info.get("train_on") or "", "no runs")
     data = "; ".join(f"{k}={v}" for k, v in (info.get("data") or {}).items())
     attacker = "; ".join(f"{k}={v}" for k, v in (info.get("attacker") or {}).items())
+    scored = {"held-out": "; scored on the material it never trains on",
+              "trained": f"; the runs of `{info.get('runs')}` scored on the material they train on"}
     return (f"attack `{name}` ({trained}" + (f"; data: {data}" if data else "")
-            + (f"; attacker: {attacker}" if attacker else "") + ")")
+            + (f"; attacker: {attacker}" if attacker else "") + scored.get(info.get("scored_on") or "", "") + ")")
 
 
 def render_markdown(report: dict[str, Any]) -> str:
