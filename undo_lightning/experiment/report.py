@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import textwrap
 import warnings
 from collections.abc import Sequence
 from enum import Enum
@@ -770,8 +771,10 @@ def _plot_relearn_curves(report: dict, attack: str, path: Path) -> None:
         if last is not None and s <= last:  # mark the reported steps that the attacks actually reach
             ax.axvline(s, color="0.8", lw=0.8, zorder=0)
     ax.set_xlabel("relearning attack step")
-    ax.set_ylabel(f"worst-case {report['metric']}\n(mean ± std over seeds)")
-    ax.set_title(f"Relearning {_attack_title(attack, report['attacks'][attack]).replace('`', '')}, best LR per step")
+    info = report["attacks"][attack]
+    ax.set_ylabel(f"worst-case {info.get('metric') or report['metric']}\n(mean ± std over seeds)")
+    title = f"Relearning {_attack_title(attack, info).replace('`', '')}, best LR per step"
+    ax.set_title(textwrap.fill(title, 100), fontsize=9)  # a setting's data and attacker can make it long
     if curves:
         ax.legend(fontsize=8, loc="best")
     else:
