@@ -275,7 +275,7 @@ def build_report(run_dir: str | Path, steps: Sequence[int] = DEFAULT_STEPS, metr
     if not attacks or len(set(attacks)) != len(attacks):
         raise ValueError(f"attacks={attacks}: expected a non-empty list of distinct attack setting names")
     for name in attacks:
-        check_setting_name(name.removesuffix(".trained"))
+        check_setting_name(name)
     # a setting that also scores its trained material is followed by that view (unless listed already)
     attacks = list(dict.fromkeys(v for a in attacks for v in (a, f"{a}.trained") if v == a or v in settings))
     bootstrap = {"level": ci_level, "resamples": ci_resamples, "seed": ci_seed}
