@@ -123,8 +123,8 @@ def test_held_out_facts_add_trained_sets_on_a_side_of_their_own(tokenizer):
     dm.setup()
     trained = {n: s for n, s in dm.eval_set_split.items() if s == "forget_trained"}
     assert set(trained) == {f"{n}_trained" for n, s in dm.eval_set_split.items() if s == "forget"}
-    assert all(dm.eval_sets[n] == dm.forget.trained_eval_sets(dm.seed, dm.eval_prompts_per_set)[n[:-8]]
-               for n in trained)
+    sets = dm.forget.trained_eval_sets(dm.seed, dm.eval_prompts_per_set)
+    assert all(dm.eval_sets[n] == sets[n.removesuffix("_trained")] for n in trained)
     assert not set(trained) & set(dm.eval_set_group)  # no group: they never join val/forget_<group>_acc
 
 

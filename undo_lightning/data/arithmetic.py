@@ -131,11 +131,10 @@ class ArithmeticSource(DocumentSource):
                              "expected at least 1 of each (an empty split cannot be trained or validated)")
 
     def _problem(self, rng: random.Random, op: str | None = None, form: str | None = None, heldout: bool = False,
-                 eval_fact: bool | None = None):
+                 eval_fact: bool = False):
         """One problem; with ``eval_fact_fraction``, redrawn until its fact is on the side the caller asks for
-        (``eval_fact``, default ``heldout``: evaluation prompts come from the held-out facts, documents from the
-        rest). ``heldout`` also selects the evaluation-only word-problem templates."""
-        eval_fact = heldout if eval_fact is None else eval_fact
+        (``eval_fact``: the held-out facts; documents take the rest). ``heldout`` selects the evaluation-only
+        word-problem templates."""
         for _ in range(_MAX_DRAWS):
             chosen_op = op or self.operations[rng.randrange(len(self.operations))]
             chosen_form = form or ("word_problem" if rng.random() < self.word_problem_fraction else "equation")
