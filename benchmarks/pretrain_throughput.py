@@ -47,7 +47,8 @@ class _Timer(L.Callback):
 
 
 def lightning_loop(dm, model_name: str, steps: int) -> float:
-    module = PretrainModule(model=model_name, lr=2e-3, weight_decay=0.01, warmup_steps=10, export=False)
+    module = PretrainModule(model=model_name, export=False,
+                            optimizer={"lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 10, "schedule": "cosine"})
     timer = _Timer()
     trainer = L.Trainer(max_steps=steps + 5, limit_val_batches=0, logger=False, default_root_dir=tempfile.mkdtemp(),
                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,

@@ -13,13 +13,17 @@ from undo_lightning.cli import _lightning_cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 PIPELINE_CONFIGS = {"quick.yaml", "paper.yaml", "smoke.yaml", "local.yaml", "pipeline.yaml"}  # experiment files read by `undo pipeline`
-CLAIMS_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "arithmetic", "claims", "*.yaml")))  # demo overlays
+QUICK = os.path.join(ROOT, "configs", "arithmetic", "quick.yaml")  # the CPU demo
+SCALE = os.path.join(ROOT, "configs", "arithmetic", "claims", "scale.yaml")  # the demo at the claims' scale
+#: the paper's claims: overlays of the demo at the claims' scale (`-c quick.yaml -c claims/scale.yaml -c <claim>`)
+CLAIMS_CONFIGS = sorted(c for c in glob.glob(os.path.join(ROOT, "configs", "arithmetic", "claims", "*.yaml"))
+                        if c != SCALE)
 DATA_CONFIGS = [c for c in CONFIGS if os.path.basename(c) == "data.yaml"]  # shared `data:` blocks of stage configs
 STRATEGY_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "strategies", "*.yaml")))  # trainer overlays
 #: experiment overlays: applied over the demo (`undo pipeline -c quick.yaml -c attacks.yaml`)
 OVERLAY_CONFIGS = [os.path.join(ROOT, "configs", "arithmetic", "attacks.yaml")]
 STAGE_CONFIGS = [c for c in CONFIGS if os.path.basename(c) not in PIPELINE_CONFIGS and c not in DATA_CONFIGS
-                 and c not in CLAIMS_CONFIGS and c not in STRATEGY_CONFIGS and c not in OVERLAY_CONFIGS]
+                 and c not in CLAIMS_CONFIGS + [SCALE] and c not in STRATEGY_CONFIGS and c not in OVERLAY_CONFIGS]
 
 
 def test_there_are_configs():
@@ -98,8 +102,35 @@ def test_pipeline_configs_validate(name):
             assert f.readline().startswith("#")
 
 
-#: the stages each claims config adds to the demo's (the paper's three arithmetic claims, one command each)
+#: the stages each claims config adds to those of the demo at the claims' scale (the paper's three arithmetic claims,
+#: one command each)
 DEMO_STAGES = ["reference", "oracle", "unlearn", "distill", "undo_a0.2", "undo_a0.5", "undo_a0.8"]
+
+
+def test_claims_scale_is_the_demo_with_more_facts_and_steps():
+    """claims/scale.yaml over the demo: the same experiment (name, stages, methods, optimizers, stop rule, attack LRs
+    and seeds) with operands 1-20 instead of 1-12, longer step budgets and a 16-block attack."""
+    from undo_lightning.data import RetainForgetDataModule
+    from undo_lightning.experiment.pipeline import attack_sweeps, load_config, parse_argv, validate
+
+    demo = load_config(QUICK)
+    cfg, _ = parse_argv(["-c", QUICK, "-c", SCALE])
+    assert cfg["name"] == demo["name"] and cfg["out_dir"] == "runs/claims/scale"
+    assert [s.name for s in validate(cfg)] == [s.name for s in validate(demo)] == DEMO_STAGES
+    for section in ("pretrain", "unlearn", "distill", "undo"):
+        assert cfg[section]["model"] == demo[section]["model"] and cfg[section]["data"] == demo[section]["data"]
+        assert cfg[section]["trainer"]["max_steps"] > demo[section]["trainer"]["max_steps"] or section == "unlearn"
+    data, demo_data = RetainForgetDataModule.from_config(cfg["data"]), RetainForgetDataModule.from_config(demo["data"])
+    assert (data.retain.add_sub_range, data.forget.mul_div_range) == ((1, 20), (1, 20))
+    assert (demo_data.retain.add_sub_range, demo_data.forget.mul_div_range) == ((1, 12), (1, 12))
+    assert (data.block_size, data.batch_size, data.eval_prompts_per_set) == \
+        (demo_data.block_size, demo_data.batch_size, demo_data.eval_prompts_per_set)
+    sweep, demo_sweep = attack_sweeps(cfg)["heldout"], attack_sweeps(demo)["heldout"]
+    assert (sweep["batch_size"], demo_sweep["batch_size"]) == (16, 8)
+    assert {k: v for k, v in sweep.items() if k not in ("batch_size", "data")} == \
+        {k: v for k, v in demo_sweep.items() if k not in ("batch_size", "data")}
+    with open(SCALE) as f:
+        assert f.readline().startswith("#")
 CLAIM_STAGES = {
     "oracle_matching.yaml": DEMO_STAGES + ["match_reference", "match_random"],
     "methods.yaml": DEMO_STAGES[:3] + ["graddiff", "rmu"] + DEMO_STAGES[3:] + ["distill_graddiff", "distill_rmu"],
@@ -112,13 +143,12 @@ CLAIM_STAGES = {
 
 @pytest.mark.parametrize("path", CLAIMS_CONFIGS, ids=os.path.basename)
 def test_claims_configs_validate(path):
-    """Each claims config is an overlay of the demo: the demo's stages it keeps have the demo's records (so a copy of
-    a finished demo is reused), and it adds the stages and attack seeds of its claim."""
-    from undo_lightning.experiment.pipeline import attack_sweeps, load_config, parse_argv, stage_records, validate
+    """Each claims config is an overlay of the demo at the claims' scale: the stages it keeps have that run's records
+    (so a copy of its finished folder is reused), and it adds the stages and attack seeds of its claim."""
+    from undo_lightning.experiment.pipeline import attack_sweeps, parse_argv, stage_records, validate
 
-    quick = os.path.join(ROOT, "configs", "arithmetic", "quick.yaml")
-    cfg, _ = parse_argv(["-c", quick, "-c", path])
-    demo = load_config(quick)
+    cfg, _ = parse_argv(["-c", QUICK, "-c", SCALE, "-c", path])
+    demo, _ = parse_argv(["-c", QUICK, "-c", SCALE])
     stages = {s.name: s for s in validate(cfg)}
     assert list(stages) == CLAIM_STAGES[os.path.basename(path)]
     records, demo_records = stage_records(cfg, list(stages.values())), stage_records(demo, validate(demo))
@@ -187,9 +217,8 @@ def test_attacks_overlay_adds_attackers_and_probes_to_the_demo():
         validate,
     )
 
-    quick = os.path.join(ROOT, "configs", "arithmetic", "quick.yaml")
-    cfg, options = parse_argv(["-c", quick, "-c", OVERLAY_CONFIGS[0]])
-    demo = load_config(quick)
+    cfg, options = parse_argv(["-c", QUICK, "-c", OVERLAY_CONFIGS[0]])
+    demo = load_config(QUICK)
     assert options == {"overwrite": False, "only": None, "check": False}
     assert cfg["name"] == demo["name"] and cfg["out_dir"] == "runs/arithmetic-attacks"
     stages, demo_stages = validate(cfg), validate(demo)
