@@ -105,6 +105,14 @@ def test_pipeline_configs_validate(name):
 #: the stages each claims config adds to those of the demo at the claims' scale (the paper's three arithmetic claims,
 #: one command each)
 DEMO_STAGES = ["reference", "oracle", "unlearn", "distill", "undo_a0.2", "undo_a0.5", "undo_a0.8"]
+CLAIM_STAGES = {
+    "oracle_matching.yaml": DEMO_STAGES + ["match_reference", "match_random"],
+    "methods.yaml": DEMO_STAGES[:3] + ["graddiff", "rmu"] + DEMO_STAGES[3:] + ["distill_graddiff", "distill_rmu"],
+    "alpha_grid.yaml": DEMO_STAGES[:4] + [f"undo_a{a}_n{n}" for a in (0.1, 0.3, 0.5, 0.7, 0.9) for n in (0, 1)],
+    "frontier.yaml": DEMO_STAGES[:4] + ["undo_a0.2", "undo_a0.4", "undo_a0.6", "undo_a0.8", "beta0.5_a0.2",
+                                         "beta0.5_a0.4", "beta1_a0.2", "mlp_only_a0.4", "attn_only_a0.4",
+                                         "forget_heavy_a0.4", "balanced_a0.4"],
+}
 
 
 def test_claims_scale_is_the_demo_with_more_facts_and_steps():
@@ -131,14 +139,6 @@ def test_claims_scale_is_the_demo_with_more_facts_and_steps():
         {k: v for k, v in demo_sweep.items() if k not in ("batch_size", "data")}
     with open(SCALE) as f:
         assert f.readline().startswith("#")
-CLAIM_STAGES = {
-    "oracle_matching.yaml": DEMO_STAGES + ["match_reference", "match_random"],
-    "methods.yaml": DEMO_STAGES[:3] + ["graddiff", "rmu"] + DEMO_STAGES[3:] + ["distill_graddiff", "distill_rmu"],
-    "alpha_grid.yaml": DEMO_STAGES[:4] + [f"undo_a{a}_n{n}" for a in (0.1, 0.3, 0.5, 0.7, 0.9) for n in (0, 1)],
-    "frontier.yaml": DEMO_STAGES[:4] + ["undo_a0.2", "undo_a0.4", "undo_a0.6", "undo_a0.8", "beta0.5_a0.2",
-                                         "beta0.5_a0.4", "beta1_a0.2", "mlp_only_a0.4", "attn_only_a0.4",
-                                         "forget_heavy_a0.4", "balanced_a0.4"],
-}
 
 
 @pytest.mark.parametrize("path", CLAIMS_CONFIGS, ids=os.path.basename)
