@@ -149,8 +149,10 @@ def test_random_student_is_a_seeded_fresh_init_of_the_teachers_architecture(toke
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # training_step called outside a Trainer
-def test_training_loss_is_the_forward_kl_of_teacher_and_student(tokenizer, teacher_dir):
-    module = built(tokenizer, teacher=teacher_dir, student_init="teacher", alpha=0.6, kl_chunk_size=7)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_training_loss_is_the_forward_kl_of_teacher_and_student(tokenizer, teacher_dir, temperature):
+    module = built(tokenizer, teacher=teacher_dir, student_init="teacher", alpha=0.6, kl_chunk_size=7,
+                   teacher_temperature=temperature)
     dm = small_datamodule(tokenizer)
     batch = next(iter(dm.train_dataloader()))
     batch["labels"][:, :5] = -100  # ignored targets must not count
@@ -158,7 +160,7 @@ def test_training_loss_is_the_forward_kl_of_teacher_and_student(tokenizer, teach
 
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     with torch.no_grad():
-        q = F.log_softmax(teacher(input_ids=batch["input_ids"]).logits[:, :-1].double(), -1)
+        q = F.log_softmax(teacher(input_ids=batch["input_ids"]).logits[:, :-1].double() / temperature, -1)
         p = F.log_softmax(module.model(input_ids=batch["input_ids"]).logits[:, :-1].double(), -1)
     scored = batch["labels"][:, 1:] != -100
     expected = (q.exp() * (q - p)).sum(-1)[scored].mean()
@@ -268,6 +270,7 @@ def test_gap_metric_must_be_measured_by_the_validation(tokenizer, teacher_dir, t
     (dict(alpha=1.5), r"alpha=1\.5"), (dict(beta=-0.1), r"beta=-0\.1"), (dict(alpha=float("nan")), "alpha=nan"),
     (dict(noise_include="layers.(0"), "noise_include"), (dict(kl_chunk_size=0), "kl_chunk_size=0"),
     (dict(stop_threshold=-1.0), "stop_threshold"), (dict(gap_metric="x"), "gap_metric='x'"),
+    (dict(teacher_temperature=0.0), "teacher_temperature=0.0"),
 ])
 def test_bad_arguments_are_rejected_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -59,10 +59,11 @@ def _scored_mask(labels):
     return mask
 
 
-def _naive_kl(student, teacher, labels):
-    """Float64 full-vocabulary forward KL(teacher || student), mean over scored positions."""
+def _naive_kl(student, teacher, labels, temperature=1.0):
+    """Float64 full-vocabulary forward KL(teacher || student), mean over scored positions; the teacher's logits are
+    divided by ``temperature`` before its softmax."""
     log_p = torch.log_softmax(student.double(), dim=-1)
-    log_q = torch.log_softmax(teacher.double(), dim=-1)
+    log_q = torch.log_softmax(teacher.double() / temperature, dim=-1)
     kl = (log_q.exp() * (log_q - log_p)).sum(-1)  # [B, T]
     mask = _scored_mask(labels)
     return (kl * mask).sum() / mask.sum()
@@ -85,6 +86,30 @@ def test_forward_kl_matches_naive_value_and_gradient(chunk_size):
     # Positions that predict an ignored label, and the last position, get exactly zero gradient.
     assert torch.all(student.grad[:, -1] == 0)
     assert torch.all(student.grad[0, 2] == 0) and torch.all(student.grad[1, -3:] == 0)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_forward_kl_tempers_only_the_teacher(temperature):
+    student, teacher, labels = _batch(seed=5)
+    student.requires_grad_(True)
+    loss = forward_kl(student, teacher, labels, chunk_size=3, teacher_temperature=temperature)
+    loss.backward()
+    ref_student = student.detach().double().requires_grad_(True)
+    ref = _naive_kl(ref_student, teacher, labels, temperature)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(student.grad.double(), ref_student.grad, rtol=1e-5, atol=1e-7)
+    # a student that already is the tempered teacher has nothing left to learn; the untempered teacher does not
+    tempered = teacher / temperature
+    assert forward_kl(tempered, teacher, labels, teacher_temperature=temperature).item() == pytest.approx(0, abs=1e-6)
+    assert forward_kl(teacher, teacher, labels, teacher_temperature=temperature).item() > 1e-3
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan")])
+def test_forward_kl_rejects_a_temperature_that_is_not_positive_and_finite(temperature):
+    student, teacher, labels = _batch()
+    with pytest.raises(ValueError, match=f"teacher_temperature={temperature!r}: expected a finite number > 0"):
+        forward_kl(student, teacher, labels, teacher_temperature=temperature)
 
 
 def test_forward_kl_under_no_grad_gives_the_same_value():

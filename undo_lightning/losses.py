@@ -313,18 +313,20 @@ def _parts(outputs: Outputs, labels: torch.Tensor, what: str) -> tuple[torch.Ten
     return x, head, vocab
 
 
-def _teacher_log_probs(teacher: Outputs) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``(b, t) -> log_softmax`` of the teacher's float32 logits at those positions (a constant: no gradient)."""
+def _teacher_log_probs(teacher: Outputs, temperature: float = 1.0
+                       ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(b, t) -> log_softmax(logits / temperature)`` of the teacher's float32 logits at those positions (a constant:
+    no gradient)."""
     if isinstance(teacher, HiddenStates):
         hidden, head = teacher.hidden.detach(), teacher.head
-        return lambda b, t: F.log_softmax(head.logits(hidden[b, t]).detach().float(), dim=-1)
+        return lambda b, t: F.log_softmax(head.logits(hidden[b, t]).detach().float() / temperature, dim=-1)
     logits = teacher.detach()
-    return lambda b, t: F.log_softmax(logits[b, t].float(), dim=-1)
+    return lambda b, t: F.log_softmax(logits[b, t].float() / temperature, dim=-1)
 
 
 def _chunked_loss(kind: str, outputs: Outputs, labels: torch.Tensor, teacher: Outputs | None = None,
                   chunk_size: int | None = None, divisor: float | torch.Tensor | None = None,
-                  row_weights: torch.Tensor | None = None) -> torch.Tensor:
+                  row_weights: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
     x, head, vocab = _parts(outputs, labels, kind)
     if chunk_size is None:
         chunk_size = auto_chunk_size(vocab)
@@ -334,7 +336,7 @@ def _chunked_loss(kind: str, outputs: Outputs, labels: torch.Tensor, teacher: Ou
     if divisor is None:
         divisor = max(b_idx.numel(), 1)
     job = _Job(kind, head, (b_idx, t_idx), labels[b_idx, t_idx + 1] if kind == "ce" else None,
-               _teacher_log_probs(teacher) if teacher is not None else None, chunk_size, divisor,
+               _teacher_log_probs(teacher, temperature) if teacher is not None else None, chunk_size, divisor,
                None if row_weights is None else row_weights.detach().float()[b_idx])
     weight, bias = (head.weight, head.bias) if head is not None else (None, None)
     # `ctx.needs_input_grad` ignores no_grad mode: decide here, so evaluation never builds a gradient.
@@ -373,12 +375,14 @@ def token_nll(outputs: Outputs, labels: torch.Tensor, chunk_size: int | None = N
 
 
 def forward_kl(student: Outputs, teacher: Outputs, labels: torch.Tensor, chunk_size: int | None = None,
-               divisor: float | torch.Tensor | None = None) -> torch.Tensor:
-    """Distillation loss: forward KL(teacher || student) per position, temperature 1, mean over scored positions.
+               divisor: float | torch.Tensor | None = None, teacher_temperature: float = 1.0) -> torch.Tensor:
+    """Distillation loss: forward KL(teacher || student) per position, mean over scored positions.
 
-    ``L = (1/N) sum_{(b,t) in M} sum_v q(v|b,t) (log q(v|b,t) - log p(v|b,t))`` with ``q = softmax(teacher)``,
-    ``p = softmax(student)`` and ``M = {(b, t): labels[b, t + 1] != -100}``, ``N = |M|`` (docs/reference.md §7.1)
-    unless ``divisor`` is given.
+    ``L = (1/N) sum_{(b,t) in M} sum_v q(v|b,t) (log q(v|b,t) - log p(v|b,t))`` with
+    ``q = softmax(teacher / teacher_temperature)``, ``p = softmax(student)`` and
+    ``M = {(b, t): labels[b, t + 1] != -100}``, ``N = |M|`` (docs/reference.md §7.1) unless ``divisor`` is given.
+    The paper distils at temperature 1. Only the target is tempered: the student learns the softened (> 1) or
+    sharpened (< 1) distribution itself, unlike Hinton et al.'s recipe, which tempers both and scales by ``T^2``.
 
     Memory: the positions of ``M`` are processed ``chunk_size`` at a time in float32; given hidden states, each
     chunk's logits are computed from them (for teacher and student) and dropped, so no ``[B, T, V]`` tensor exists
@@ -394,16 +398,26 @@ def forward_kl(student: Outputs, teacher: Outputs, labels: torch.Tensor, chunk_s
         labels: ``[B, T]`` unshifted, ``-100`` = position ignored.
         chunk_size: scored positions per chunk, >= 1; ``None``: :func:`auto_chunk_size` of the vocabulary.
         divisor: see :func:`causal_lm_loss`.
+        teacher_temperature: divides the teacher's logits before the softmax; finite and > 0.
 
     Returns:
         float32 scalar; ``0.0`` (with a zero gradient) when no position is scored.
     """
+    check_temperature(teacher_temperature)
     s, _, v_student = _parts(student, labels, "forward_kl student")
     t, _, v_teacher = _parts(teacher, labels, "forward_kl teacher")
     if v_student != v_teacher or s.shape[:2] != t.shape[:2]:
         raise ValueError(f"student and teacher outputs differ in shape: {tuple(s.shape)} (vocabulary {v_student}) vs "
                          f"{tuple(t.shape)} (vocabulary {v_teacher})")
-    return _chunked_loss("kl", student, labels, teacher=teacher, chunk_size=chunk_size, divisor=divisor)
+    return _chunked_loss("kl", student, labels, teacher=teacher, chunk_size=chunk_size, divisor=divisor,
+                         temperature=teacher_temperature)
+
+
+def check_temperature(temperature: float) -> None:
+    """Raises unless ``temperature`` is a finite number > 0 (a distillation target's temperature)."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"teacher_temperature={temperature!r}: expected a finite number > 0 (1 = the teacher's own "
+                         "distribution, as in the paper)")
 
 
 def maxent_loss(outputs: Outputs, labels: torch.Tensor, chunk_size: int | None = None,

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 from undo_lightning.callbacks import RetainGapStop, final_evaluation, retain_gap
 from undo_lightning.data.tokenizers import load_tokenizer
 from undo_lightning.io import check_choice
-from undo_lightning.losses import forward_kl, lm_hidden_states
+from undo_lightning.losses import check_temperature, forward_kl, lm_hidden_states
 from undo_lightning.models import count_parameters, is_hf_folder
 from undo_lightning.modules.base import OptimizerConfig, UndoModule
 from undo_lightning.noise import shrink_and_perturb
@@ -74,6 +74,9 @@ class DistillModule(UndoModule):
         noise_include: regex of parameter names to noise (``re.search``; e.g. ``layers\\.[01]\\.``); ``None`` = all.
         kl_chunk_size: positions per float32 chunk of the forward KL; ``None``: 64 MiB per chunk
             (:func:`~undo_lightning.losses.auto_chunk_size`, 65 positions at a 256k vocabulary).
+        teacher_temperature: the target is ``softmax(teacher logits / teacher_temperature)``; 1 (the paper) distils
+            the teacher's own distribution, > 1 a softer one (:func:`~undo_lightning.losses.forward_kl`). The
+            arithmetic demo's controls (``configs/arithmetic/controls.yaml``) measure what it does to robustness.
         stop_threshold: stop at the first validation where ``val/retain_gap`` is within this threshold
             (:class:`RetainGapStop`, docs/reference.md §7.4); ``None`` trains for ``trainer.max_steps``.
             Validation cadence is the trainer's ``val_check_interval``.
@@ -98,6 +101,7 @@ class DistillModule(UndoModule):
         noise_seed: int = 0,
         noise_include: str | None = None,
         kl_chunk_size: int | None = None,
+        teacher_temperature: float = 1.0,
         stop_threshold: float | None = None,
         gap_metric: GapMetric = "auto",
         optimizer: OptimizerConfig = UndoModule.default_optimizer,
@@ -120,6 +124,7 @@ class DistillModule(UndoModule):
         if kl_chunk_size is not None and kl_chunk_size < 1:
             raise ValueError(f"kl_chunk_size={kl_chunk_size}: expected a positive integer, or null (chosen from the "
                              "vocabulary size)")
+        check_temperature(teacher_temperature)
         if stop_threshold is not None and stop_threshold < 0:
             raise ValueError(f"stop_threshold={stop_threshold}: expected >= 0 or None (no stop rule)")
         check_choice("gap_metric", gap_metric, GapMetric)
@@ -193,7 +198,7 @@ class DistillModule(UndoModule):
             teacher = lm_hidden_states(self.teacher, batch["input_ids"], batch["attention_mask"])
         student = lm_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
         loss = forward_kl(student, teacher, batch["labels"], chunk_size=self.hparams.kl_chunk_size,
-                          divisor=self.token_divisor(batch))
+                          divisor=self.token_divisor(batch), teacher_temperature=self.hparams.teacher_temperature)
         self.count_tokens(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
