@@ -21,7 +21,8 @@ CLAIMS_CONFIGS = sorted(c for c in glob.glob(os.path.join(ROOT, "configs", "arit
 DATA_CONFIGS = [c for c in CONFIGS if os.path.basename(c) == "data.yaml"]  # shared `data:` blocks of stage configs
 STRATEGY_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "strategies", "*.yaml")))  # trainer overlays
 #: experiment overlays: applied over the demo (`undo pipeline -c quick.yaml -c attacks.yaml`)
-OVERLAY_CONFIGS = [os.path.join(ROOT, "configs", "arithmetic", "attacks.yaml")]
+ATTACKS, CONTROLS = (os.path.join(ROOT, "configs", "arithmetic", f"{n}.yaml") for n in ("attacks", "controls"))
+OVERLAY_CONFIGS = [ATTACKS, CONTROLS]
 STAGE_CONFIGS = [c for c in CONFIGS if os.path.basename(c) not in PIPELINE_CONFIGS and c not in DATA_CONFIGS
                  and c not in CLAIMS_CONFIGS + [SCALE] and c not in STRATEGY_CONFIGS and c not in OVERLAY_CONFIGS]
 
@@ -207,7 +208,7 @@ def test_cli_console_shows_no_expected_warnings(tmp_path):
 
 def test_attacks_overlay_adds_attackers_and_probes_to_the_demo():
     """configs/arithmetic/attacks.yaml over the demo: the demo's stages unchanged (a finished demo is reused), its two
-    attack settings unchanged, plus a LoRA and a few-shot attacker and both probes."""
+    attack settings unchanged, plus a LoRA, a few-shot, a mixture and an unseen-facts attacker and both probes."""
     from undo_lightning.experiment.pipeline import (
         attack_sweeps,
         load_config,
@@ -217,7 +218,7 @@ def test_attacks_overlay_adds_attackers_and_probes_to_the_demo():
         validate,
     )
 
-    cfg, options = parse_argv(["-c", QUICK, "-c", OVERLAY_CONFIGS[0]])
+    cfg, options = parse_argv(["-c", QUICK, "-c", ATTACKS])
     demo = load_config(QUICK)
     assert options == {"overwrite": False, "only": None, "check": False}
     assert cfg["name"] == demo["name"] and cfg["out_dir"] == "runs/arithmetic-attacks"
@@ -226,14 +227,54 @@ def test_attacks_overlay_adds_attackers_and_probes_to_the_demo():
     assert records == stage_records(demo, demo_stages)
     # the demo's attack runs are this experiment's too (reused when it runs in the demo's folder)
     runs, demo_runs = run_records(cfg, stages, records), run_records(demo, demo_stages, records)
-    assert len(demo_runs) == 28 and {k: runs[k] for k in demo_runs} == demo_runs and len(runs) == 28 + 4 * 28
+    assert len(demo_runs) == 28 and {k: runs[k] for k in demo_runs} == demo_runs and len(runs) == 28 + 5 * 28
     sweeps, demo_sweeps = attack_sweeps(cfg), attack_sweeps(demo)
-    assert list(sweeps) == ["forget", "heldout", "lora", "fewshot", "mix"]
+    assert list(sweeps) == ["forget", "heldout", "lora", "fewshot", "mix", "unseen"]
     assert sweeps["mix"]["attack"] == "mixture" and sweeps["mix"]["data"]["mixture"] == {"retain": 0.875, "forget": 0.125}
     assert sweeps["lora"]["module"] == {"lora": {"rank": 8, "alpha": 16, "target_modules": "all-linear"}}
     assert sweeps["lora"]["lrs"] == [0.001, 0.003] and sweeps["fewshot"]["lrs"] == demo_sweeps["heldout"]["lrs"]
     assert sweeps["fewshot"]["data"]["few_shot"] == 16
+    # unseen facts: the demo's forget source with operands outside everything the models were trained on
+    unseen, demo_forget = sweeps["unseen"]["data"]["forget"]["init_args"], demo["data"]["forget"]["init_args"]
+    assert unseen["mul_div_range"][0] > demo_forget["mul_div_range"][1]
     assert cfg["probes"]["quantize"]["bits"] == [8, 4] and cfg["probes"]["weights"]["points"] == 5
     assert cfg["report"]["max_retain_drop"] == 0.2
-    with open(OVERLAY_CONFIGS[0]) as f:
+    with open(ATTACKS) as f:
+        assert f.readline().startswith("#")
+
+
+def test_controls_overlay_repeats_full_distillation_with_other_seeds_teachers_and_temperature():
+    """configs/arithmetic/controls.yaml over the demo: the demo's stages and attack runs unchanged, plus full
+    distillation repeated with other seeds, the oracle and the reference as teachers and a softened teacher, every
+    variant otherwise the demo's `distill`; every model attacked by the demo's attack and by unseen facts."""
+    from undo_lightning.experiment.pipeline import attack_sweeps, load_config, parse_argv, run_records, stage_records, \
+        validate
+
+    cfg, _ = parse_argv(["-c", QUICK, "-c", CONTROLS])
+    demo = load_config(QUICK)
+    stages, demo_stages = {s.name: s for s in validate(cfg)}, validate(demo)
+    assert cfg["name"] == demo["name"] and cfg["out_dir"] == "runs/arithmetic-controls"
+    records = stage_records(cfg, list(stages.values()))
+    assert {s.name: records[s.name] for s in demo_stages} == stage_records(demo, demo_stages)
+    variants = [n for n in stages if n not in DEMO_STAGES]
+    assert variants == ["distill_seed1", "distill_seed2", "distill_oracle_teacher", "distill_reference_teacher",
+                        "distill_T2", "distill_T2_seed1", "distill_T2_seed2"]
+    base = stages["distill"]
+    expected = {"distill_oracle_teacher": {"teacher": stages["oracle"].hf},
+                "distill_reference_teacher": {"teacher": stages["reference"].hf}}
+    for name in variants:
+        changed = {k: v for k, v in stages[name].module.items() if base.module.get(k, "absent") != v}
+        want = expected.get(name, {"seed": int(name[-1])} if "seed" in name else {})
+        if "T2" in name:
+            want = {**want, "teacher_temperature": 2.0}
+        assert changed == want, name
+        assert stages[name].data == base.data and stages[name].trainer == base.trainer
+    sweeps = attack_sweeps(cfg)
+    assert list(sweeps) == ["heldout", "unseen"] and sweeps["heldout"] == attack_sweeps(demo)["heldout"]
+    unseen = attack_sweeps(parse_argv(["-c", QUICK, "-c", ATTACKS])[0])["unseen"]  # the same attack as attacks.yaml's
+    assert {k: v for k, v in sweeps["unseen"].items() if k != "max_retain_drop"} == \
+        {k: v for k, v in unseen.items() if k != "max_retain_drop"}  # (attacks.yaml's report has a retain floor)
+    runs, demo_runs = run_records(cfg, list(stages.values()), records), run_records(demo, demo_stages, records)
+    assert {k: runs[k] for k in demo_runs} == demo_runs and len(runs) == 2 * 2 * 2 * len(stages)
+    with open(CONTROLS) as f:
         assert f.readline().startswith("#")
