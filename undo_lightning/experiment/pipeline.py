@@ -847,9 +847,10 @@ def check_summary(cfg: dict, stages: list[Stage], out: Path, states: dict[str, s
     grid = next(iter(sweeps.values()))
     total = sum(len(stages) * len(sweep["lrs"]) * len(sweep["seeds"]) for sweep in sweeps.values())
     lines = [f"{cfg['name']}: valid; {len(stages)} training stages and {total} attack runs -> {out}"]
+    width = max(16, *(len(stage.name) for stage in stages))  # one column, whatever the students are called
     for stage in stages:
         kind = "evaluated" if stage.evaluate_only else stage.module_cls.rsplit(".", 1)[-1]
-        lines.append(f"  {stage.name:<16} {stage.role.value:<9} {kind:<16} {states[stage.name]}")
+        lines.append(f"  {stage.name:<{width}} {stage.role.value:<9} {kind:<16} {states[stage.name]}")
     lrs = {len(sweep["lrs"]) for sweep in sweeps.values()}
     lrs_text = f"{lrs.pop()} LRs" if len(lrs) == 1 else "(" + ", ".join(
         f"{name}: {len(sweep['lrs'])}" for name, sweep in sweeps.items()) + ") LRs"
