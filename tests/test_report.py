@@ -300,6 +300,11 @@ def test_undo_report_keeps_the_runs_own_settings(run, capsys):
     CLI(main, args=[str(run), "--steps", "[100]", "--attacks", "[retain]"])
     rep = json.loads((run / "report.json").read_text())
     assert rep["steps"] == [100] and list(rep["attacks"]) == ["retain"] and rep["std_ddof"] == 1
+    # the run's retain floor applies unless the command line names another or turns it off
+    (run / "config.yaml").write_text(yaml.safe_dump({"report": {"max_retain_drop": 0.2}}))
+    for args, floor in (([], 0.2), (["--max_retain_drop", "0.5"], 0.5), (["--max_retain_drop", "off"], None)):
+        CLI(main, args=[str(run), *args])
+        assert json.loads((run / "report.json").read_text())["max_retain_drop"] == floor, args
 
 
 def _add_stage(run, name, role, forget_curve, **record):

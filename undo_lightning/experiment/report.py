@@ -920,9 +920,9 @@ def write_report(run_dir: str | Path, *, tradeoff_y: TradeoffY = "forget", **kw:
 
 
 def main(run_dir: str, steps: list[int] | None = None, metric: str | None = None, mode: Mode | None = None,
-         retain_metric: str | None = None, max_retain_drop: float | None = None, attacks: list[str] | None = None,
-         oracle: str | None = None, teacher: str | None = None, include_unlearning_compute: bool | None = None,
-         tradeoff_y: TradeoffY | None = None) -> None:
+         retain_metric: str | None = None, max_retain_drop: float | Literal["off"] | None = None,
+         attacks: list[str] | None = None, oracle: str | None = None, teacher: str | None = None,
+         include_unlearning_compute: bool | None = None, tradeoff_y: TradeoffY | None = None) -> None:
     """Write report.md, report.json and plots for a finished run folder (``undo report RUN_DIR``).
 
     An option left out takes the run's own setting (the ``report:`` section and attack settings of the
@@ -936,7 +936,8 @@ def main(run_dir: str, steps: list[int] | None = None, metric: str | None = None
         metric: forget metric: ``val/forget_acc`` (arithmetic, MCQ; default) or ``val/forget_ce`` (language).
         mode: attacker's direction: ``max`` for accuracy (default), ``min`` for cross-entropy.
         retain_metric: retain metric (default: ``metric`` with forget -> retain).
-        max_retain_drop: ignore an LR run at a step once its retain metric is worse than at step 0 by more than this.
+        max_retain_drop: ignore an LR run at a step once its retain metric is worse than at step 0 by more than this;
+            ``off``: no retain floor, whatever the run's own setting (left out, the run's floor applies).
         attacks: attack settings to report, e.g. ``[forget, heldout]`` (default: every setting with runs).
         oracle: stage used as the oracle anchor (default: the stage with role ``oracle``).
         teacher: stage used as the unlearn-only anchor (default: the stage with role ``teacher``).
@@ -948,6 +949,8 @@ def main(run_dir: str, steps: list[int] | None = None, metric: str | None = None
              "max_retain_drop": max_retain_drop, "attacks": attacks, "oracle": oracle, "teacher": teacher,
              "include_unlearning_compute": include_unlearning_compute, "tradeoff_y": tradeoff_y}
     settings = {**run_settings(path), **{k: v for k, v in given.items() if v is not None}}
+    if max_retain_drop == "off":  # `null` cannot say this: an option left out is None too
+        settings["max_retain_drop"] = None
     report = write_report(path, **settings)
     print((path / "report.md").read_text())
     plots = [curves_plot_name(a) for a in report["attacks"]]
