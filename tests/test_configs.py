@@ -256,17 +256,16 @@ def test_controls_overlay_repeats_full_distillation_with_other_seeds_teachers_an
     assert cfg["name"] == demo["name"] and cfg["out_dir"] == "runs/arithmetic-controls"
     records = stage_records(cfg, list(stages.values()))
     assert {s.name: records[s.name] for s in demo_stages} == stage_records(demo, demo_stages)
-    variants = [n for n in stages if n not in DEMO_STAGES]
-    assert variants == ["distill_seed1", "distill_seed2", "distill_oracle_teacher", "distill_reference_teacher",
-                        "distill_T2", "distill_T2_seed1", "distill_T2_seed2"]
     base = stages["distill"]
-    expected = {"distill_oracle_teacher": {"teacher": stages["oracle"].hf},
-                "distill_reference_teacher": {"teacher": stages["reference"].hf}}
-    for name in variants:
+    # each variant's module arguments that differ from the demo's `distill`
+    expected = {"distill_seed1": {"seed": 1}, "distill_seed2": {"seed": 2},
+                "distill_oracle_teacher": {"teacher": stages["oracle"].hf},
+                "distill_reference_teacher": {"teacher": stages["reference"].hf},
+                "distill_T2": {"teacher_temperature": 2.0}, "distill_T2_seed1": {"teacher_temperature": 2.0, "seed": 1},
+                "distill_T2_seed2": {"teacher_temperature": 2.0, "seed": 2}}
+    assert [n for n in stages if n not in DEMO_STAGES] == list(expected)
+    for name, want in expected.items():
         changed = {k: v for k, v in stages[name].module.items() if base.module.get(k, "absent") != v}
-        want = expected.get(name, {"seed": int(name[-1])} if "seed" in name else {})
-        if "T2" in name:
-            want = {**want, "teacher_temperature": 2.0}
         assert changed == want, name
         assert stages[name].data == base.data and stages[name].trainer == base.trainer
     sweeps = attack_sweeps(cfg)
